@@ -1,0 +1,45 @@
+# Set-up is two commands: `make run` and `make test`. Both install on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: install run test lint bench schemas train evaluate clean
+
+install: $(STAMP)
+
+# torch first, pinned to the build that is on this machine's disk: any other spec pulls a
+# several-GB CUDA build. The project's own requirement is a range that this version satisfies.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+run: install
+	$(PY) -m consumer dev
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy consumer producer_tools models schemas
+
+bench: install
+	$(PY) -m bench.jobs
+
+schemas: install
+	$(PY) -m schemas export
+
+train: install
+	$(PY) -m models.train
+	$(PY) -m models.evaluate --write-metadata
+
+evaluate: install
+	$(PY) -m models.evaluate
+
+clean:
+	rm -rf .dev .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,108 @@
+"""python -m consumer serve | dev"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from consumer.kafka_clients import ensure_topics
+from consumer.localstack import LocalStack, S3Ports, StackError, port_taken
+from consumer.logs import configure_logging
+from consumer.service import Service
+from consumer.settings import Settings
+from consumer.storage import ObjectStore, make_client
+
+log = logging.getLogger("consumer")
+
+
+def _settings(**overrides: object) -> Settings:
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as error:
+        lines = "; ".join(f"{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in error.errors())
+        raise SystemExit(f"error: invalid configuration: {lines}") from None
+
+
+async def _serve(settings: Settings) -> None:
+    service = Service(settings)
+    await service.run_until_signal()
+
+
+async def _prepare_stack(settings: Settings) -> None:
+    """Bucket and topics on a fresh embedded stack (idempotent)."""
+    store = ObjectStore(make_client(settings), settings.minio_bucket)
+    for attempt in range(50):
+        try:
+            await store.ensure_bucket()
+            break
+        except Exception:
+            if attempt == 49:
+                raise
+            await asyncio.sleep(0.2)
+    created = await ensure_topics(settings)
+    if created:
+        log.info("created topics: %s", ", ".join(created))
+
+
+async def _dev(settings: Settings) -> None:
+    await _prepare_stack(settings)
+    await _serve(settings)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m consumer", description="The ML analysis service.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="run against the configured Kafka and MinIO (environment variables)")
+    dev = sub.add_parser("dev", help="run on an embedded local stack (Kafka-protocol broker + S3 server)")
+    dev.add_argument("--kafka-port", type=int, default=9092)
+    dev.add_argument("--s3-port", type=int, default=9000)
+    dev.add_argument("--http-port", type=int, default=None, help="default: HTTP_PORT or 8080")
+    dev.add_argument("--data-dir", type=Path, default=Path(".dev"), help="S3 data and the stack's logs")
+    args = parser.parse_args(argv)
+
+    if args.command == "serve":
+        settings = _settings()
+        configure_logging(settings.log_level, settings.log_format)
+        asyncio.run(_serve(settings))
+        return 0
+
+    overrides: dict[str, object] = {
+        "kafka_bootstrap_servers": f"127.0.0.1:{args.kafka_port}",
+        "minio_endpoint": f"127.0.0.1:{args.s3_port}",
+        "minio_secure": False,
+    }
+    if args.http_port is not None:
+        overrides["http_port"] = args.http_port
+    settings = _settings(**overrides)
+    configure_logging(settings.log_level, "text")
+    if port_taken(settings.http_port):
+        print(
+            f"error: port {settings.http_port} (HTTP) is already in use: stop what holds it or pass --http-port",
+            file=sys.stderr,
+        )
+        return 1
+    # SeaweedFS' internal ports (master, volume, filer) are nobody's business: any free ones.
+    s3_ports = S3Ports.free()
+    s3_ports.s3 = args.s3_port
+    stack = LocalStack(args.data_dir.resolve(), args.kafka_port, s3_ports)
+    try:
+        stack.start()
+    except StackError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    try:
+        log.info(
+            "embedded stack up: Kafka %s, S3 %s, logs in %s", stack.bootstrap, stack.s3_endpoint, args.data_dir / "logs"
+        )
+        asyncio.run(_dev(settings))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stack.stop()
+        log.info("embedded stack stopped")
+    return 0

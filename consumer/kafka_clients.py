@@ -1,0 +1,83 @@
+"""Kafka clients built from the settings, with the security options passed through to aiokafka."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.helpers import create_ssl_context
+
+from consumer.settings import Settings
+
+# Partitions of each topic when the service creates them (dev stack, producer_tools topics).
+TOPIC_PARTITIONS = {"jobs": 4, "minio_events": 4, "job_events": 4, "dlq": 1}
+
+
+def common_options(settings: Settings) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "bootstrap_servers": settings.kafka_bootstrap_servers,
+        "client_id": settings.kafka_client_id,
+        "security_protocol": settings.kafka_security_protocol,
+    }
+    if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
+        options["ssl_context"] = create_ssl_context(
+            cafile=settings.kafka_ssl_cafile, certfile=settings.kafka_ssl_certfile, keyfile=settings.kafka_ssl_keyfile
+        )
+    if settings.kafka_security_protocol.startswith("SASL"):
+        options["sasl_mechanism"] = settings.kafka_sasl_mechanism or "PLAIN"
+        options["sasl_plain_username"] = settings.kafka_sasl_username
+        if settings.kafka_sasl_password is not None:
+            options["sasl_plain_password"] = settings.kafka_sasl_password.get_secret_value()
+    return options
+
+
+def make_producer(settings: Settings) -> AIOKafkaProducer:
+    # acks=all: an event is durable before the job's offset is committed. No idempotence:
+    # the embedded broker cannot serve InitProducerId, and events are keyed and deduplicable.
+    return AIOKafkaProducer(**common_options(settings), acks="all", linger_ms=5, request_timeout_ms=30_000)
+
+
+def make_consumer(settings: Settings) -> AIOKafkaConsumer:
+    return AIOKafkaConsumer(
+        **common_options(settings),
+        group_id=settings.kafka_group_id,
+        enable_auto_commit=False,
+        auto_offset_reset=settings.kafka_auto_offset_reset,
+        session_timeout_ms=settings.kafka_session_timeout_ms,
+        heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
+        max_poll_interval_ms=settings.kafka_max_poll_interval_ms,
+        # Jobs are long; a small batch keeps what a revoke must hand back small.
+        max_poll_records=16,
+    )
+
+
+def topic_specs(settings: Settings) -> dict[str, int]:
+    return {
+        settings.kafka_jobs_topic: TOPIC_PARTITIONS["jobs"],
+        settings.kafka_minio_events_topic: TOPIC_PARTITIONS["minio_events"],
+        settings.kafka_job_events_topic: TOPIC_PARTITIONS["job_events"],
+        settings.kafka_dlq_topic: TOPIC_PARTITIONS["dlq"],
+    }
+
+
+async def ensure_topics(settings: Settings, replication: int = 1) -> list[str]:
+    """Create the service's topics that do not exist yet; returns the ones created."""
+    admin = AIOKafkaAdminClient(**common_options(settings))
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [
+            NewTopic(name, partitions, replication)
+            for name, partitions in topic_specs(settings).items()
+            if name not in existing
+        ]
+        if missing:
+            # Another replica or tool may create them at the same moment.
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics(missing)
+        return [topic.name for topic in missing]
+    finally:
+        await admin.close()

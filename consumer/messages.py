@@ -1,0 +1,117 @@
+"""Turning Kafka records into job requests: job messages and MinIO upload notifications."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote_plus
+
+import orjson
+from pydantic import ValidationError
+
+from schemas.errors import ErrorCode
+from schemas.jobs import JobRequest, Profile
+from schemas.minio_event import EventRecord, MinioEvent
+
+UPLOADS_PREFIX = "uploads/"
+# MinIO's ObjectCreated events that mean new object content exists. PutRetention, PutLegalHold,
+# PutTagging and DeleteTagging are ObjectCreated events too, but change only metadata.
+NEW_OBJECT_EVENTS = frozenset(
+    {"ObjectCreated:Put", "ObjectCreated:Post", "ObjectCreated:Copy", "ObjectCreated:CompleteMultipartUpload"}
+)
+# Namespace of upload job ids: uuid5(namespace, "s3://bucket/key#etag").
+UPLOAD_JOB_NAMESPACE = uuid.UUID("6f1b7c1e-3b0a-5b8e-9f57-1d2c6a4e8a10")
+
+
+class InvalidMessage(Exception):
+    """A record that can never become a job: it goes to the dead-letter topic."""
+
+    def __init__(self, code: ErrorCode, message: str, details: list[dict[str, Any]] | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.details = details or []
+
+
+@dataclass
+class MinioDecision:
+    jobs: list[JobRequest] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # one reason per record that starts no job
+
+
+def _load_json(value: bytes | None) -> Any:
+    if not value:
+        raise InvalidMessage(ErrorCode.INVALID_JSON, "the message has no value")
+    try:
+        return orjson.loads(value)
+    except orjson.JSONDecodeError as error:
+        raise InvalidMessage(ErrorCode.INVALID_JSON, f"the message is not JSON: {error}") from error
+
+
+def _validation_details(error: ValidationError) -> list[dict[str, Any]]:
+    return [
+        {"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
+        for e in error.errors(include_url=False, include_input=False)
+    ]
+
+
+def decode_job_message(value: bytes | None) -> JobRequest:
+    data = _load_json(value)
+    if not isinstance(data, dict):
+        raise InvalidMessage(ErrorCode.INVALID_MESSAGE, "a job message must be a JSON object")
+    try:
+        return JobRequest.model_validate(data)
+    except ValidationError as error:
+        details = _validation_details(error)
+        summary = "; ".join(f"{'.'.join(map(str, d['loc'])) or 'message'}: {d['msg']}" for d in details)
+        raise InvalidMessage(ErrorCode.INVALID_MESSAGE, f"invalid job message: {summary}", details) from error
+
+
+def upload_job_id(bucket: str, key: str, etag: str | None) -> str:
+    """The same upload (bucket, key, eTag) always gives the same job: a redelivered event is one job."""
+    return str(uuid.uuid5(UPLOAD_JOB_NAMESPACE, f"s3://{bucket}/{key}#{(etag or '').strip(chr(34))}"))
+
+
+def decode_minio_event(value: bytes | None, bucket: str, profile: Profile, threshold: float) -> MinioDecision:
+    data = _load_json(value)
+    try:
+        event = MinioEvent.model_validate(data)
+    except ValidationError as error:
+        raise InvalidMessage(
+            ErrorCode.INVALID_MESSAGE, "not a MinIO notification", _validation_details(error)
+        ) from error
+    if not event.records:
+        raise InvalidMessage(ErrorCode.INVALID_MESSAGE, "a MinIO notification without Records")
+    decision = MinioDecision()
+    for record in event.records:
+        reason = _skip_reason(record, bucket)
+        if reason:
+            decision.skipped.append(reason)
+            continue
+        key = unquote_plus(record.s3.object.key)
+        try:
+            decision.jobs.append(
+                JobRequest(
+                    job_uuid=upload_job_id(record.s3.bucket.name, key, record.s3.object.e_tag),
+                    input_object=key,
+                    profile=profile,
+                    threshold=threshold,
+                )
+            )
+        except ValidationError:
+            decision.skipped.append("unsafe_key")
+    return decision
+
+
+def _skip_reason(record: EventRecord, bucket: str) -> str | None:
+    if record.event_name.removeprefix("s3:") not in NEW_OBJECT_EVENTS:
+        return "not_object_created"
+    if record.s3.bucket.name != bucket:
+        return "other_bucket"
+    key = unquote_plus(record.s3.object.key)
+    if not key.startswith(UPLOADS_PREFIX):
+        return "outside_uploads"
+    if key.endswith("/"):
+        return "folder_marker"
+    return None

@@ -1,0 +1,37 @@
+"""Prometheus metrics, on a registry of the service's own (so tests can build several services)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900)
+
+
+class ServiceMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.jobs = Counter("ml_jobs_total", "Jobs finished", ["status", "source", "profile"], registry=self.registry)
+        self.job_errors = Counter("ml_job_errors_total", "Failed jobs by error code", ["code"], registry=self.registry)
+        self.step_seconds = Histogram(
+            "ml_job_step_seconds", "Time per job step", ["step"], buckets=STEP_BUCKETS, registry=self.registry
+        )
+        self.job_seconds = Histogram(
+            "ml_job_duration_seconds", "Whole job time", ["profile"], buckets=STEP_BUCKETS, registry=self.registry
+        )
+        self.in_flight = Gauge("ml_jobs_in_flight", "Jobs running now", registry=self.registry)
+        self.dead_letters = Counter(
+            "ml_dead_letters_total", "Messages sent to the DLQ", ["topic", "code"], registry=self.registry
+        )
+        self.skipped_events = Counter(
+            "ml_minio_events_skipped_total", "MinIO records that started no job", ["reason"], registry=self.registry
+        )
+        self.callbacks_failed = Counter(
+            "ml_callbacks_failed_total", "Backend callbacks given up", registry=self.registry
+        )
+        self.model_loaded = Gauge("ml_model_loaded", "1 when the model is loaded", registry=self.registry)
+        self.rebalances = Counter(
+            "ml_consumer_rebalances_total", "Partition assignments received", registry=self.registry
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

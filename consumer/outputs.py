@@ -1,0 +1,59 @@
+"""Output object keys (deterministic from the job) and the encoders of each output."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import nibabel as nib
+import numpy as np
+import orjson
+from isal import igzip
+
+from schemas.jobs import JobRequest
+from schemas.results import AnalysisResult
+
+RESULTS_PREFIX = "results/"
+_MASK_SUFFIXES = (".nii.gz", ".nii")
+
+
+@dataclass(frozen=True)
+class OutputKeys:
+    mask: str
+    results: str
+    report: str
+
+    @classmethod
+    def for_job(cls, request: JobRequest) -> OutputKeys:
+        mask = request.output_object or f"{RESULTS_PREFIX}analysis_{request.job_uuid}.nii.gz"
+        stem = mask
+        for suffix in _MASK_SUFFIXES:
+            if stem.endswith(suffix):
+                stem = stem[: -len(suffix)]
+                break
+        else:
+            # A key without a NIfTI suffix still gets a gzip-compressed NIfTI; name it so.
+            mask = f"{mask}.nii.gz"
+        return cls(mask=mask, results=f"{stem}.json", report=f"{stem}.xlsx")
+
+
+def encode_mask(mask: np.ndarray, affine: np.ndarray, source: nib.Nifti1Header | None, gzip: bool = True) -> bytes:
+    """Blocking: the mask as NIfTI bytes in the input's geometry (same shape, affine and codes).
+
+    The array is Fortran-ordered already, so nibabel writes it without a layout copy; isal at
+    level 1 compresses a mask (mostly zeros) fast and small.
+    """
+    image = nib.Nifti1Image(np.asfortranarray(mask, dtype=np.uint8), affine)
+    if source is not None:
+        sform_code = int(source["sform_code"]) or 1
+        qform_code = int(source["qform_code"]) or 1
+        image.set_sform(affine, code=sform_code)
+        image.set_qform(affine, code=qform_code)
+        image.header.set_xyzt_units(*source.get_xyzt_units())
+    image.header["descrip"] = b"lesion mask (1 = lesion)"
+    image.header["intent_name"] = b"lesion"
+    raw = image.to_bytes()
+    return igzip.compress(raw, compresslevel=1) if gzip else raw
+
+
+def encode_result(result: AnalysisResult) -> bytes:
+    return orjson.dumps(result.model_dump(mode="json"), option=orjson.OPT_INDENT_2)

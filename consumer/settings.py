@@ -1,0 +1,88 @@
+"""The service's configuration: one object, read from the environment once at start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas.jobs import Profile
+
+DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+
+
+class Settings(BaseSettings):
+    """Names follow the seed specification; each field reads the upper-case variable of its name."""
+
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+
+    # Object storage (MinIO or any S3 server).
+    minio_endpoint: str = "127.0.0.1:9000"
+    minio_access_key: str = "minioadmin"
+    minio_secret_key: SecretStr = SecretStr("minioadmin")
+    minio_bucket: str = "californiagold"
+    minio_secure: bool = False
+    minio_region: str | None = None
+
+    # Backend callback.
+    backend_url: str = ""
+    ml_service_token: SecretStr = SecretStr("")
+    callback_timeout_s: float = 10.0
+    callback_max_attempts: int = 5
+
+    # Analysis defaults.
+    ml_default_profile: Profile = Profile.FAST_DEBUG
+    ml_decision_threshold: float = Field(default=0.55, gt=0.0, lt=1.0)
+    ml_max_input_bytes: int = 2 * 1024**3
+    ml_max_voxels: int = 1024**3 // 2
+    ml_job_timeout_s: float = 1800.0
+    ml_max_concurrent_jobs: int = Field(default=1, ge=1)
+    ml_device: Literal["auto", "cpu", "cuda"] = "auto"
+    ml_precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    ml_torch_threads: int | None = None
+    ml_workdir: Path | None = None
+    ml_shutdown_grace_s: float = 60.0
+    ml_max_job_attempts: int = Field(default=3, ge=1)
+
+    # The model bundle: MODEL_PATH/MODEL_NAME.
+    model_path: Path = DEFAULT_MODELS_DIR
+    model_name: str = "medical_segmentation_v1"
+
+    # Kafka.
+    kafka_bootstrap_servers: str = "127.0.0.1:9092"
+    kafka_group_id: str = "ml-service"
+    kafka_client_id: str = "ml-service"
+    kafka_jobs_topic: str = "ml.jobs"
+    kafka_minio_events_topic: str = "minio.events"
+    kafka_job_events_topic: str = "ml.job-events"
+    kafka_dlq_topic: str = "ml.jobs.dlq"
+    kafka_session_timeout_ms: int = 10_000
+    kafka_heartbeat_interval_ms: int = 3_000
+    kafka_max_poll_interval_ms: int = 300_000
+    kafka_auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    # Passed through to aiokafka as they are.
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: str | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: str | None = None
+    kafka_ssl_certfile: str | None = None
+    kafka_ssl_keyfile: str | None = None
+
+    # HTTP.
+    http_host: str = "0.0.0.0"
+    http_port: int = 8080
+    http_max_body_bytes: int = 64 * 1024
+
+    log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "json"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.model_path / self.model_name
+
+    @property
+    def consumed_topics(self) -> tuple[str, str]:
+        return (self.kafka_jobs_topic, self.kafka_minio_events_topic)

@@ -1,0 +1,181 @@
+"""What the tools do: upload, submit a job, wait for its final event, follow events, read lag."""
+
+from __future__ import annotations
+
+import asyncio
+import mimetypes
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from consumer.kafka_clients import common_options
+from consumer.settings import Settings
+from consumer.storage import ObjectStore, make_client
+from producer_tools.minio_events import minio_event
+
+FINAL_STATUSES = {"completed", "failed"}
+
+
+def content_type(path: Path) -> str:
+    if path.name.endswith(".nii.gz"):
+        return "application/gzip"
+    return mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+
+
+@dataclass(frozen=True)
+class Uploaded:
+    key: str
+    size: int
+    etag: str
+
+
+async def upload(settings: Settings, path: Path, key: str) -> Uploaded:
+    store = ObjectStore(make_client(settings), settings.minio_bucket)
+    await store.ensure_bucket()
+    size = await store.put_file(key, path, content_type(path))
+    info = await store.stat(key)
+    return Uploaded(key, size, (info.etag or "").strip('"'))
+
+
+async def publish(settings: Settings, topic: str, key: str, value: dict[str, Any]) -> None:
+    producer = AIOKafkaProducer(**common_options(settings), acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, orjson.dumps(value), key=key.encode())
+    finally:
+        await producer.stop()
+
+
+async def emit_minio_event(settings: Settings, uploaded: Uploaded, path: Path) -> dict[str, Any]:
+    event = minio_event(
+        settings.minio_bucket,
+        uploaded.key,
+        size=uploaded.size,
+        etag=uploaded.etag,
+        content_type=content_type(path),
+        endpoint=f"{'https' if settings.minio_secure else 'http'}://{settings.minio_endpoint}",
+    )
+    await publish(settings, settings.kafka_minio_events_topic, event["Key"], event)
+    return event
+
+
+class EventFollower:
+    """Reads ml.job-events from the end (or the start) without joining a consumer group."""
+
+    def __init__(self, settings: Settings, from_beginning: bool = False):
+        self.settings = settings
+        self.from_beginning = from_beginning
+        self.consumer = AIOKafkaConsumer(**common_options(settings), group_id=None, enable_auto_commit=False)
+
+    async def __aenter__(self) -> EventFollower:
+        await self.consumer.start()
+        topic = self.settings.kafka_job_events_topic
+        partitions = self.consumer.partitions_for_topic(topic)
+        if not partitions:
+            await self.consumer.stop()
+            raise SystemExit(f"error: topic {topic} does not exist (is the service's stack running?)")
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        self.consumer.assign(tps)
+        if self.from_beginning:
+            await self.consumer.seek_to_beginning(*tps)
+        else:
+            # Positions are fixed now, before anything is submitted: no event can be missed.
+            for tp, offset in (await self.consumer.end_offsets(tps)).items():
+                self.consumer.seek(tp, offset)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.consumer.stop()
+
+    async def events(self, deadline: float | None = None) -> AsyncIterator[dict[str, Any]]:
+        while deadline is None or time.monotonic() < deadline:
+            batches = await self.consumer.getmany(timeout_ms=500)
+            for records in batches.values():
+                for record in records:
+                    try:
+                        yield orjson.loads(record.value)
+                    except orjson.JSONDecodeError:
+                        continue
+
+    async def wait_final(self, job_uuid: str, timeout: float) -> dict[str, Any] | None:
+        async for event in self.events(time.monotonic() + timeout):
+            if event.get("job_uuid") == job_uuid and event.get("status") in FINAL_STATUSES:
+                return event
+        return None
+
+
+def new_job_id() -> str:
+    return str(uuid.uuid4())
+
+
+async def submit(
+    settings: Settings,
+    path: Path,
+    *,
+    prefix: str,
+    profile: str | None,
+    threshold: float | None,
+    wait: bool,
+    timeout: float,
+    job_uuid: str | None = None,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Upload, publish the job message; with wait, return the final event too (None on timeout)."""
+    job = job_uuid or new_job_id()
+    key = f"{prefix.rstrip('/')}/{job}/{path.name}" if prefix else f"{job}/{path.name}"
+    await upload(settings, path, key)
+    message: dict[str, Any] = {"job_uuid": job, "input_object": key}
+    if profile:
+        message["profile"] = profile
+    if threshold is not None:
+        message["threshold"] = threshold
+    if not wait:
+        await publish(settings, settings.kafka_jobs_topic, job, message)
+        return message, None
+    async with EventFollower(settings) as follower:
+        await publish(settings, settings.kafka_jobs_topic, job, message)
+        final = await follower.wait_final(job, timeout)
+    return message, final
+
+
+@dataclass(frozen=True)
+class PartitionLag:
+    topic: str
+    partition: int
+    committed: int | None
+    end: int
+
+    @property
+    def lag(self) -> int:
+        return self.end - (self.committed or 0)
+
+
+async def consumer_lag(settings: Settings, group: str, topics: list[str]) -> list[PartitionLag]:
+    """Committed offset of the group vs the end offset, per partition.
+
+    Uses committed() and end_offsets() of a consumer that never joins or commits: it works on
+    Apache Kafka and on the embedded broker, which cannot answer the admin offset-fetch call.
+    """
+    consumer = AIOKafkaConsumer(**common_options(settings), group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for topic in topics for p in sorted(consumer.partitions_for_topic(topic) or [])]
+        if not tps:
+            return []
+        ends = await consumer.end_offsets(tps)
+        rows = []
+        for tp in tps:
+            committed = await consumer.committed(tp)
+            rows.append(PartitionLag(tp.topic, tp.partition, committed, ends[tp]))
+        return rows
+    finally:
+        await consumer.stop()
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)

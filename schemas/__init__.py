@@ -1,0 +1,1 @@
+"""Pydantic models of every message and document the service reads or writes."""

@@ -1,0 +1,36 @@
+"""Every error code the service reports, in one place (events, DLQ records, HTTP bodies)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    # The message itself (dead-lettered; never becomes a job).
+    INVALID_JSON = "invalid_json"
+    INVALID_MESSAGE = "invalid_message"
+    # The request (HTTP 400/401/413).
+    INVALID_REQUEST = "invalid_request"
+    UNAUTHORIZED = "unauthorized"
+    REQUEST_TOO_LARGE = "request_too_large"
+    # The input object.
+    INPUT_NOT_FOUND = "input_not_found"
+    INPUT_TOO_LARGE = "input_too_large"
+    INPUT_EMPTY = "input_empty"
+    UNSUPPORTED_FORMAT = "unsupported_format"
+    DICOM_NOT_SUPPORTED = "dicom_not_supported"
+    INVALID_NIFTI = "invalid_nifti"
+    INVALID_GZIP = "invalid_gzip"
+    IMAGE_TOO_LARGE = "image_too_large"
+    INVALID_IMAGE_DIMENSIONS = "invalid_image_dimensions"
+    # The reference mask named by a job.
+    REFERENCE_NOT_FOUND = "reference_not_found"
+    REFERENCE_MISMATCH = "reference_mismatch"
+    # The service and its dependencies.
+    STORAGE_UNAVAILABLE = "storage_unavailable"
+    MODEL_NOT_LOADED = "model_not_loaded"
+    INFERENCE_FAILED = "inference_failed"
+    OUTPUT_WRITE_FAILED = "output_write_failed"
+    JOB_TIMEOUT = "job_timeout"
+    SHUTTING_DOWN = "shutting_down"
+    INTERNAL_ERROR = "internal_error"

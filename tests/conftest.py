@@ -1,0 +1,252 @@
+"""Test session: a real Kafka-protocol broker and a real S3 server on free ports, one service on them.
+
+Everything here is real: the embedded stack of `python -m consumer dev` (Tansu + SeaweedFS),
+the service's own Kafka loop, HTTP server and model. Jobs are told apart by their ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from consumer.kafka_clients import common_options, ensure_topics
+from consumer.localstack import LocalStack, S3Ports, free_port
+from consumer.service import Service
+from consumer.settings import Settings
+from consumer.storage import ObjectStore, make_client
+from models.phantom import Phantom, generate_phantom, save_phantom
+
+FINAL = {"completed", "failed"}
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    local = LocalStack(tmp_path_factory.mktemp("stack"), free_port(), S3Ports.free())
+    local.start()
+    yield local
+    local.stop()
+
+
+@dataclass
+class Backend:
+    """A small aiohttp server standing in for the backend's completion endpoint."""
+
+    port: int
+    calls: list[tuple[str, dict[str, str], dict[str, Any]]] = field(default_factory=list)
+    runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        async def completion(request: web.Request) -> web.Response:
+            self.calls.append((request.match_info["job"], dict(request.headers), await request.json()))
+            return web.json_response({"ok": True})
+
+        app = web.Application()
+        app.router.add_post("/internal/jobs/{job}/completion", completion)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+    def calls_for(self, job: str) -> list[dict[str, Any]]:
+        return [payload for job_id, _, payload in self.calls if job_id == job]
+
+
+@pytest.fixture(scope="session")
+async def backend() -> AsyncIterator[Backend]:
+    server = Backend(free_port())
+    await server.start()
+    yield server
+    await server.stop()
+
+
+def make_settings(stack: LocalStack, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "kafka_bootstrap_servers": stack.bootstrap,
+        "minio_endpoint": stack.s3_endpoint,
+        "http_host": "127.0.0.1",
+        "http_port": free_port(),
+        "kafka_group_id": f"ml-service-test-{uuid.uuid4().hex[:8]}",
+        "kafka_session_timeout_ms": 6000,
+        "kafka_heartbeat_interval_ms": 1000,
+        "ml_shutdown_grace_s": 20.0,
+        "callback_max_attempts": 2,
+        "callback_timeout_s": 2.0,
+        "ml_torch_threads": 2,
+        "log_format": "text",
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture(scope="session")
+async def settings(stack: LocalStack, backend: Backend) -> Settings:
+    return make_settings(stack, backend_url=backend.url, ml_service_token="test-token")
+
+
+@pytest.fixture(scope="session")
+async def store(settings: Settings) -> ObjectStore:
+    bucket = ObjectStore(make_client(settings), settings.minio_bucket)
+    await bucket.ensure_bucket()
+    await ensure_topics(settings)
+    return bucket
+
+
+async def start_service(settings: Settings) -> Service:
+    service = Service(settings)
+    await service.start()
+    await asyncio.wait_for(service.worker.joined.wait(), 60)
+    return service
+
+
+@pytest.fixture(scope="session")
+async def service(settings: Settings, store: ObjectStore) -> AsyncIterator[Service]:
+    running = await start_service(settings)
+    yield running
+    await running.stop()
+
+
+class EventLog:
+    """Collects every record of one topic in the background, so a test can wait for what it expects."""
+
+    def __init__(self, settings: Settings, topic: str):
+        self.settings = settings
+        self.topic = topic
+        self.records: list[dict[str, Any]] = []
+        self.by_job: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._consumer = AIOKafkaConsumer(**common_options(self.settings), group_id=None, enable_auto_commit=False)
+        await self._consumer.start()
+        partitions = self._consumer.partitions_for_topic(self.topic) or set()
+        tps = [TopicPartition(self.topic, p) for p in partitions]
+        self._consumer.assign(tps)
+        await self._consumer.seek_to_beginning(*tps)
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        assert self._consumer is not None
+        while True:
+            batches = await self._consumer.getmany(timeout_ms=200)
+            for records in batches.values():
+                for record in records:
+                    value = orjson.loads(record.value)
+                    self.records.append(value)
+                    if "job_uuid" in value:
+                        self.by_job[value["job_uuid"]].append(value)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+    async def wait_for(self, predicate: Any, timeout: float = 120.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for record in self.records:
+                if predicate(record):
+                    return record
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"nothing matched on {self.topic} within {timeout} s")
+
+    async def final(self, job_uuid: str, timeout: float = 120.0) -> dict[str, Any]:
+        return await self.wait_for(lambda e: e.get("job_uuid") == job_uuid and e.get("status") in FINAL, timeout)
+
+
+@pytest.fixture(scope="session")
+async def job_events(settings: Settings, store: ObjectStore) -> AsyncIterator[EventLog]:
+    log = EventLog(settings, settings.kafka_job_events_topic)
+    await log.start()
+    yield log
+    await log.stop()
+
+
+@pytest.fixture(scope="session")
+async def dead_letters(settings: Settings, store: ObjectStore) -> AsyncIterator[EventLog]:
+    log = EventLog(settings, settings.kafka_dlq_topic)
+    await log.start()
+    yield log
+    await log.stop()
+
+
+@pytest.fixture(scope="session")
+async def producer(settings: Settings) -> AsyncIterator[AIOKafkaProducer]:
+    client = AIOKafkaProducer(**common_options(settings), acks="all")
+    await client.start()
+    yield client
+    await client.stop()
+
+
+@pytest.fixture
+async def http(service: Service) -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(base_url=f"http://127.0.0.1:{service.settings.http_port}") as session:
+        yield session
+
+
+# Lesions large enough for the coarse fast_debug grid (2 mm), on a small scan so tests stay quick.
+TEST_PHANTOM_SHAPE = (192, 192, 64)
+TEST_PHANTOM_SPACING = (0.9, 0.9, 2.5)
+
+
+@pytest.fixture(scope="session")
+def phantom() -> Phantom:
+    return generate_phantom(
+        4242, TEST_PHANTOM_SHAPE, TEST_PHANTOM_SPACING, lesion_count=(3, 3), lesion_diameter_mm=(12.0, 28.0)
+    )
+
+
+@pytest.fixture(scope="session")
+def phantom_file(phantom: Phantom, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("phantom") / "phantom.nii.gz"
+    save_phantom(phantom, path)
+    return path
+
+
+def job_id() -> str:
+    return str(uuid.uuid4())
+
+
+async def send_json(
+    producer: AIOKafkaProducer, topic: str, value: Any, key: str | None = None, partition: int | None = None
+):  # type: ignore[no-untyped-def]
+    raw = value if isinstance(value, bytes) else orjson.dumps(value)
+    return await producer.send_and_wait(topic, raw, key=key.encode() if key else None, partition=partition)
+
+
+async def committed_offset(
+    settings: Settings, topic: str, partition: int, at_least: int, timeout: float = 10.0
+) -> int | None:
+    """The group's committed offset, polled until it reaches `at_least` (commits follow the final event)."""
+    consumer = AIOKafkaConsumer(**common_options(settings), group_id=settings.kafka_group_id, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            committed = await consumer.committed(TopicPartition(topic, partition))
+            if (committed is not None and committed >= at_least) or time.monotonic() > deadline:
+                return committed
+            await asyncio.sleep(0.1)
+    finally:
+        await consumer.stop()

@@ -1,0 +1,130 @@
+"""The HTTP API against the running service."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import orjson
+
+from consumer.service import Service
+from consumer.storage import ObjectStore
+from models.phantom import Phantom
+from schemas.export import schema_path
+from tests.conftest import EventLog, job_id
+
+
+def schema(name: str) -> dict:
+    return json.loads(schema_path(name).read_text())
+
+
+async def test_infer_runs_the_job_synchronously(
+    service: Service, store: ObjectStore, http, job_events: EventLog, phantom: Phantom, phantom_file: Path
+) -> None:
+    job = job_id()
+    key = f"uploads/{job}/scan.nii.gz"
+    await store.put_file(key, phantom_file, "application/gzip")
+    response = await http.post(
+        "/infer", json={"job_uuid": job, "input_object": key, "profile": "fast_debug", "threshold": 0.5}
+    )
+    assert response.status == 200, await response.text()
+    body = await response.json()
+    jsonschema.validate(body, schema("infer_response"))
+    assert body["job_uuid"] == job
+    assert body["status"] == "completed"
+    assert body["output_object"] == f"results/analysis_{job}.nii.gz"
+    assert body["file_size"] == len(await store.get_bytes(body["output_object"]))
+    assert body["duration_seconds"] > 0
+    result = orjson.loads(await store.get_bytes(body["results_object"]))
+    assert result["threshold"] == 0.5
+    assert result["summary"]["lesions_count"] == phantom.lesion_count
+    # The same events as any other job, marked as coming from HTTP.
+    final = await job_events.final(job)
+    assert final["source"] == "http" and final["status"] == "completed"
+
+
+async def test_infer_custom_output_object_names_all_outputs(
+    service: Service, store: ObjectStore, http, phantom_file: Path
+) -> None:
+    job = job_id()
+    key = f"uploads/{job}/scan.nii.gz"
+    await store.put_file(key, phantom_file, "application/gzip")
+    response = await http.post(
+        "/infer", json={"job_uuid": job, "input_object": key, "output_object": f"custom/{job}/mask.nii.gz"}
+    )
+    body = await response.json()
+    assert response.status == 200, body
+    assert body["output_object"] == f"custom/{job}/mask.nii.gz"
+    assert body["results_object"] == f"custom/{job}/mask.json"
+    assert body["report_object"] == f"custom/{job}/mask.xlsx"
+    for key in (body["output_object"], body["results_object"], body["report_object"]):
+        assert (await store.stat(key)).size > 0
+
+
+async def test_infer_missing_input_is_404(service: Service, http) -> None:
+    response = await http.post("/infer", json={"job_uuid": job_id(), "input_object": "uploads/does-not-exist.nii.gz"})
+    assert response.status == 404
+    body = await response.json()
+    jsonschema.validate(body, schema("error_response"))
+    assert body["error"]["code"] == "input_not_found"
+
+
+async def test_infer_malformed_bodies_are_400(service: Service, http) -> None:
+    cases = [
+        (b"{not json", "invalid_json"),
+        (b"[]", "invalid_request"),
+        (orjson.dumps({"input_object": "uploads/a.nii.gz"}), "invalid_request"),
+        (orjson.dumps({"job_uuid": "a b", "input_object": "uploads/a.nii.gz"}), "invalid_request"),
+        (orjson.dumps({"job_uuid": job_id(), "input_object": "../secrets"}), "invalid_request"),
+        (orjson.dumps({"job_uuid": job_id(), "input_object": "uploads/a.nii.gz", "threshold": 1.5}), "invalid_request"),
+        (orjson.dumps({"job_uuid": job_id(), "input_object": "uploads/a.nii.gz", "treshold": 0.5}), "invalid_request"),
+    ]
+    for raw, code in cases:
+        response = await http.post("/infer", data=raw, headers={"Content-Type": "application/json"})
+        assert response.status == 400, raw
+        assert (await response.json())["error"]["code"] == code, raw
+
+
+async def test_infer_body_over_the_limit_is_413(service: Service, http) -> None:
+    big = b'{"job_uuid": "' + b"a" * (service.settings.http_max_body_bytes + 10) + b'"}'
+    response = await http.post("/infer", data=big, headers={"Content-Type": "application/json"})
+    assert response.status == 413
+    assert (await response.json())["error"]["code"] == "request_too_large"
+
+
+async def test_infer_unreadable_input_is_422(service: Service, store: ObjectStore, http) -> None:
+    job = job_id()
+    key = f"uploads/{job}/photo.nii.gz"
+    await store.put_bytes(key, b"\x89PNG\r\n\x1a\n" + b"\x00" * 100, "image/png")
+    response = await http.post("/infer", json={"job_uuid": job, "input_object": key})
+    assert response.status == 422
+    body = await response.json()
+    assert body["error"]["code"] == "unsupported_format"
+    assert "PNG" in body["error"]["message"]
+
+
+async def test_health_reports_real_values(service: Service, http) -> None:
+    response = await http.get("/health")
+    assert response.status == 200
+    body = await response.json()
+    jsonschema.validate(body, schema("health_response"))
+    assert body["status"] == "healthy"
+    assert body["model_loaded"] is True
+    assert body["version"] == "1.0.0"
+    assert body["uptime"] > 0
+    assert body["memory_usage"]["rss_mb"] > 10
+    assert body["model_name"] == "medical_segmentation_v1"
+
+
+async def test_metrics_count_jobs(service: Service, http) -> None:
+    response = await http.get("/metrics")
+    assert response.status == 200
+    text = await response.text()
+    assert "ml_jobs_total" in text and "ml_model_loaded 1.0" in text
+
+
+async def test_unknown_route_is_json_404(service: Service, http) -> None:
+    response = await http.get("/nope")
+    assert response.status == 404
+    assert (await response.json())["error"]["code"] == "invalid_request"

@@ -1,0 +1,258 @@
+"""The job path end to end on the real broker and S3 server: Kafka jobs, MinIO events, DLQ, callback."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+from pathlib import Path
+from urllib.parse import unquote_plus
+
+import jsonschema
+import nibabel as nib
+import numpy as np
+import openpyxl
+import orjson
+
+from consumer.messages import upload_job_id
+from consumer.service import Service
+from consumer.storage import ObjectStore
+from models.evaluate import dice
+from models.phantom import Phantom
+from producer_tools.minio_events import minio_event
+from schemas.export import schema_path
+from tests.conftest import Backend, EventLog, committed_offset, job_id, send_json
+
+
+def load_nifti(data: bytes) -> nib.Nifti1Image:
+    return nib.Nifti1Image.from_bytes(gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data)
+
+
+async def test_kafka_job_completes_with_outputs(
+    service: Service,
+    store: ObjectStore,
+    producer,
+    job_events: EventLog,
+    phantom: Phantom,
+    phantom_file: Path,
+    backend: Backend,
+) -> None:
+    job = job_id()
+    key = f"uploads/{job}/scan.nii.gz"
+    await store.put_file(key, phantom_file, "application/gzip")
+    await send_json(producer, service.settings.kafka_jobs_topic, {"job_uuid": job, "input_object": key}, key=job)
+
+    final = await job_events.final(job)
+    assert final["status"] == "completed", final
+    statuses = [e["status"] for e in job_events.by_job[job]]
+    assert statuses[0] == "accepted" and "running" in statuses and statuses[-1] == "completed"
+    jsonschema.validate(final, json.loads(schema_path("job_event").read_text()))
+    assert final["source"] == "kafka" and final["profile"] == "fast_debug" and final["threshold"] == 0.55
+    assert final["output_object"] == f"results/analysis_{job}.nii.gz"
+    assert final["file_name"] == f"analysis_{job}.nii.gz"
+
+    # The mask overlays the input: same shape, same affine, and it finds the phantom's lesions.
+    mask_bytes = await store.get_bytes(final["output_object"])
+    assert final["file_size"] == len(mask_bytes)
+    mask = load_nifti(mask_bytes)
+    source = nib.load(phantom_file)
+    assert mask.shape == source.shape
+    np.testing.assert_allclose(mask.affine, source.affine, atol=1e-5)
+    predicted = np.asanyarray(mask.dataobj) > 0
+    assert dice(predicted, phantom.lesion_mask) >= 0.7
+
+    result = orjson.loads(await store.get_bytes(final["results_object"]))
+    jsonschema.validate(result, json.loads(schema_path("analysis_result").read_text()))
+    assert result["summary"]["lesions_count"] == phantom.lesion_count == len(result["findings"])
+    assert result["segmentation"]["dimensions"] == list(source.shape)
+    assert final["summary"] == result["summary"]
+    total = sum(f["volume"] for f in result["findings"])
+    assert abs(total - result["summary"]["total_volume"]) < 0.01
+    voxel_mm3 = float(np.prod(phantom.spacing))
+    assert abs(total - predicted.sum() * voxel_mm3) < 0.01 * total + 1e-6
+
+    book = openpyxl.load_workbook(io.BytesIO(await store.get_bytes(final["report_object"])), read_only=True)
+    assert book.sheetnames == ["Summary", "Findings"]
+    rows = list(book["Findings"].iter_rows(values_only=True))
+    assert rows[0][0] == "ID" and "Volume (mm³)" in rows[0]
+    assert [r[0] for r in rows[1:]] == [f["id"] for f in result["findings"]]
+    volume_col = rows[0].index("Volume (mm³)")
+    assert [r[volume_col] for r in rows[1:]] == [f["volume"] for f in result["findings"]]
+
+    # The backend heard about it, with the seed's payload.
+    await job_events.wait_for(lambda _: bool(backend.calls_for(job)), timeout=20)
+    _, headers, payload = next(c for c in backend.calls if c[0] == job)
+    assert headers["Authorization"] == "Bearer test-token"
+    assert payload["status"] == "completed"
+    assert payload["output_object"] == final["output_object"]
+    assert payload["file_size"] == final["file_size"] and payload["file_name"] == final["file_name"]
+    assert payload["results_object"] == final["results_object"]
+
+
+async def test_redelivered_job_overwrites_its_own_outputs(
+    service: Service, store: ObjectStore, producer, job_events: EventLog, phantom_file: Path
+) -> None:
+    job = job_id()
+    key = f"uploads/{job}/scan.nii.gz"
+    await store.put_file(key, phantom_file, "application/gzip")
+    message = {"job_uuid": job, "input_object": key}
+    await send_json(producer, service.settings.kafka_jobs_topic, message, key=job)
+    first = await job_events.final(job)
+    await send_json(producer, service.settings.kafka_jobs_topic, message, key=job)
+    await job_events.wait_for(lambda e: e.get("job_uuid") == job and e["status"] == "completed" and e is not first)
+    finals = [e for e in job_events.by_job[job] if e["status"] == "completed"]
+    assert len(finals) == 2
+    assert finals[0]["output_object"] == finals[1]["output_object"]
+    assert finals[0]["summary"]["lesions_count"] == finals[1]["summary"]["lesions_count"]
+
+
+async def test_minio_upload_event_starts_a_job(
+    service: Service, store: ObjectStore, producer, job_events: EventLog, phantom: Phantom, phantom_file: Path
+) -> None:
+    settings = service.settings
+    key = f"uploads/{job_id()}/CT scan+1.nii.gz"  # a space and a '+' exercise MinIO's key encoding
+    await store.put_file(key, phantom_file, "application/gzip")
+    info = await store.stat(key)
+    etag = (info.etag or "").strip('"')
+    event = minio_event(settings.minio_bucket, key, size=info.size, etag=etag)
+    assert event["Records"][0]["s3"]["object"]["key"] != key  # it travels URL-encoded
+    await send_json(producer, settings.kafka_minio_events_topic, event, key=event["Key"])
+
+    job = upload_job_id(settings.minio_bucket, key, etag)
+    final = await job_events.final(job)
+    assert final["status"] == "completed", final
+    assert final["source"] == "minio"
+    assert final["input_object"] == key
+    assert final["profile"] == settings.ml_default_profile.value
+    assert final["threshold"] == settings.ml_decision_threshold
+    result = orjson.loads(await store.get_bytes(final["results_object"]))
+    assert result["summary"]["lesions_count"] == phantom.lesion_count
+
+
+async def test_minio_events_that_are_not_uploads_start_nothing(
+    service: Service, store: ObjectStore, producer, job_events: EventLog, phantom_file: Path
+) -> None:
+    settings = service.settings
+    topic = settings.kafka_minio_events_topic
+    bucket = settings.minio_bucket
+    skipped_before = {
+        reason: service.metrics.skipped_events.labels(reason)._value.get()
+        for reason in ("outside_uploads", "other_bucket", "not_object_created")
+    }
+    ignored = [
+        minio_event(bucket, f"other/{job_id()}.nii.gz", size=10, etag="a" * 32),
+        minio_event("another-bucket", f"uploads/{job_id()}.nii.gz", size=10, etag="b" * 32),
+        minio_event(bucket, f"uploads/{job_id()}.nii.gz", size=0, etag="", event_name="s3:ObjectRemoved:Delete"),
+        minio_event(
+            bucket, f"uploads/{job_id()}.nii.gz", size=10, etag="c" * 32, event_name="s3:ObjectCreated:PutTagging"
+        ),
+    ]
+    for event in ignored:
+        await send_json(producer, topic, event, key=event["Key"], partition=0)
+    # A real upload after them on the same partition: once it is done, the others were seen.
+    key = f"uploads/{job_id()}/scan.nii.gz"
+    await store.put_file(key, phantom_file, "application/gzip")
+    info = await store.stat(key)
+    event = minio_event(bucket, key, size=info.size, etag=(info.etag or "").strip('"'))
+    await send_json(producer, topic, event, key=event["Key"], partition=0)
+    await job_events.final(upload_job_id(bucket, key, (info.etag or "").strip('"')))
+
+    for skipped in ignored:
+        record = skipped["Records"][0]
+        skipped_key = unquote_plus(record["s3"]["object"]["key"])
+        derived = upload_job_id(record["s3"]["bucket"]["name"], skipped_key, record["s3"]["object"].get("eTag"))
+        assert derived not in job_events.by_job
+    after = {reason: service.metrics.skipped_events.labels(reason)._value.get() for reason in skipped_before}
+    assert after["outside_uploads"] - skipped_before["outside_uploads"] == 1
+    assert after["other_bucket"] - skipped_before["other_bucket"] == 1
+    assert after["not_object_created"] - skipped_before["not_object_created"] == 2
+
+
+async def test_malformed_message_goes_to_dlq_and_partition_moves_on(
+    service: Service, store: ObjectStore, producer, job_events: EventLog, dead_letters: EventLog, phantom_file: Path
+) -> None:
+    topic = service.settings.kafka_jobs_topic
+    bad = [
+        b"this is not json",
+        orjson.dumps({"job_uuid": "../../etc", "input_object": "uploads/x.nii.gz"}),
+        orjson.dumps({"job_uuid": job_id(), "input_object": "/abs/key.nii.gz"}),
+        orjson.dumps({"job_uuid": job_id(), "input_object": "uploads/x.nii.gz", "profile": "turbo"}),
+        orjson.dumps({"job_uuid": job_id()}),
+    ]
+    sent = [await send_json(producer, topic, value, partition=1) for value in bad]
+    job = job_id()
+    key = f"uploads/{job}/scan.nii.gz"
+    await store.put_file(key, phantom_file, "application/gzip")
+    good = await send_json(producer, topic, {"job_uuid": job, "input_object": key}, key=job, partition=1)
+
+    assert (await job_events.final(job))["status"] == "completed"
+    for metadata, value in zip(sent, bad, strict=True):
+        letter = await dead_letters.wait_for(
+            lambda d, m=metadata: (
+                d["origin"]["partition"] == 1 and d["origin"]["offset"] == m.offset and d["origin"]["topic"] == topic
+            )
+        )
+        assert letter["payload"] == value.decode()
+        assert letter["error"]["code"] in {"invalid_json", "invalid_message"}
+        assert letter["error"]["message"]
+    first = await dead_letters.wait_for(
+        lambda d: d["origin"]["offset"] == sent[0].offset and d["origin"]["partition"] == 1
+    )
+    assert first["error"]["code"] == "invalid_json"
+    profile_letter = await dead_letters.wait_for(
+        lambda d: d["origin"]["offset"] == sent[3].offset and d["origin"]["partition"] == 1
+    )
+    assert any(detail["loc"] == ["profile"] for detail in profile_letter["details"])
+
+    # Committed past the good message: nothing on that partition is left behind.
+    assert await committed_offset(service.settings, topic, 1, good.offset + 1) == good.offset + 1
+
+
+async def test_bytes_that_are_not_an_image_fail_with_a_code(
+    service: Service, store: ObjectStore, producer, job_events: EventLog, http, backend: Backend
+) -> None:
+    cases = {
+        "garbage.nii.gz": (b"\x00\x01 definitely not an image " * 100, "unsupported_format"),
+        "truncated.nii.gz": (b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03" + b"\x01" * 50, "invalid_gzip"),
+        "empty.nii.gz": (b"", "input_empty"),
+    }
+    for name, (data, code) in cases.items():
+        job = job_id()
+        key = f"uploads/{job}/{name}"
+        await store.put_bytes(key, data, "application/gzip")
+        await send_json(producer, service.settings.kafka_jobs_topic, {"job_uuid": job, "input_object": key}, key=job)
+        final = await job_events.final(job)
+        assert final["status"] == "failed", final
+        assert final["error"]["code"] == code, final
+        assert final["error"]["retryable"] is False
+        await job_events.wait_for(lambda _, j=job: bool(backend.calls_for(j)), timeout=20)
+        assert backend.calls_for(job)[0]["error"]["code"] == code
+    health = await http.get("/health")
+    assert health.status == 200 and (await health.json())["model_loaded"] is True
+
+
+async def test_missing_input_object_fails_as_not_found(service: Service, producer, job_events: EventLog) -> None:
+    job = job_id()
+    await send_json(
+        producer, service.settings.kafka_jobs_topic, {"job_uuid": job, "input_object": "uploads/nope.nii.gz"}, key=job
+    )
+    final = await job_events.final(job)
+    assert final["status"] == "failed" and final["error"]["code"] == "input_not_found"
+
+
+async def test_backend_down_does_not_fail_the_job(
+    service: Service, store: ObjectStore, producer, job_events: EventLog, phantom_file: Path, backend: Backend
+) -> None:
+    await backend.stop()
+    try:
+        job = job_id()
+        key = f"uploads/{job}/scan.nii.gz"
+        await store.put_file(key, phantom_file, "application/gzip")
+        failed_before = service.notifier.failed
+        await send_json(producer, service.settings.kafka_jobs_topic, {"job_uuid": job, "input_object": key}, key=job)
+        final = await job_events.final(job)
+        assert final["status"] == "completed"
+        await job_events.wait_for(lambda _: service.notifier.failed > failed_before, timeout=30)
+        assert backend.calls_for(job) == []
+    finally:
+        await backend.start()

@@ -1,0 +1,59 @@
+"""A job longer than max_poll_interval_ms: the partition is paused, polling goes on, no rebalance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from consumer.kafka_clients import ensure_topics
+from consumer.localstack import LocalStack
+from consumer.storage import ObjectStore
+from models.phantom import generate_phantom, save_phantom
+from tests.conftest import EventLog, committed_offset, job_id, make_settings, send_json, start_service
+
+
+@pytest.fixture(scope="module")
+def big_phantom_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("long") / "big.nii.gz"
+    save_phantom(generate_phantom(99, (256, 256, 128), (0.8, 0.8, 2.5), lesion_count=(2, 2)), path)
+    return path
+
+
+async def test_long_job_completes_once_without_rebalance(
+    stack: LocalStack, store: ObjectStore, producer, big_phantom_file: Path
+) -> None:
+    settings = make_settings(
+        stack,
+        kafka_jobs_topic="long.jobs",
+        kafka_minio_events_topic="long.minio-events",
+        kafka_job_events_topic="long.job-events",
+        kafka_dlq_topic="long.dlq",
+        kafka_max_poll_interval_ms=1000,
+    )
+    await ensure_topics(settings)
+    events = EventLog(settings, settings.kafka_job_events_topic)
+    await events.start()
+    service = await start_service(settings)
+    try:
+        assignments = service.worker.assignments
+        job = job_id()
+        key = f"uploads/{job}/big.nii.gz"
+        await store.put_file(key, big_phantom_file, "application/gzip")
+        sent = await send_json(
+            producer, settings.kafka_jobs_topic, {"job_uuid": job, "input_object": key, "profile": "research"}, key=job
+        )
+        final = await events.final(job, timeout=240)
+        assert final["status"] == "completed"
+        # The job ran well past the poll interval...
+        assert final["duration_seconds"] * 1000 > 2 * settings.kafka_max_poll_interval_ms
+        # ...and the member never lost its partitions, so the job ran exactly once.
+        assert service.worker.assignments == assignments
+        assert [e["status"] for e in events.by_job[job]].count("accepted") == 1
+        assert [e["status"] for e in events.by_job[job]].count("completed") == 1
+
+        committed = await committed_offset(settings, settings.kafka_jobs_topic, sent.partition, sent.offset + 1)
+        assert committed == sent.offset + 1
+    finally:
+        await service.stop()
+        await events.stop()

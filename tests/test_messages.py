@@ -1,0 +1,95 @@
+"""Decoding Kafka records into jobs: job messages and MinIO notifications (pure logic)."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from consumer.messages import InvalidMessage, decode_job_message, decode_minio_event, upload_job_id
+from producer_tools.minio_events import minio_event
+from schemas.errors import ErrorCode
+from schemas.jobs import Profile
+
+BUCKET = "californiagold"
+
+
+def decode(event: dict) -> object:
+    return decode_minio_event(orjson.dumps(event), BUCKET, Profile.FAST_DEBUG, 0.55)
+
+
+def test_upload_becomes_a_job_with_defaults() -> None:
+    decision = decode(minio_event(BUCKET, "uploads/dir/CT scan+1 ü.nii.gz", size=10, etag="abc"))
+    assert decision.skipped == []
+    (job,) = decision.jobs
+    assert job.input_object == "uploads/dir/CT scan+1 ü.nii.gz"
+    assert job.profile is Profile.FAST_DEBUG and job.threshold == 0.55
+    assert job.job_uuid == upload_job_id(BUCKET, "uploads/dir/CT scan+1 ü.nii.gz", "abc")
+
+
+def test_key_is_url_decoded_as_minio_encodes_it() -> None:
+    event = minio_event(BUCKET, "uploads/a b+c.nii.gz", size=1, etag="e")
+    assert event["Records"][0]["s3"]["object"]["key"] == "uploads%2Fa+b%2Bc.nii.gz"
+    assert event["Key"] == f"{BUCKET}/uploads/a b+c.nii.gz"
+    assert decode(event).jobs[0].input_object == "uploads/a b+c.nii.gz"
+
+
+def test_job_id_is_deterministic_and_depends_on_etag() -> None:
+    a = upload_job_id(BUCKET, "uploads/a.nii.gz", "e1")
+    assert a == upload_job_id(BUCKET, "uploads/a.nii.gz", '"e1"')
+    assert a != upload_job_id(BUCKET, "uploads/a.nii.gz", "e2")
+    assert a != upload_job_id(BUCKET, "uploads/b.nii.gz", "e1")
+
+
+@pytest.mark.parametrize(
+    ("event", "reason"),
+    [
+        (minio_event(BUCKET, "other/a.nii.gz", size=1, etag="e"), "outside_uploads"),
+        (minio_event("elsewhere", "uploads/a.nii.gz", size=1, etag="e"), "other_bucket"),
+        (
+            minio_event(BUCKET, "uploads/a.nii.gz", size=0, etag="", event_name="s3:ObjectRemoved:Delete"),
+            "not_object_created",
+        ),
+        (
+            minio_event(BUCKET, "uploads/a.nii.gz", size=1, etag="e", event_name="s3:ObjectAccessed:Get"),
+            "not_object_created",
+        ),
+        (
+            minio_event(BUCKET, "uploads/a.nii.gz", size=1, etag="e", event_name="s3:ObjectCreated:PutTagging"),
+            "not_object_created",
+        ),
+        (minio_event(BUCKET, "uploads/folder/", size=0, etag="e"), "folder_marker"),
+    ],
+)
+def test_events_that_start_no_job(event: dict, reason: str) -> None:
+    decision = decode(event)
+    assert decision.jobs == [] and decision.skipped == [reason]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "s3:ObjectCreated:Put",
+        "s3:ObjectCreated:CompleteMultipartUpload",
+        "s3:ObjectCreated:Copy",
+        "s3:ObjectCreated:Post",
+    ],
+)
+def test_all_new_object_events_start_a_job(name: str) -> None:
+    assert len(decode(minio_event(BUCKET, "uploads/a.nii.gz", size=1, etag="e", event_name=name)).jobs) == 1
+
+
+@pytest.mark.parametrize("raw", [b"", b"nope", b"[]", b"{}", orjson.dumps({"Records": "x"})])
+def test_broken_minio_events_are_invalid(raw: bytes) -> None:
+    with pytest.raises(InvalidMessage):
+        decode_minio_event(raw, BUCKET, Profile.FAST_DEBUG, 0.55)
+
+
+def test_job_message_errors_carry_codes_and_details() -> None:
+    with pytest.raises(InvalidMessage) as not_json:
+        decode_job_message(b"{oops")
+    assert not_json.value.code is ErrorCode.INVALID_JSON
+    with pytest.raises(InvalidMessage) as bad_profile:
+        decode_job_message(orjson.dumps({"job_uuid": "j", "input_object": "k", "profile": "turbo"}))
+    assert bad_profile.value.code is ErrorCode.INVALID_MESSAGE
+    assert bad_profile.value.details[0]["loc"] == ["profile"]
+    assert "profile" in bad_profile.value.message
