@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import struct
+import zlib
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from isal import igzip
+from isal.igzip_lib import IsalError
 
 from consumer.errors import InputError, UnsupportedInput
 from schemas.errors import ErrorCode
@@ -94,7 +96,7 @@ def _gunzip_head(path: Path) -> bytes:
     try:
         with igzip.open(path, "rb") as f:
             return f.read(540)
-    except (OSError, EOFError) as error:
+    except (OSError, EOFError, IsalError, zlib.error) as error:
         raise InputError(f"the gzip stream is corrupt: {error}", code=ErrorCode.INVALID_GZIP) from error
 
 
@@ -103,7 +105,7 @@ def gunzip_to(path: Path, target: Path) -> Path:
     try:
         with igzip.open(path, "rb") as src, open(target, "wb") as dst:
             shutil.copyfileobj(src, dst, _CHUNK)
-    except (OSError, EOFError) as error:
+    except (OSError, EOFError, IsalError, zlib.error) as error:
         raise InputError(f"the gzip stream is truncated or corrupt: {error}", code=ErrorCode.INVALID_GZIP) from error
     return target
 

@@ -149,7 +149,7 @@ def save_weights(net: torch.nn.Module, bundle: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "medical_segmentation_v1")
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=2400)
     parser.add_argument("--phantoms", type=int, default=36)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--patch", type=int, default=64)

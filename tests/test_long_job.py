@@ -57,3 +57,42 @@ async def test_long_job_completes_once_without_rebalance(
     finally:
         await service.stop()
         await events.stop()
+
+
+async def test_stop_lets_the_running_job_finish_and_commits(
+    stack: LocalStack, store: ObjectStore, producer, big_phantom_file: Path
+) -> None:
+    settings = make_settings(
+        stack,
+        kafka_jobs_topic="drain.jobs",
+        kafka_minio_events_topic="drain.minio-events",
+        kafka_job_events_topic="drain.job-events",
+        kafka_dlq_topic="drain.dlq",
+    )
+    await ensure_topics(settings)
+    events = EventLog(settings, settings.kafka_job_events_topic)
+    await events.start()
+    service = await start_service(settings)
+    try:
+        job = job_id()
+        key = f"uploads/{job}/big.nii.gz"
+        await store.put_file(key, big_phantom_file, "application/gzip")
+        sent = await send_json(
+            producer,
+            settings.kafka_jobs_topic,
+            {"job_uuid": job, "input_object": key, "profile": "production"},
+            key=job,
+        )
+        await events.wait_for(lambda e: e.get("job_uuid") == job and e["status"] == "running")
+    finally:
+        # What SIGTERM does: stop intake, finish the running job within the grace period, commit, leave.
+        await service.stop()
+    try:
+        final = await events.final(job, timeout=30)
+        assert final["status"] == "completed"
+        assert (
+            await committed_offset(settings, settings.kafka_jobs_topic, sent.partition, sent.offset + 1)
+            == sent.offset + 1
+        )
+    finally:
+        await events.stop()

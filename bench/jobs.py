@@ -1,0 +1,115 @@
+"""Benchmark: whole jobs through the real service on the embedded stack.
+
+    python -m bench.jobs [--shape 256 256 128] [--spacing 0.8 0.8 2.5] [--repeat 2]
+
+Starts a broker and an S3 server on free ports, the service on them, uploads a phantom and
+publishes job messages; the wall time is from publishing the message to receiving the
+`completed` event. Per-step times come from the result JSON. The first run of each profile is
+a warm-up and is not reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gzip
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import orjson
+from aiokafka import AIOKafkaProducer
+
+from consumer.kafka_clients import common_options, ensure_topics
+from consumer.localstack import LocalStack, S3Ports, free_port
+from consumer.logs import configure_logging
+from consumer.service import Service
+from consumer.settings import Settings
+from consumer.storage import ObjectStore, make_client
+from models.evaluate import dice
+from models.phantom import generate_phantom, save_phantom
+from producer_tools.commands import EventFollower
+from schemas.jobs import Profile
+
+STEPS = ("fetch", "read", "infer", "analyse", "write")
+
+
+async def bench(shape: tuple[int, int, int], spacing: tuple[float, float, float], repeat: int, workdir: Path) -> None:
+    phantom = generate_phantom(2024, shape, spacing)
+    scan = workdir / "phantom.nii.gz"
+    save_phantom(phantom, scan)
+    stack = LocalStack(workdir / "stack", free_port(), S3Ports.free())
+    stack.start()
+    try:
+        settings = Settings(
+            kafka_bootstrap_servers=stack.bootstrap,
+            minio_endpoint=stack.s3_endpoint,
+            http_port=free_port(),
+            http_host="127.0.0.1",
+            log_level="WARNING",
+        )
+        store = ObjectStore(make_client(settings), settings.minio_bucket)
+        await store.ensure_bucket()
+        await ensure_topics(settings)
+        key = "uploads/bench/phantom.nii.gz"
+        await store.put_file(key, scan, "application/gzip")
+        service = Service(settings)
+        await service.start()
+        await asyncio.wait_for(service.worker.joined.wait(), 60)
+        producer = AIOKafkaProducer(**common_options(settings), acks="all")
+        await producer.start()
+        print(
+            f"phantom {shape} at {spacing} mm, {phantom.lesion_count} lesions; device {service.engine.device} "
+            f"({service.engine.precision}), torch threads {__import__('torch').get_num_threads()}"
+        )
+        header = f"{'profile':<11} {'wall s':>7} " + " ".join(f"{s:>8}" for s in STEPS) + f" {'lesions':>8} {'dice':>6}"
+        print(header)
+        print("-" * len(header))
+        try:
+            for profile in (Profile.FAST_DEBUG, Profile.PRODUCTION, Profile.RESEARCH):
+                for run in range(repeat + 1):
+                    job = f"bench-{profile.value}-{uuid.uuid4().hex[:8]}"
+                    async with EventFollower(settings) as follower:
+                        started = time.perf_counter()
+                        message = {"job_uuid": job, "input_object": key, "profile": profile.value}
+                        await producer.send_and_wait(settings.kafka_jobs_topic, orjson.dumps(message), key=job.encode())
+                        final = await follower.wait_final(job, 900)
+                        wall = time.perf_counter() - started
+                    if final is None or final["status"] != "completed":
+                        raise SystemExit(f"job {job} did not complete: {final}")
+                    if run == 0:
+                        continue  # warm-up
+                    result = orjson.loads(await store.get_bytes(final["results_object"]))
+                    mask = np.asanyarray(
+                        nib.Nifti1Image.from_bytes(
+                            gzip.decompress(await store.get_bytes(final["output_object"]))
+                        ).dataobj
+                    )
+                    score = dice(mask > 0, phantom.lesion_mask)
+                    steps = " ".join(f"{result['timings'].get(s, 0.0):>8.3f}" for s in STEPS)
+                    print(
+                        f"{profile.value:<11} {wall:>7.2f} {steps} {result['summary']['lesions_count']:>8} {score:>6.3f}"
+                    )
+        finally:
+            await producer.stop()
+            await service.stop()
+    finally:
+        stack.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", type=int, nargs=3, default=[256, 256, 128])
+    parser.add_argument("--spacing", type=float, nargs=3, default=[0.8, 0.8, 2.5])
+    parser.add_argument("--repeat", type=int, default=2)
+    args = parser.parse_args()
+    configure_logging("WARNING", "text")
+    with tempfile.TemporaryDirectory(prefix="ml-bench-") as tmp:
+        asyncio.run(bench(tuple(args.shape), tuple(args.spacing), args.repeat, Path(tmp)))
+
+
+if __name__ == "__main__":
+    main()
