@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from consumer.kafka_clients import ensure_topics
@@ -16,6 +17,7 @@ from consumer.logs import configure_logging
 from consumer.service import Service
 from consumer.settings import Settings
 from consumer.storage import ObjectStore, make_client
+from models.bundle import BundleError
 
 log = logging.getLogger("consumer")
 
@@ -30,7 +32,11 @@ def _settings(**overrides: object) -> Settings:
 
 async def _serve(settings: Settings) -> None:
     service = Service(settings)
-    await service.run_until_signal()
+    try:
+        await service.run_until_signal()
+    except (KafkaError, OSError, BundleError) as error:
+        # Unreachable broker or a taken port: one line that says which, not a traceback.
+        raise SystemExit(f"error: could not start: {type(error).__name__}: {error}") from None
 
 
 async def _prepare_stack(settings: Settings) -> None:

@@ -20,7 +20,7 @@ from schemas.jobs import JobRequest, Source
 if TYPE_CHECKING:
     from consumer.service import Service
 
-SERVICE = web.AppKey("service", "Service")
+SERVICE: web.AppKey[Service] = web.AppKey("service")
 MAX_BODY = web.AppKey("max_body", int)
 VERSION = "1.0.0"
 
@@ -56,8 +56,8 @@ async def infer(request: web.Request) -> web.Response:
         )
         return error_response(400, ErrorCode.INVALID_REQUEST, details)
     if service.stopping:
-        error = ShuttingDown("the service is shutting down")
-        return error_response(error.http_status, error.code, error.message)
+        refusal = ShuttingDown("the service is shutting down")
+        return error_response(refusal.http_status, refusal.code, refusal.message)
     try:
         outcome = await service.run_job(job, Source.HTTP)
     except EventPublishError as error:

@@ -7,7 +7,7 @@ what the content is.
 
 from __future__ import annotations
 
-import shutil
+import io
 import struct
 import zlib
 from dataclasses import dataclass
@@ -17,7 +17,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from isal import igzip
-from isal.igzip_lib import IsalError
+from isal.igzip_lib import IsalError  # type: ignore[attr-defined]
 
 from consumer.errors import InputError, UnsupportedInput
 from schemas.errors import ErrorCode
@@ -33,6 +33,8 @@ _OTHER_FORMATS = {
     b"MM\x00*": "a TIFF image",
 }
 _CHUNK = 4 * 1024 * 1024
+# What a broken gzip stream raises: zlib and isal differ.
+_GZIP_ERRORS: tuple[type[BaseException], ...] = (OSError, EOFError, IsalError, zlib.error)  # type: ignore[assignment]
 
 
 class ScanFormat(StrEnum):
@@ -96,17 +98,30 @@ def _gunzip_head(path: Path) -> bytes:
     try:
         with igzip.open(path, "rb") as f:
             return f.read(540)
-    except (OSError, EOFError, IsalError, zlib.error) as error:
+    except _GZIP_ERRORS as error:
         raise InputError(f"the gzip stream is corrupt: {error}", code=ErrorCode.INVALID_GZIP) from error
 
 
-def gunzip_to(path: Path, target: Path) -> Path:
-    """Stream-decompress to disk (isal is ~2x faster than zlib); a truncated stream is an error."""
+def gunzip_to(path: Path, target: Path, limit: int) -> Path:
+    """Stream-decompress at most `limit` bytes to disk (isal is ~2x faster than zlib).
+
+    A stream that ends early is an error; bytes past the limit are never inflated.
+    """
+    written = 0
     try:
         with igzip.open(path, "rb") as src, open(target, "wb") as dst:
-            shutil.copyfileobj(src, dst, _CHUNK)
-    except (OSError, EOFError, IsalError, zlib.error) as error:
+            while written < limit:
+                chunk = src.read(min(_CHUNK, limit - written))
+                if not chunk:
+                    break
+                dst.write(chunk)
+                written += len(chunk)
+    except _GZIP_ERRORS as error:
         raise InputError(f"the gzip stream is truncated or corrupt: {error}", code=ErrorCode.INVALID_GZIP) from error
+    if written < limit:
+        raise InputError(
+            f"the NIfTI file is truncated: {written} bytes, the header needs {limit}", code=ErrorCode.INVALID_NIFTI
+        )
     return target
 
 
@@ -120,12 +135,31 @@ def read_scan(path: Path, workdir: Path, max_voxels: int) -> Scan:
         )
     nifti_path = workdir / "scan.nii"
     if fmt is ScanFormat.NIFTI_GZ:
-        gunzip_to(path, nifti_path)
+        # The header decides how much may be inflated: a gzip bomb stops at what it claims.
+        needed = _check_header(_gunzip_head(path), max_voxels)
+        gunzip_to(path, nifti_path, limit=needed)
     else:
         # nibabel picks its reader by file name; ours was picked by content, so name it so.
         nifti_path.unlink(missing_ok=True)
         nifti_path.symlink_to(path.resolve())
     return _read_nifti(nifti_path, fmt, max_voxels)
+
+
+def _check_header(head: bytes, max_voxels: int) -> int:
+    """Refuse from the header alone; returns the bytes the file needs (header + data)."""
+    klass = nib.Nifti2Header if struct.unpack("<i", head[:4])[0] in (540, 469893120) else nib.Nifti1Header
+    try:
+        header = klass.from_fileobj(io.BytesIO(head))
+    except Exception as error:
+        raise InputError(f"not a readable NIfTI header: {error}", code=ErrorCode.INVALID_NIFTI) from error
+    shape = _volume_shape(header.get_data_shape())
+    voxels = int(np.prod(shape, dtype=np.int64))
+    if voxels > max_voxels:
+        raise InputError(
+            f"the image has {voxels} voxels {shape}, more than the limit of {max_voxels}",
+            code=ErrorCode.IMAGE_TOO_LARGE,
+        )
+    return int(header.get_data_offset()) + voxels * header.get_data_dtype().itemsize
 
 
 def _read_nifti(path: Path, fmt: ScanFormat, max_voxels: int) -> Scan:

@@ -76,5 +76,9 @@ class Bundle:
     def build_network(self) -> torch.nn.Module:
         network = self.parser.get_parsed_content("network_def", instantiate=True)
         state = torch.load(self.path / "models" / "model.pt", map_location="cpu", weights_only=True)
-        network.load_state_dict(state)
+        try:
+            network.load_state_dict(state)
+        except RuntimeError as error:
+            first = str(error).splitlines()[0]
+            raise BundleError(f"weights of {self.path} do not fit its network_def: {first}") from error
         return network

@@ -117,6 +117,7 @@ class InferenceEngine:
                     mode=config.blend,
                 )
             with _timer(timings, "postprocess"):
+                assert isinstance(logits, torch.Tensor)
                 probability = torch.sigmoid(logits.float())
                 probability = resample(probability, tuple(ras.shape))  # type: ignore[arg-type]
                 result = orient.invert(probability[0, 0].cpu().numpy())

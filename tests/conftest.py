@@ -7,6 +7,7 @@ the service's own Kafka loop, HTTP server and model. Jobs are told apart by thei
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections import defaultdict
@@ -175,20 +176,38 @@ class EventLog:
         return await self.wait_for(lambda e: e.get("job_uuid") == job_uuid and e.get("status") in FINAL, timeout)
 
 
+@contextlib.asynccontextmanager
+async def event_log(settings: Settings, topic: str) -> AsyncIterator[EventLog]:
+    log = EventLog(settings, topic)
+    await log.start()
+    try:
+        yield log
+    finally:
+        await log.stop()
+
+
 @pytest.fixture(scope="session")
 async def job_events(settings: Settings, store: ObjectStore) -> AsyncIterator[EventLog]:
-    log = EventLog(settings, settings.kafka_job_events_topic)
-    await log.start()
-    yield log
-    await log.stop()
+    async with event_log(settings, settings.kafka_job_events_topic) as log:
+        yield log
 
 
 @pytest.fixture(scope="session")
 async def dead_letters(settings: Settings, store: ObjectStore) -> AsyncIterator[EventLog]:
-    log = EventLog(settings, settings.kafka_dlq_topic)
-    await log.start()
-    yield log
-    await log.stop()
+    async with event_log(settings, settings.kafka_dlq_topic) as log:
+        yield log
+
+
+def isolated_settings(stack: LocalStack, prefix: str, **overrides: Any) -> Settings:
+    """Settings of a second service with topics of its own, so it replays nothing of the session's."""
+    return make_settings(
+        stack,
+        kafka_jobs_topic=f"{prefix}.jobs",
+        kafka_minio_events_topic=f"{prefix}.minio-events",
+        kafka_job_events_topic=f"{prefix}.job-events",
+        kafka_dlq_topic=f"{prefix}.dlq",
+        **overrides,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""A job longer than max_poll_interval_ms: the partition is paused, polling goes on, no rebalance."""
+"""Long jobs: no rebalance past max_poll_interval_ms, and a stop that lets the running job finish."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from consumer.kafka_clients import ensure_topics
 from consumer.localstack import LocalStack
 from consumer.storage import ObjectStore
 from models.phantom import generate_phantom, save_phantom
-from tests.conftest import EventLog, committed_offset, job_id, make_settings, send_json, start_service
+from tests.conftest import committed_offset, event_log, isolated_settings, job_id, send_json, start_service
 
 
 @pytest.fixture(scope="module")
@@ -23,76 +23,49 @@ def big_phantom_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 async def test_long_job_completes_once_without_rebalance(
     stack: LocalStack, store: ObjectStore, producer, big_phantom_file: Path
 ) -> None:
-    settings = make_settings(
-        stack,
-        kafka_jobs_topic="long.jobs",
-        kafka_minio_events_topic="long.minio-events",
-        kafka_job_events_topic="long.job-events",
-        kafka_dlq_topic="long.dlq",
-        kafka_max_poll_interval_ms=1000,
-    )
+    settings = isolated_settings(stack, "long", kafka_max_poll_interval_ms=1000)
     await ensure_topics(settings)
-    events = EventLog(settings, settings.kafka_job_events_topic)
-    await events.start()
-    service = await start_service(settings)
-    try:
-        assignments = service.worker.assignments
-        job = job_id()
-        key = f"uploads/{job}/big.nii.gz"
-        await store.put_file(key, big_phantom_file, "application/gzip")
-        sent = await send_json(
-            producer, settings.kafka_jobs_topic, {"job_uuid": job, "input_object": key, "profile": "research"}, key=job
-        )
-        final = await events.final(job, timeout=240)
-        assert final["status"] == "completed"
-        # The job ran well past the poll interval...
-        assert final["duration_seconds"] * 1000 > 2 * settings.kafka_max_poll_interval_ms
-        # ...and the member never lost its partitions, so the job ran exactly once.
-        assert service.worker.assignments == assignments
-        assert [e["status"] for e in events.by_job[job]].count("accepted") == 1
-        assert [e["status"] for e in events.by_job[job]].count("completed") == 1
-
-        committed = await committed_offset(settings, settings.kafka_jobs_topic, sent.partition, sent.offset + 1)
-        assert committed == sent.offset + 1
-    finally:
-        await service.stop()
-        await events.stop()
+    async with event_log(settings, settings.kafka_job_events_topic) as events:
+        service = await start_service(settings)
+        try:
+            assignments = service.worker.assignments
+            job = job_id()
+            key = f"uploads/{job}/big.nii.gz"
+            await store.put_file(key, big_phantom_file, "application/gzip")
+            message = {"job_uuid": job, "input_object": key, "profile": "research"}
+            sent = await send_json(producer, settings.kafka_jobs_topic, message, key=job)
+            final = await events.final(job, timeout=240)
+            assert final["status"] == "completed"
+            # The job ran well past the poll interval...
+            assert final["duration_seconds"] * 1000 > 2 * settings.kafka_max_poll_interval_ms
+            # ...and the member never lost its partitions, so the job ran exactly once.
+            assert service.worker.assignments == assignments
+            statuses = [e["status"] for e in events.by_job[job]]
+            assert statuses.count("accepted") == 1 and statuses.count("completed") == 1
+            committed = await committed_offset(settings, settings.kafka_jobs_topic, sent.partition, sent.offset + 1)
+            assert committed == sent.offset + 1
+        finally:
+            await service.stop()
 
 
 async def test_stop_lets_the_running_job_finish_and_commits(
     stack: LocalStack, store: ObjectStore, producer, big_phantom_file: Path
 ) -> None:
-    settings = make_settings(
-        stack,
-        kafka_jobs_topic="drain.jobs",
-        kafka_minio_events_topic="drain.minio-events",
-        kafka_job_events_topic="drain.job-events",
-        kafka_dlq_topic="drain.dlq",
-    )
+    settings = isolated_settings(stack, "drain")
     await ensure_topics(settings)
-    events = EventLog(settings, settings.kafka_job_events_topic)
-    await events.start()
-    service = await start_service(settings)
-    try:
-        job = job_id()
-        key = f"uploads/{job}/big.nii.gz"
-        await store.put_file(key, big_phantom_file, "application/gzip")
-        sent = await send_json(
-            producer,
-            settings.kafka_jobs_topic,
-            {"job_uuid": job, "input_object": key, "profile": "production"},
-            key=job,
-        )
-        await events.wait_for(lambda e: e.get("job_uuid") == job and e["status"] == "running")
-    finally:
-        # What SIGTERM does: stop intake, finish the running job within the grace period, commit, leave.
-        await service.stop()
-    try:
+    async with event_log(settings, settings.kafka_job_events_topic) as events:
+        service = await start_service(settings)
+        try:
+            job = job_id()
+            key = f"uploads/{job}/big.nii.gz"
+            await store.put_file(key, big_phantom_file, "application/gzip")
+            message = {"job_uuid": job, "input_object": key, "profile": "production"}
+            sent = await send_json(producer, settings.kafka_jobs_topic, message, key=job)
+            await events.wait_for(lambda e: e.get("job_uuid") == job and e["status"] == "running")
+        finally:
+            # What SIGTERM does: stop intake, finish the running job within the grace period, commit, leave.
+            await service.stop()
         final = await events.final(job, timeout=30)
         assert final["status"] == "completed"
-        assert (
-            await committed_offset(settings, settings.kafka_jobs_topic, sent.partition, sent.offset + 1)
-            == sent.offset + 1
-        )
-    finally:
-        await events.stop()
+        committed = await committed_offset(settings, settings.kafka_jobs_topic, sent.partition, sent.offset + 1)
+        assert committed == sent.offset + 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import zipfile
+import zlib
 from pathlib import Path
 
 import nibabel as nib
@@ -129,3 +130,30 @@ def test_dicom_and_zip_are_recognised_and_refused_for_now(tmp_path: Path) -> Non
         archive.writestr("series/1.dcm", dicom)
     error = refused(write(tmp_path, "scan.zip", buffer.getvalue()), tmp_path)
     assert error.code is ErrorCode.DICOM_NOT_SUPPORTED and "ZIP" in error.message
+
+
+def test_gzipped_huge_header_refused_without_inflating(tmp_path: Path) -> None:
+    header = nib.Nifti1Header()
+    header.set_data_shape((4096, 4096, 4096))
+    header.set_data_dtype(np.int16)
+    path = write(tmp_path, "huge.nii.gz", gzip.compress(header.binaryblock + b"\x00" * 4))
+    assert refused(path, tmp_path).code is ErrorCode.IMAGE_TOO_LARGE
+    assert not (tmp_path / "scan.nii").exists()
+
+
+def test_gzip_bomb_inflates_only_what_the_header_claims(tmp_path: Path) -> None:
+    small = nifti_bytes(np.ones((10, 10, 10), np.int16))
+    compressor = zlib.compressobj(9, wbits=31)
+    bomb = compressor.compress(small)
+    zeros = b"\x00" * 2**20
+    for _ in range(256):  # 256 MiB of trailing zeros, a few hundred KiB compressed
+        bomb += compressor.compress(zeros)
+    bomb += compressor.flush()
+    scan = read_scan(write(tmp_path, "bomb.nii.gz", bomb), tmp_path, MAX_VOXELS)
+    assert scan.data.shape == (10, 10, 10)
+    assert (tmp_path / "scan.nii").stat().st_size == len(small)
+
+
+def test_gzipped_truncated_nifti_refused(tmp_path: Path) -> None:
+    data = nifti_bytes(np.ones((32, 32, 32), np.int16))
+    assert refused(write(tmp_path, "t.nii.gz", gzip.compress(data[:1000])), tmp_path).code is ErrorCode.INVALID_NIFTI
