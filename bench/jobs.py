@@ -37,7 +37,9 @@ from schemas.jobs import Profile
 STEPS = ("fetch", "read", "infer", "analyse", "write")
 
 
-async def bench(shape: tuple[int, int, int], spacing: tuple[float, float, float], repeat: int, workdir: Path) -> None:
+async def bench(
+    shape: tuple[int, int, int], spacing: tuple[float, float, float], repeat: int, precision: str, workdir: Path
+) -> None:
     phantom = generate_phantom(2024, shape, spacing)
     scan = workdir / "phantom.nii.gz"
     save_phantom(phantom, scan)
@@ -50,6 +52,7 @@ async def bench(shape: tuple[int, int, int], spacing: tuple[float, float, float]
             http_port=free_port(),
             http_host="127.0.0.1",
             log_level="WARNING",
+            ml_precision=precision,
         )
         store = ObjectStore(make_client(settings), settings.minio_bucket)
         await store.ensure_bucket()
@@ -105,10 +108,11 @@ def main() -> None:
     parser.add_argument("--shape", type=int, nargs=3, default=[256, 256, 128])
     parser.add_argument("--spacing", type=float, nargs=3, default=[0.8, 0.8, 2.5])
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     args = parser.parse_args()
     configure_logging("WARNING", "text")
     with tempfile.TemporaryDirectory(prefix="ml-bench-") as tmp:
-        asyncio.run(bench(tuple(args.shape), tuple(args.spacing), args.repeat, Path(tmp)))
+        asyncio.run(bench(tuple(args.shape), tuple(args.spacing), args.repeat, args.precision, Path(tmp)))
 
 
 if __name__ == "__main__":

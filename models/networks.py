@@ -25,7 +25,7 @@ class LesionUNet(torch.nn.Module):
         channels: Sequence[int] = (16, 32, 64, 128),
         strides: Sequence[int] = (2, 2, 2),
         num_res_units: int = 1,
-        norm: str = "instance",
+        norm: str | None = None,
         features: int = 8,
     ):
         super().__init__()
