@@ -17,7 +17,7 @@ import subprocess
 import sys
 import sysconfig
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -103,18 +103,12 @@ def _spawn(name: str, argv: list[str], log_path: Path) -> ChildProcess:
 
 
 @dataclass
-class BrokerPorts:
-    kafka: int = 9092
-
-
-@dataclass
 class S3Ports:
     s3: int = 9000
     master: int = 9333
     volume: int = 9340
     filer: int = 8888
     admin: int = 23646
-    extra: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def free(cls) -> S3Ports:

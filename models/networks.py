@@ -29,7 +29,15 @@ class LesionUNet(torch.nn.Module):
         features: int = 8,
     ):
         super().__init__()
-        self.body = UNet(spatial_dims, in_channels, features, channels, strides, num_res_units=num_res_units, norm=norm)
+        self.body = UNet(
+            spatial_dims,
+            in_channels,
+            features,
+            channels,
+            strides,
+            num_res_units=num_res_units,
+            norm=norm,  # type: ignore[arg-type]
+        )
         self.head = (
             torch.nn.Conv3d(features, out_channels, kernel_size=1)
             if spatial_dims == 3

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import mimetypes
 import time
 import uuid
@@ -175,7 +174,3 @@ async def consumer_lag(settings: Settings, group: str, topics: list[str]) -> lis
         return rows
     finally:
         await consumer.stop()
-
-
-def run(coro: Any) -> Any:
-    return asyncio.run(coro)
