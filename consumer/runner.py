@@ -17,7 +17,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
-import nibabel as nib
 import numpy as np
 from aiokafka.errors import KafkaError
 
@@ -259,7 +258,7 @@ class JobRunner:
                 dimensions=list(analysis.mask.shape),
                 spacing=[round(s, 6) for s in scan.spacing],
                 affine=[[round(float(v), 6) for v in row] for row in scan.affine],
-                orientation="".join(nib.aff2axcodes(scan.affine)),
+                orientation=scan.orientation,
                 threshold=ctx.threshold,
             ),
             outputs={"mask": keys.mask, "results": keys.results, "report": keys.report},

@@ -20,6 +20,7 @@ from isal import igzip
 from isal.igzip_lib import IsalError  # type: ignore[attr-defined]
 
 from consumer.errors import InputError, UnsupportedInput
+from models.geometry import voxel_spacing
 from schemas.errors import ErrorCode
 
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -53,7 +54,7 @@ class Scan:
 
     @property
     def spacing(self) -> tuple[float, float, float]:
-        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
+        return voxel_spacing(self.affine)
 
     @property
     def orientation(self) -> str:
