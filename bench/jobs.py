@@ -23,12 +23,11 @@ import numpy as np
 import orjson
 from aiokafka import AIOKafkaProducer
 
-from consumer.kafka_clients import common_options, ensure_topics
-from consumer.localstack import LocalStack, S3Ports, free_port
+from consumer.kafka_clients import common_options
+from consumer.localstack import LocalStack, S3Ports, free_port, prepare_stack
 from consumer.logs import configure_logging
 from consumer.service import Service
 from consumer.settings import Settings
-from consumer.storage import ObjectStore, make_client
 from models.evaluate import dice
 from models.phantom import generate_phantom, save_phantom
 from producer_tools.commands import EventFollower
@@ -55,9 +54,7 @@ async def bench(
             log_level="WARNING",
             ml_precision=precision,
         )
-        store = ObjectStore(make_client(settings), settings.minio_bucket)
-        await store.ensure_bucket()
-        await ensure_topics(settings)
+        store = await prepare_stack(settings)
         key = "uploads/bench/phantom.nii.gz"
         await store.put_file(key, scan, "application/gzip")
         service = Service(settings)

@@ -11,12 +11,10 @@ from pathlib import Path
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
-from consumer.kafka_clients import ensure_topics
-from consumer.localstack import LocalStack, S3Ports, StackError, port_taken
+from consumer.localstack import LocalStack, S3Ports, StackError, port_taken, prepare_stack
 from consumer.logs import configure_logging
 from consumer.service import Service
 from consumer.settings import Settings
-from consumer.storage import ObjectStore, make_client
 from models.bundle import BundleError
 
 log = logging.getLogger("consumer")
@@ -39,24 +37,8 @@ async def _serve(settings: Settings) -> None:
         raise SystemExit(f"error: could not start: {type(error).__name__}: {error}") from None
 
 
-async def _prepare_stack(settings: Settings) -> None:
-    """Bucket and topics on a fresh embedded stack (idempotent)."""
-    store = ObjectStore(make_client(settings), settings.minio_bucket)
-    for attempt in range(50):
-        try:
-            await store.ensure_bucket()
-            break
-        except Exception:
-            if attempt == 49:
-                raise
-            await asyncio.sleep(0.2)
-    created = await ensure_topics(settings)
-    if created:
-        log.info("created topics: %s", ", ".join(created))
-
-
 async def _dev(settings: Settings) -> None:
-    await _prepare_stack(settings)
+    await prepare_stack(settings)
     await _serve(settings)
 
 

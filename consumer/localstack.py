@@ -7,6 +7,7 @@ Tansu keeps topics in memory: a restart of the stack starts with empty topics.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -19,6 +20,11 @@ import sysconfig
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from consumer.errors import StorageUnavailable
+from consumer.kafka_clients import ensure_topics
+from consumer.settings import Settings
+from consumer.storage import ObjectStore, make_client
 
 log = logging.getLogger(__name__)
 
@@ -218,3 +224,20 @@ class LocalStack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+async def prepare_stack(settings: Settings) -> ObjectStore:
+    """Bucket and topics on a fresh stack (idempotent); waits a little for the S3 server to answer."""
+    store = ObjectStore(make_client(settings), settings.minio_bucket)
+    for attempt in range(50):
+        try:
+            await store.ensure_bucket()
+            break
+        except StorageUnavailable:
+            if attempt == 49:
+                raise
+            await asyncio.sleep(0.2)
+    created = await ensure_topics(settings)
+    if created:
+        log.info("created topics: %s", ", ".join(created))
+    return store

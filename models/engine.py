@@ -19,7 +19,7 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from models.bundle import Bundle, ProfileConfig
-from models.geometry import canonical, normalise_intensity, resample, resampled_shape, voxel_spacing
+from models.geometry import ModelGrid, normalise_intensity
 from schemas.jobs import Profile
 
 log = logging.getLogger(__name__)
@@ -101,12 +101,8 @@ class InferenceEngine:
         timings: dict[str, float] = {}
         with self._lock, torch.inference_mode():
             with _timer(timings, "preprocess"):
-                orient = canonical(affine)
-                ras = orient.apply(volume)
-                spacing = orient.spacing(voxel_spacing(affine))
-                grid = resampled_shape(ras.shape, spacing, config.spacing_mm)
-                image = torch.from_numpy(np.ascontiguousarray(ras, dtype=np.float32))[None, None].to(self.device)
-                image = normalise_intensity(resample(image, grid), *self.bundle.intensity_window)
+                grid = ModelGrid.for_input(volume.shape, affine, config.spacing_mm)
+                image = normalise_intensity(grid.to_model(volume, self.device), *self.bundle.intensity_window)
             with _timer(timings, "network"), self._autocast():
                 logits = sliding_window_inference(
                     image,
@@ -119,9 +115,8 @@ class InferenceEngine:
             with _timer(timings, "postprocess"):
                 assert isinstance(logits, torch.Tensor)
                 probability = torch.sigmoid(logits.float())
-                probability = resample(probability, tuple(ras.shape))  # type: ignore[arg-type]
-                result = orient.invert(probability[0, 0].cpu().numpy())
-        return Prediction(np.ascontiguousarray(result, dtype=np.float32), config, grid, timings)
+                result = grid.from_model(probability)
+        return Prediction(np.ascontiguousarray(result, dtype=np.float32), config, grid.size, timings)
 
 
 @contextlib.contextmanager

@@ -36,7 +36,7 @@ class Canonical:
         return nib.orientations.apply_orientation(array, nib.orientations.ornt_transform(_RAS, self.source))
 
     def spacing(self, spacing: tuple[float, float, float]) -> tuple[float, float, float]:
-        """The input's spacing listed in RAS axis order."""
+        """Per-axis values of the input (spacing, or axis lengths) listed in RAS axis order."""
         out = [0.0, 0.0, 0.0]
         for axis, (target, _) in enumerate(self.source):
             out[int(target)] = spacing[axis]
@@ -74,3 +74,31 @@ def normalise_intensity(volume: np.ndarray | torch.Tensor, a_min: float, a_max: 
     if isinstance(scaled, torch.Tensor):
         return scaled.clamp_(0.0, 1.0)
     return np.clip(scaled, 0.0, 1.0, out=scaled)
+
+
+@dataclass(frozen=True)
+class ModelGrid:
+    """The way from an input array to the model's grid and back; training and inference share it."""
+
+    orient: Canonical
+    ras_shape: tuple[int, int, int]  # the input array in RAS axis order
+    size: tuple[int, int, int]  # the model grid
+
+    @classmethod
+    def for_input(cls, shape: tuple[int, ...], affine: np.ndarray, spacing_mm: tuple[float, float, float]) -> ModelGrid:
+        orient = canonical(affine)
+        # Axis lengths permute like spacings.
+        lengths = orient.spacing((float(shape[0]), float(shape[1]), float(shape[2])))
+        ras_shape = (int(lengths[0]), int(lengths[1]), int(lengths[2]))
+        spacing = orient.spacing(voxel_spacing(affine))
+        return cls(orient, ras_shape, resampled_shape(ras_shape, spacing, spacing_mm))
+
+    def to_model(self, array: np.ndarray, device: torch.device | None = None) -> torch.Tensor:
+        """(1, 1, *size) float32 tensor of the array, reoriented and resampled (trilinear)."""
+        ras = np.ascontiguousarray(self.orient.apply(array), dtype=np.float32)
+        return resample(torch.from_numpy(ras)[None, None].to(device), self.size)
+
+    def from_model(self, volume: torch.Tensor) -> np.ndarray:
+        """A (1, 1, *size) tensor back on the input array's own grid and axis order."""
+        back = resample(volume, self.ras_shape)
+        return self.orient.invert(back[0, 0].cpu().numpy())

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from monai.bundle import ConfigParser
 from monai.losses import DiceLoss
 
-from models.geometry import canonical, normalise_intensity, resample, resampled_shape, voxel_spacing
+from models.geometry import ModelGrid, normalise_intensity
 from models.phantom import generate_phantom
 
 log = logging.getLogger("models.train")
@@ -50,13 +50,9 @@ def load_bundle_config(bundle: Path) -> ConfigParser:
 def make_sample(seed: int, spacing_mm: tuple[float, float, float], a_min: float, a_max: float) -> Sample:
     # More lesions per scan than the validation phantoms: more positive patches per phantom.
     phantom = generate_phantom(seed, lesion_count=(3, 8))
-    orient = canonical(phantom.affine)
-    image = orient.apply(phantom.image)
-    label = orient.apply(phantom.lesion_mask)
-    spacing = orient.spacing(voxel_spacing(phantom.affine))
-    size = resampled_shape(image.shape, spacing, spacing_mm)
-    img_t = resample(torch.from_numpy(np.ascontiguousarray(image))[None, None], size)[0, 0]
-    lab_t = resample(torch.from_numpy(np.ascontiguousarray(label, dtype=np.float32))[None, None], size)[0, 0]
+    grid = ModelGrid.for_input(phantom.image.shape, phantom.affine, spacing_mm)
+    img_t = grid.to_model(phantom.image)[0, 0]
+    lab_t = grid.to_model(phantom.lesion_mask)[0, 0]
     img_t = normalise_intensity(img_t, a_min, a_max)
     label_u8 = (lab_t >= 0.5).to(torch.uint8)
     body = np.argwhere((img_t > 0.1).numpy())

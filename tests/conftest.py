@@ -22,11 +22,11 @@ import pytest
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from consumer.kafka_clients import common_options, ensure_topics
-from consumer.localstack import LocalStack, S3Ports, free_port
+from consumer.kafka_clients import common_options
+from consumer.localstack import LocalStack, S3Ports, free_port, prepare_stack
 from consumer.service import Service
 from consumer.settings import Settings
-from consumer.storage import ObjectStore, make_client
+from consumer.storage import ObjectStore
 from models.phantom import Phantom, generate_phantom, save_phantom
 
 FINAL = {"completed", "failed"}
@@ -106,10 +106,7 @@ async def settings(stack: LocalStack, backend: Backend) -> Settings:
 
 @pytest.fixture(scope="session")
 async def store(settings: Settings) -> ObjectStore:
-    bucket = ObjectStore(make_client(settings), settings.minio_bucket)
-    await bucket.ensure_bucket()
-    await ensure_topics(settings)
-    return bucket
+    return await prepare_stack(settings)
 
 
 async def start_service(settings: Settings) -> Service:
