@@ -74,6 +74,7 @@ async def infer(request: web.Request) -> web.Response:
             status=outcome.status.value,
             results_object=outcome.keys.results,
             report_object=outcome.keys.report,
+            seg_object=outcome.result.segmentation.dicom_seg if outcome.result else None,
         )
     )
 

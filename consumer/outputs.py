@@ -21,6 +21,7 @@ class OutputKeys:
     mask: str
     results: str
     report: str
+    seg: str  # written for DICOM input only
 
     @classmethod
     def for_job(cls, request: JobRequest) -> OutputKeys:
@@ -33,7 +34,7 @@ class OutputKeys:
         else:
             # A key without a NIfTI suffix still gets a gzip-compressed NIfTI; name it so.
             mask = f"{mask}.nii.gz"
-        return cls(mask=mask, results=f"{stem}.json", report=f"{stem}.xlsx")
+        return cls(mask=mask, results=f"{stem}.json", report=f"{stem}.xlsx", seg=f"{stem}.seg.dcm")
 
 
 def encode_mask(mask: np.ndarray, affine: np.ndarray, source: nib.Nifti1Header | None, gzip: bool = True) -> bytes:

@@ -23,12 +23,13 @@ from aiokafka.errors import KafkaError
 from consumer.analysis import Analysis, analyse, reference_metrics
 from consumer.backoff import compute_backoff
 from consumer.callback import BackendNotifier
+from consumer.dicom_seg import SegUnavailable, build_seg
 from consumer.errors import InputError, InputTooLarge, JobError, JobTimeout, ModelNotLoaded, TransientError
 from consumer.events import EventPublisher
 from consumer.metrics import ServiceMetrics
 from consumer.outputs import OutputKeys, encode_mask, encode_result
 from consumer.report import build_report
-from consumer.scans import Scan, read_scan
+from consumer.scans import ReadLimits, Scan, read_scan
 from consumer.settings import Settings
 from consumer.storage import ObjectStore
 from models.engine import InferenceEngine, Prediction
@@ -44,6 +45,7 @@ CONTENT_TYPES = {
     "nifti": "application/gzip",
     "json": "application/json",
     "xlsx": "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+    "dicom": "application/dicom",
 }
 
 
@@ -84,6 +86,7 @@ class JobOutcome:
 class _Written:
     result: AnalysisResult
     mask_bytes: int
+    seg_key: str | None = None
 
 
 class JobRunner:
@@ -103,6 +106,7 @@ class JobRunner:
         self.notifier = notifier
         self.metrics = metrics
         self.in_flight = 0
+        self.read_limits = ReadLimits.from_settings(settings)
 
     async def run(self, request: JobRequest, source: Source) -> JobOutcome:
         """Run one job to its final event. Job failures end in a `failed` event, not an exception;
@@ -158,7 +162,9 @@ class JobRunner:
         with tempfile.TemporaryDirectory(prefix=f"job-{ctx.job_uuid}-", dir=workdir) as tmp:
             input_path, size = await self._step(ctx, "fetch", self._fetch(ctx, Path(tmp)))
             scan = await self._step(
-                ctx, "read", asyncio.to_thread(read_scan, input_path, Path(tmp), self.settings.ml_max_voxels)
+                ctx,
+                "read",
+                asyncio.to_thread(read_scan, input_path, Path(tmp), self.read_limits, ctx.request.series_uid),
             )
             await self._event(ctx, JobStatus.RUNNING, step="infer", progress=0.2)
             prediction = await self._step(ctx, "infer", self._infer(ctx, scan))
@@ -220,7 +226,7 @@ class JobRunner:
 
         def score() -> list[Metric]:
             try:
-                reference = read_scan(path, tmp, self.settings.ml_max_voxels)
+                reference = read_scan(path, tmp, self.read_limits)
             except InputError as error:
                 raise InputError(
                     f"reference mask unreadable: {error.message}", code=ErrorCode.REFERENCE_MISMATCH
@@ -238,11 +244,31 @@ class JobRunner:
         self, ctx: JobContext, scan: Scan, size: int, analysis: Analysis, metrics: list[Metric]
     ) -> _Written:
         keys = ctx.keys
+        warnings = scan.warnings
+        seg_bytes: bytes | None = None
+        if scan.dicom is not None:
+            model = self._model_info()
+            try:
+                seg_bytes = await asyncio.to_thread(
+                    build_seg, analysis.mask, scan.dicom, ctx.job_uuid, model.name, model.version
+                )
+            except SegUnavailable as error:
+                log.warning("job %s: no DICOM SEG: %s", ctx.job_uuid, error)
+                warnings.append(f"no DICOM SEG was written: {error}")
+        outputs = {"mask": keys.mask, "results": keys.results, "report": keys.report}
+        if seg_bytes is not None:
+            outputs["dicom_seg"] = keys.seg
         result = AnalysisResult(
             job_uuid=ctx.job_uuid,
             profile=ctx.profile,
             threshold=ctx.threshold,
-            input=InputInfo(object=ctx.request.input_object, format=scan.format.value, size_bytes=size),
+            input=InputInfo(
+                object=ctx.request.input_object,
+                format=scan.format.value,
+                size_bytes=size,
+                series=scan.dicom.selection if scan.dicom else None,
+                warnings=warnings,
+            ),
             model=self._model_info(),
             summary=Summary(
                 total_volume=analysis.total_volume_mm3,
@@ -260,8 +286,9 @@ class JobRunner:
                 affine=[[round(float(v), 6) for v in row] for row in scan.affine],
                 orientation=scan.orientation,
                 threshold=ctx.threshold,
+                dicom_seg=keys.seg if seg_bytes is not None else None,
             ),
-            outputs={"mask": keys.mask, "results": keys.results, "report": keys.report},
+            outputs=outputs,
             timings=dict(ctx.timings),
             created_at=datetime.now(UTC).isoformat(),
         )
@@ -269,16 +296,19 @@ class JobRunner:
             asyncio.to_thread(encode_mask, analysis.mask, scan.affine, scan.header, keys.mask.endswith(".gz")),
             asyncio.to_thread(build_report, result),
         )
+        uploads = [
+            self.store.put_bytes(keys.mask, mask_bytes, CONTENT_TYPES["nifti"]),
+            self.store.put_bytes(keys.report, report_bytes, CONTENT_TYPES["xlsx"]),
+        ]
+        if seg_bytes is not None:
+            uploads.append(self.store.put_bytes(keys.seg, seg_bytes, CONTENT_TYPES["dicom"]))
         try:
-            await asyncio.gather(
-                self.store.put_bytes(keys.mask, mask_bytes, CONTENT_TYPES["nifti"]),
-                self.store.put_bytes(keys.report, report_bytes, CONTENT_TYPES["xlsx"]),
-            )
+            await asyncio.gather(*uploads)
             # The JSON goes last: when it exists, everything it lists exists.
             await self.store.put_bytes(keys.results, encode_result(result), CONTENT_TYPES["json"])
         except InputError as error:
             raise JobError(f"could not write outputs: {error.message}", code=ErrorCode.OUTPUT_WRITE_FAILED) from error
-        return _Written(result, len(mask_bytes))
+        return _Written(result, len(mask_bytes), keys.seg if seg_bytes is not None else None)
 
     def _model_info(self) -> ModelInfo:
         bundle = self.engine.bundle
@@ -296,6 +326,7 @@ class JobRunner:
                 "output_object": ctx.keys.mask,
                 "results_object": ctx.keys.results,
                 "report_object": ctx.keys.report,
+                "seg_object": written.seg_key,
                 "file_size": written.mask_bytes,
                 "file_name": ctx.keys.mask.rsplit("/", 1)[-1],
                 "duration_seconds": duration,

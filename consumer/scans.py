@@ -1,25 +1,31 @@
 """Reading an input object into a volume. Content decides the format, never the file name.
 
-NIfTI (`.nii`, `.nii.gz`) is read here. DICOM and ZIP archives are recognised and refused with
-their own code until the DICOM reader lands; anything else is refused with a code that says
+NIfTI (`.nii`, `.nii.gz`) is read here; a DICOM file or a ZIP of DICOM files goes through
+`consumer.archives` and `consumer.dicom_series`. Anything else is refused with a code that says
 what the content is.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import struct
+import tempfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom
 from isal import igzip
 from isal.igzip_lib import IsalError  # type: ignore[attr-defined]
 
+from consumer.archives import ArchiveLimits, extract_members
+from consumer.dicom_series import BARE_DATASET_STARTS, DicomSource, DicomVolume, read_series, read_single_header
 from consumer.errors import InputError, UnsupportedInput
+from consumer.settings import Settings
 from models.geometry import voxel_spacing
 from schemas.errors import ErrorCode
 
@@ -46,11 +52,35 @@ class ScanFormat(StrEnum):
 
 
 @dataclass(frozen=True)
+class ReadLimits:
+    max_voxels: int = 1024**3 // 2
+    archive: ArchiveLimits = field(default_factory=ArchiveLimits)
+    threads: int = 2
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ReadLimits:
+        return cls(
+            max_voxels=settings.ml_max_voxels,
+            archive=ArchiveLimits(
+                max_total_bytes=settings.ml_max_archive_bytes,
+                max_members=settings.ml_max_archive_members,
+                max_ratio=settings.ml_max_archive_ratio,
+            ),
+            threads=settings.ml_reader_threads or os.cpu_count() or 1,
+        )
+
+
+@dataclass(frozen=True)
 class Scan:
     data: np.ndarray  # float32, 3-D, the file's own axis order
     affine: np.ndarray  # voxel index -> RAS mm
     format: ScanFormat
     header: nib.Nifti1Header
+    dicom: DicomSource | None = None
+
+    @property
+    def warnings(self) -> list[str]:
+        return list(self.dicom.warnings) if self.dicom else []
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -89,10 +119,23 @@ def sniff(path: Path) -> ScanFormat:
         return ScanFormat.DICOM
     if head.startswith(_ZIP_MAGICS):
         return ScanFormat.ZIP
+    if _is_bare_dicom(path, head):
+        return ScanFormat.DICOM
     for magic, what in _OTHER_FORMATS.items():
         if head.startswith(magic):
             raise UnsupportedInput(f"the input is {what}, not a CT/MR volume (DICOM, ZIP of DICOM or NIfTI)")
     raise UnsupportedInput("the input is not a recognised medical image (DICOM, ZIP of DICOM or NIfTI)")
+
+
+def _is_bare_dicom(path: Path, head: bytes) -> bool:
+    """A DICOM dataset written without the preamble and 'DICM' (older PACS exports do this)."""
+    if not head.startswith(BARE_DATASET_STARTS):
+        return False
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=["SOPClassUID", "Modality"])
+    except Exception:
+        return False
+    return "SOPClassUID" in ds or "Modality" in ds
 
 
 def _gunzip_head(path: Path) -> bytes:
@@ -126,15 +169,19 @@ def gunzip_to(path: Path, target: Path, limit: int) -> Path:
     return target
 
 
-def read_scan(path: Path, workdir: Path, max_voxels: int) -> Scan:
-    """Blocking: read the object at `path` into a float32 volume."""
+def read_scan(path: Path, workdir: Path, limits: ReadLimits, series_uid: str | None = None) -> Scan:
+    """Blocking: read the object at `path` into a float32 volume (`series_uid`: DICOM only)."""
     fmt = sniff(path)
-    if fmt in (ScanFormat.DICOM, ScanFormat.ZIP):
-        what = "a DICOM file" if fmt is ScanFormat.DICOM else "a ZIP archive"
-        raise UnsupportedInput(
-            f"the input is {what}; DICOM input is not supported yet", code=ErrorCode.DICOM_NOT_SUPPORTED
-        )
-    nifti_path = workdir / "scan.nii"
+    if fmt is ScanFormat.DICOM:
+        read_single_header(path)  # a damaged header is `invalid_dicom`, not "no series"
+        return _from_dicom(read_series([path], series_uid, limits.max_voxels, limits.threads), fmt)
+    if fmt is ScanFormat.ZIP:
+        members = Path(tempfile.mkdtemp(prefix="members-", dir=workdir))
+        extracted = extract_members(path, members, limits.archive, limits.threads)
+        volume = read_series(extracted.files, series_uid, limits.max_voxels, limits.threads, extracted.warnings)
+        return _from_dicom(volume, fmt)
+    max_voxels = limits.max_voxels
+    nifti_path = Path(tempfile.mkdtemp(prefix="nifti-", dir=workdir)) / "scan.nii"
     if fmt is ScanFormat.NIFTI_GZ:
         # The header decides how much may be inflated: a gzip bomb stops at what it claims.
         needed = _check_header(_gunzip_head(path), max_voxels)
@@ -144,6 +191,14 @@ def read_scan(path: Path, workdir: Path, max_voxels: int) -> Scan:
         nifti_path.unlink(missing_ok=True)
         nifti_path.symlink_to(path.resolve())
     return _read_nifti(nifti_path, fmt, max_voxels)
+
+
+def _from_dicom(volume: DicomVolume, fmt: ScanFormat) -> Scan:
+    header = nib.Nifti1Header()
+    header.set_sform(volume.affine, code=1)  # scanner-based anatomical coordinates
+    header.set_qform(volume.affine, code=1)
+    header.set_xyzt_units("mm", "sec")
+    return Scan(data=volume.data, affine=volume.affine, format=fmt, header=header, dicom=volume.source)
 
 
 def _check_header(head: bytes, max_voxels: int) -> int:

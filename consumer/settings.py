@@ -37,6 +37,11 @@ class Settings(BaseSettings):
     ml_decision_threshold: float = Field(default=0.55, gt=0.0, lt=1.0)
     ml_max_input_bytes: int = 2 * 1024**3
     ml_max_voxels: int = 1024**3 // 2
+    # ZIP input: limits checked while members are read (ZIP bombs stop early).
+    ml_max_archive_bytes: int = 8 * 1024**3
+    ml_max_archive_members: int = 50_000
+    ml_max_archive_ratio: float = 200.0
+    ml_reader_threads: int | None = Field(default=None, ge=1, description="Default: the CPU count")
     ml_job_timeout_s: float = 1800.0
     ml_max_concurrent_jobs: int = Field(default=1, ge=1)
     ml_device: Literal["auto", "cpu", "cuda"] = "auto"

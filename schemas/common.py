@@ -46,3 +46,11 @@ ObjectKey = Annotated[
     Field(description="Object key inside the bucket: no leading '/', no '..' segment, no control characters"),
     AfterValidator(_object_key),
 ]
+SeriesUid = Annotated[
+    str,
+    Field(
+        description="A DICOM UID: digits in dot-separated components, at most 64 characters",
+        pattern=r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$",
+        max_length=64,
+    ),
+]

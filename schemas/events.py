@@ -49,6 +49,7 @@ class JobEvent(BaseModel):
     output_object: str | None = None
     results_object: str | None = None
     report_object: str | None = None
+    seg_object: str | None = Field(default=None, description="DICOM input: key of the DICOM SEG object")
     file_size: int | None = Field(default=None, description="Size of the mask object in bytes")
     file_name: str | None = None
     duration_seconds: float | None = None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.errors import ErrorCode
 
@@ -17,6 +17,7 @@ class InferResponse(BaseModel):
     status: str
     results_object: str | None = None
     report_object: str | None = None
+    seg_object: str | None = Field(default=None, description="DICOM input: key of the DICOM SEG object")
 
 
 class ErrorBody(BaseModel):

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.common import JobId, ObjectKey
+from schemas.common import JobId, ObjectKey, SeriesUid
 
 
 class Profile(StrEnum):
@@ -39,4 +39,8 @@ class JobRequest(BaseModel):
     threshold: Threshold | None = Field(default=None, description="Default: ML_DECISION_THRESHOLD")
     reference_object: ObjectKey | None = Field(
         default=None, description="A reference mask (NIfTI) to score the result against"
+    )
+    series_uid: SeriesUid | None = Field(
+        default=None,
+        description="DICOM input: the SeriesInstanceUID to analyse; default: chosen by the series-selection rule",
     )

@@ -62,6 +62,7 @@ class Segmentation(BaseModel):
     affine: list[list[float]]
     orientation: str = Field(description="Axis codes of the input array, e.g. 'LPS'")
     threshold: float
+    dicom_seg: str | None = Field(default=None, description="DICOM input: key of the DICOM SEG object")
 
 
 class ModelInfo(BaseModel):
@@ -71,10 +72,38 @@ class ModelInfo(BaseModel):
     precision: str
 
 
+class SeriesSummary(BaseModel):
+    series_instance_uid: str
+    modality: str | None = None
+    description: str | None = None
+    series_number: int | None = None
+    image_type: str | None = Field(default=None, description="ImageType values joined by backslashes")
+    plane: str | None = Field(default=None, description="axial, coronal, sagittal or oblique")
+    instances: int
+    frames: int
+    eligible: bool = Field(description="Whether the series is a grayscale CT/MR image series we can analyse")
+    note: str | None = Field(default=None, description="Why a series is not eligible")
+
+
+class SeriesSelection(BaseModel):
+    """DICOM input: the series analysed, why it was chosen, and every series that was present."""
+
+    chosen: SeriesSummary
+    study_instance_uid: str | None = None
+    frame_of_reference_uid: str | None = None
+    reason: str
+    others: list[SeriesSummary]
+    slices: int = Field(description="Slices in the analysed volume, after duplicates were dropped")
+    slice_step_mm: float = Field(description="Step between slices along the slice normal (from positions)")
+    gantry_tilt_deg: float = Field(description="Angle between the stacking direction and the slice normal")
+
+
 class InputInfo(BaseModel):
     object: str
     format: str
     size_bytes: int
+    series: SeriesSelection | None = Field(default=None, description="DICOM input only")
+    warnings: list[str] = Field(default_factory=list, description="What the reader corrected or chose to ignore")
 
 
 class AnalysisResult(BaseModel):

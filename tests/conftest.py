@@ -80,6 +80,9 @@ async def backend() -> AsyncIterator[Backend]:
     await server.stop()
 
 
+MAX_INPUT_BYTES = 32 * 1024**2
+
+
 def make_settings(stack: LocalStack, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "kafka_bootstrap_servers": stack.bootstrap,
@@ -100,8 +103,15 @@ def make_settings(stack: LocalStack, **overrides: Any) -> Settings:
 
 
 @pytest.fixture(scope="session")
-async def settings(stack: LocalStack, backend: Backend) -> Settings:
-    return make_settings(stack, backend_url=backend.url, ml_service_token="test-token")
+async def settings(stack: LocalStack, backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return make_settings(
+        stack,
+        backend_url=backend.url,
+        ml_service_token="test-token",
+        # A private work directory, so tests can check that every job leaves it empty.
+        ml_workdir=tmp_path_factory.mktemp("workdir"),
+        ml_max_input_bytes=MAX_INPUT_BYTES,
+    )
 
 
 @pytest.fixture(scope="session")

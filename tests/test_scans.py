@@ -15,10 +15,10 @@ from nibabel.testing import data_path
 from pydicom.data import get_testdata_file
 
 from consumer.errors import InputError
-from consumer.scans import ScanFormat, read_scan
+from consumer.scans import ReadLimits, ScanFormat, read_scan
 from schemas.errors import ErrorCode
 
-MAX_VOXELS = 512**3
+LIMITS = ReadLimits(max_voxels=512**3)
 
 
 def write(tmp_path: Path, name: str, data: bytes) -> Path:
@@ -27,9 +27,9 @@ def write(tmp_path: Path, name: str, data: bytes) -> Path:
     return path
 
 
-def refused(path: Path, tmp_path: Path, max_voxels: int = MAX_VOXELS) -> InputError:
+def refused(path: Path, tmp_path: Path, limits: ReadLimits = LIMITS) -> InputError:
     with pytest.raises(InputError) as info:
-        read_scan(path, tmp_path, max_voxels)
+        read_scan(path, tmp_path, limits)
     return info.value
 
 
@@ -40,7 +40,7 @@ def test_nibabel_volumes_read_as_the_file_says(name: str, tmp_path: Path) -> Non
     source = Path(data_path) / name
     reference = nib.load(source)
     # The name is hidden from the reader: only the content counts.
-    scan = read_scan(write(tmp_path, "object", source.read_bytes()), tmp_path, MAX_VOXELS)
+    scan = read_scan(write(tmp_path, "object", source.read_bytes()), tmp_path, LIMITS)
     assert scan.data.shape == reference.shape
     np.testing.assert_allclose(scan.affine, reference.affine)
     expected = reference.get_fdata()
@@ -73,21 +73,21 @@ def nifti_bytes(
 
 def test_scaling_is_applied(tmp_path: Path) -> None:
     raw = np.arange(24, dtype=np.int16).reshape(2, 3, 4)
-    scan = read_scan(write(tmp_path, "x.nii", nifti_bytes(raw, slope=2.0, inter=-1024.0)), tmp_path, MAX_VOXELS)
+    scan = read_scan(write(tmp_path, "x.nii", nifti_bytes(raw, slope=2.0, inter=-1024.0)), tmp_path, LIMITS)
     np.testing.assert_allclose(scan.data, raw * 2.0 - 1024.0)
 
 
 def test_sform_is_honoured(tmp_path: Path) -> None:
     affine = np.array([[0, 0, -2.5, 10], [-0.7, 0, 0, 20], [0, 0.7, 0, -5], [0, 0, 0, 1]], dtype=float)
-    scan = read_scan(write(tmp_path, "x.nii", nifti_bytes(np.zeros((4, 5, 6), np.int16), affine)), tmp_path, MAX_VOXELS)
+    scan = read_scan(write(tmp_path, "x.nii", nifti_bytes(np.zeros((4, 5, 6), np.int16), affine)), tmp_path, LIMITS)
     np.testing.assert_allclose(scan.affine, affine)
     assert scan.spacing == pytest.approx((0.7, 0.7, 2.5))
 
 
 def test_single_volume_4d_is_squeezed_and_2d_is_one_slice(tmp_path: Path) -> None:
-    scan = read_scan(write(tmp_path, "a.nii", nifti_bytes(np.ones((4, 5, 6, 1), np.int16))), tmp_path, MAX_VOXELS)
+    scan = read_scan(write(tmp_path, "a.nii", nifti_bytes(np.ones((4, 5, 6, 1), np.int16))), tmp_path, LIMITS)
     assert scan.data.shape == (4, 5, 6)
-    scan = read_scan(write(tmp_path, "b.nii", nifti_bytes(np.ones((4, 5), np.int16))), tmp_path, MAX_VOXELS)
+    scan = read_scan(write(tmp_path, "b.nii", nifti_bytes(np.ones((4, 5), np.int16))), tmp_path, LIMITS)
     assert scan.data.shape == (4, 5, 1)
 
 
@@ -122,14 +122,14 @@ def test_non_images_refused_with_codes(content: bytes, code: ErrorCode, tmp_path
     assert refused(write(tmp_path, "scan.nii.gz", content), tmp_path).code is code
 
 
-def test_dicom_and_zip_are_recognised_and_refused_for_now(tmp_path: Path) -> None:
+def test_dicom_and_zip_are_read_whatever_their_name(tmp_path: Path) -> None:
     dicom = Path(get_testdata_file("CT_small.dcm")).read_bytes()
-    assert refused(write(tmp_path, "scan.nii.gz", dicom), tmp_path).code is ErrorCode.DICOM_NOT_SUPPORTED
+    assert read_scan(write(tmp_path, "scan.nii.gz", dicom), tmp_path, LIMITS).format is ScanFormat.DICOM
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
         archive.writestr("series/1.dcm", dicom)
-    error = refused(write(tmp_path, "scan.zip", buffer.getvalue()), tmp_path)
-    assert error.code is ErrorCode.DICOM_NOT_SUPPORTED and "ZIP" in error.message
+    scan = read_scan(write(tmp_path, "scan.nii", buffer.getvalue()), tmp_path, LIMITS)
+    assert scan.format is ScanFormat.ZIP and scan.data.shape == (128, 128, 1)
 
 
 def test_gzipped_huge_header_refused_without_inflating(tmp_path: Path) -> None:
@@ -138,7 +138,7 @@ def test_gzipped_huge_header_refused_without_inflating(tmp_path: Path) -> None:
     header.set_data_dtype(np.int16)
     path = write(tmp_path, "huge.nii.gz", gzip.compress(header.binaryblock + b"\x00" * 4))
     assert refused(path, tmp_path).code is ErrorCode.IMAGE_TOO_LARGE
-    assert not (tmp_path / "scan.nii").exists()
+    assert not list(tmp_path.rglob("scan.nii"))
 
 
 def test_gzip_bomb_inflates_only_what_the_header_claims(tmp_path: Path) -> None:
@@ -149,9 +149,10 @@ def test_gzip_bomb_inflates_only_what_the_header_claims(tmp_path: Path) -> None:
     for _ in range(256):  # 256 MiB of trailing zeros, a few hundred KiB compressed
         bomb += compressor.compress(zeros)
     bomb += compressor.flush()
-    scan = read_scan(write(tmp_path, "bomb.nii.gz", bomb), tmp_path, MAX_VOXELS)
+    scan = read_scan(write(tmp_path, "bomb.nii.gz", bomb), tmp_path, LIMITS)
     assert scan.data.shape == (10, 10, 10)
-    assert (tmp_path / "scan.nii").stat().st_size == len(small)
+    (inflated,) = tmp_path.rglob("scan.nii")
+    assert inflated.stat().st_size == len(small)
 
 
 def test_gzipped_truncated_nifti_refused(tmp_path: Path) -> None:
