@@ -27,6 +27,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut
+from pydicom.uid import UID
 from scipy import ndimage
 
 from consumer.dicom_geometry import SlicePlane, StackGeometry, plane_of, stack_geometry
@@ -364,23 +365,32 @@ def _single_slice_step(ds: Dataset) -> float:
 # --- pixels ----------------------------------------------------------------------------------
 
 
-def _decode(file: DicomFile) -> np.ndarray:
-    """All frames of one file as (frames, rows, columns), stored values (no rescale yet)."""
+def _decode_stored(path: Path, shape: tuple[int, int, int]) -> np.ndarray | str:
+    """All frames of one file as (frames, rows, columns) stored values, or why they could not be
+    decoded (a string: exceptions with codes do not cross a process boundary intact)."""
     try:
-        ds = pydicom.dcmread(file.path)
+        ds = pydicom.dcmread(path)
         pixels = ds.pixel_array
         if "ModalityLUTSequence" in ds:
             pixels = apply_modality_lut(pixels, ds)
-    except InputError:
-        raise
+        return np.asarray(pixels).reshape(shape)
     except Exception as error:  # decoders raise many kinds for corrupt or truncated data
+        return f"{type(error).__name__}: {error}"
+
+
+def _transfer_syntax(file: DicomFile) -> UID | None:
+    meta = getattr(file.header, "file_meta", None)
+    return meta.get("TransferSyntaxUID") if meta is not None else None
+
+
+def _decoded(file: DicomFile, outcome: np.ndarray | str) -> np.ndarray:
+    if isinstance(outcome, str):
         raise InputError(
             f"pixel data of {file.header.get('SOPInstanceUID', file.path.name)} could not be decoded "
-            f"({file.header.file_meta.get('TransferSyntaxUID', 'unknown transfer syntax') if hasattr(file.header, 'file_meta') else ''}): {error}",
+            f"(transfer syntax {_transfer_syntax(file) or 'unknown'}): {outcome}",
             code=ErrorCode.DICOM_DECODE_FAILED,
-        ) from error
-    rows, columns = int(file.header.Rows), int(file.header.Columns)
-    return np.asarray(pixels).reshape(file.frames, rows, columns)
+        )
+    return outcome
 
 
 def build_volume(series: Series, reason: str, others: list[Series], max_voxels: int, workers: int) -> DicomVolume:
@@ -405,8 +415,8 @@ def build_volume(series: Series, reason: str, others: list[Series], max_voxels: 
         ref = frames[plane_index]
         needed[ref.file].append((k, ref))
 
-    def fill(file_index: int) -> None:
-        pixels = _decode(series.files[file_index])
+    def fill(file_index: int, outcome: np.ndarray | str) -> None:
+        pixels = _decoded(series.files[file_index], outcome)
         for k, ref in needed[file_index]:
             frame = pixels[ref.frame].astype(np.float32)
             if ref.slope != 1.0 or ref.intercept != 0.0:
@@ -419,8 +429,13 @@ def build_volume(series: Series, reason: str, others: list[Series], max_voxels: 
                 )
             stack[k] = frame
 
+    order = list(needed)
+    paths = [series.files[i].path for i in order]
+    shapes = [(series.files[i].frames, rows, columns) for i in order]
+    # Threads: uncompressed data is mostly I/O, and the JPEG 2000 decoder runs threads of its own
+    # (measured: decoder processes gave no gain on 2 cores).
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        list(pool.map(fill, needed))
+        list(pool.map(lambda i, p, s: fill(i, _decode_stored(p, s)), order, paths, shapes))
     if not np.all(np.isfinite(stack)):
         raise InputError("the decoded pixel values are not finite", code=ErrorCode.DICOM_DECODE_FAILED)
 
