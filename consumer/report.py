@@ -42,6 +42,20 @@ def _field(obj: object, path: str) -> object:
 def summary_rows(result: AnalysisResult) -> list[tuple[str, object]]:
     s = result.summary
     seg = result.segmentation
+    series = result.input.series
+    dicom: list[tuple[str, object]] = []
+    if series is not None:
+        dicom = [
+            ("Series analysed", series.chosen.series_instance_uid),
+            ("Series description", series.chosen.description or ""),
+            ("Series choice", series.reason),
+            ("Other series in the input", len(series.others)),
+            ("Slice step (mm)", series.slice_step_mm),
+            ("Gantry tilt (degrees)", series.gantry_tilt_deg),
+        ]
+    if seg.dicom_seg:
+        dicom.append(("DICOM SEG object", seg.dicom_seg))
+    dicom.extend(("Reader warning", warning) for warning in result.input.warnings)
     return [
         ("Job", result.job_uuid),
         ("Input object", result.input.object),
@@ -58,6 +72,7 @@ def summary_rows(result: AnalysisResult) -> list[tuple[str, object]]:
         ("Voxel spacing (mm)", " x ".join(f"{v:.3f}" for v in seg.spacing)),
         ("Orientation", seg.orientation),
         ("Mask object", seg.file_path),
+        *dicom,
         ("Created (UTC)", result.created_at),
     ]
 

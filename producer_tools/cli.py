@@ -48,6 +48,7 @@ async def _cmd_submit(settings: Settings, args: argparse.Namespace) -> int:
         wait=args.wait,
         timeout=args.timeout,
         job_uuid=args.job_uuid,
+        series_uid=args.series_uid,
     )
     if not args.wait:
         _print_json(message)
@@ -126,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait with --wait")
     p.add_argument("--prefix", default="uploads", help="key prefix of the upload (default uploads)")
     p.add_argument("--job-uuid", help="default: a new UUID")
+    p.add_argument("--series-uid", help="DICOM input: the SeriesInstanceUID to analyse (default: the selection rule)")
     p.set_defaults(run=_cmd_submit)
 
     p = sub.add_parser("upload", help="upload a file; optionally publish MinIO's upload event")

@@ -123,6 +123,7 @@ async def submit(
     wait: bool,
     timeout: float,
     job_uuid: str | None = None,
+    series_uid: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Upload, publish the job message; with wait, return the final event too (None on timeout)."""
     job = job_uuid or new_job_id()
@@ -133,6 +134,8 @@ async def submit(
         message["profile"] = profile
     if threshold is not None:
         message["threshold"] = threshold
+    if series_uid:
+        message["series_uid"] = series_uid
     if not wait:
         await publish(settings, settings.kafka_jobs_topic, job, message)
         return message, None

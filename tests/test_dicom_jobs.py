@@ -12,6 +12,7 @@ from pathlib import Path
 import highdicom as hd
 import jsonschema
 import numpy as np
+import openpyxl
 import psutil
 import pydicom
 import pytest
@@ -66,13 +67,18 @@ async def test_zip_series_job_writes_mask_and_seg(
     np.testing.assert_allclose(mask.affine, phantom.affine, atol=1e-4)
     assert dice(np.asarray(mask.dataobj) > 0, phantom.lesion_mask) >= 0.7
 
+    report = openpyxl.load_workbook(io.BytesIO(await store.get_bytes(final["report_object"])))
+    fields = {row[0]: row[1] for row in report["Summary"].iter_rows(values_only=True)}
+    assert fields["Series analysed"] == datasets[0].SeriesInstanceUID
+    assert fields["DICOM SEG object"] == final["seg_object"]
+
     seg = hd.seg.segread(io.BytesIO(await store.get_bytes(final["seg_object"])))
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == datasets[0].SeriesInstanceUID
     assert seg.FrameOfReferenceUID == datasets[0].FrameOfReferenceUID
     assert 0 < seg.NumberOfFrames <= len(datasets)
 
 
-def testdata(name: str) -> bytes:
+def pydicom_file(name: str) -> bytes:
     return Path(get_testdata_file(name)).read_bytes()
 
 
@@ -93,13 +99,13 @@ async def test_hostile_inputs_fail_with_their_codes_and_leave_nothing(
     _, datasets = phantom_zip
     clean = io.BytesIO()
     with zipfile.ZipFile(clean, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        zf.writestr("a.dcm", testdata("CT_small.dcm"))
+        zf.writestr("a.dcm", pydicom_file("CT_small.dcm"))
     cases: dict[str, tuple[bytes, str, dict[str, str]]] = {
         "bomb.zip": (zip_bomb(tmp_path / "bomb.zip", 512).read_bytes(), "archive_ratio_exceeded", {}),
         "truncated.zip": (clean.getvalue()[:-40], "invalid_archive", {}),
         "gap.zip": (_missing_slice_zip(datasets, tmp_path / "gap.zip"), "dicom_missing_slices", {}),
-        "report.dcm": (testdata("reportsi.dcm"), "dicom_no_pixel_data", {}),
-        "colour.dcm": (testdata("examples_rgb_color.dcm"), "dicom_color_not_supported", {}),
+        "report.dcm": (pydicom_file("reportsi.dcm"), "dicom_no_pixel_data", {}),
+        "colour.dcm": (pydicom_file("examples_rgb_color.dcm"), "dicom_color_not_supported", {}),
         "picture.dcm": (b"\x89PNG\r\n\x1a\n" + os.urandom(500), "unsupported_format", {}),
         "noise.bin": (os.urandom(4096), "unsupported_format", {}),
         "empty.dcm": (b"", "input_empty", {}),
