@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 
+from consumer.auth import issue_token
 from consumer.backoff import compute_backoff
 from schemas.events import JobEvent, JobStatus
 
@@ -32,6 +33,7 @@ def completion_payload(event: JobEvent) -> dict[str, Any]:
         "file_name": event.file_name,
         "results_object": event.results_object,
         "report_object": event.report_object,
+        "seg_object": event.seg_object,
         "duration_seconds": event.duration_seconds,
     }
     if event.error is not None:
@@ -43,14 +45,14 @@ class BackendNotifier:
     def __init__(
         self,
         backend_url: str,
-        token: str,
+        secret: str,
         timeout_s: float = 10.0,
         max_attempts: int = 5,
         on_give_up: Callable[[], None] | None = None,
     ):
         self.on_give_up = on_give_up
         self.backend_url = backend_url.rstrip("/")
-        self.token = token
+        self.secret = secret
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self.max_attempts = max_attempts
         self._session: aiohttp.ClientSession | None = None
@@ -73,10 +75,11 @@ class BackendNotifier:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _headers(self) -> dict[str, str]:
+    def _headers(self, job_uuid: str) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
+        if self.secret:
+            # A fresh short-lived JWT per attempt: a retry an hour later still authenticates.
+            headers["Authorization"] = f"Bearer {issue_token(self.secret, ttl_s=300, job_uuid=job_uuid)}"
         return headers
 
     async def _deliver(self, event: JobEvent) -> bool:
@@ -86,7 +89,7 @@ class BackendNotifier:
         for attempt in range(1, self.max_attempts + 1):
             try:
                 async with self._session.post(
-                    self.url(event.job_uuid), json=payload, headers=self._headers()
+                    self.url(event.job_uuid), json=payload, headers=self._headers(event.job_uuid)
                 ) as response:
                     if response.status < 300:
                         self.sent += 1

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
+from consumer.auth import weak_secret
 from consumer.localstack import LocalStack, S3Ports, StackError, port_taken, prepare_stack
 from consumer.logs import configure_logging
 from consumer.service import Service
@@ -26,6 +28,25 @@ def _settings(**overrides: object) -> Settings:
     except ValidationError as error:
         lines = "; ".join(f"{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in error.errors())
         raise SystemExit(f"error: invalid configuration: {lines}") from None
+
+
+def _check_security(settings: Settings) -> None:
+    secret = settings.ml_service_token.get_secret_value()
+    reason = weak_secret(secret)
+    if reason is None:
+        if len(secret.encode()) < 32:
+            log.warning("ML_SERVICE_TOKEN is shorter than 32 bytes, below what RFC 7518 asks of an HS256 key")
+        return
+    if not settings.ml_allow_insecure:
+        raise SystemExit(
+            f"error: refusing to start: {reason}. Set a random secret shared with the backend "
+            "(e.g. `openssl rand -hex 32`), or ML_ALLOW_INSECURE=1 for a local trial only."
+        )
+    log.warning(
+        "INSECURE: %s and ML_ALLOW_INSECURE=1: %s",
+        reason,
+        "POST /infer needs no token" if not settings.auth_secrets else "the secret is a known placeholder",
+    )
 
 
 async def _serve(settings: Settings) -> None:
@@ -56,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         settings = _settings()
         configure_logging(settings.log_level, settings.log_format)
+        _check_security(settings)
         asyncio.run(_serve(settings))
         return 0
 
@@ -63,11 +85,15 @@ def main(argv: list[str] | None = None) -> int:
         "kafka_bootstrap_servers": f"127.0.0.1:{args.kafka_port}",
         "minio_endpoint": f"127.0.0.1:{args.s3_port}",
         "minio_secure": False,
+        # A local trial on loopback: no secret needed (said in the log at start).
+        "ml_allow_insecure": True,
     }
     if args.http_port is not None:
         overrides["http_port"] = args.http_port
     settings = _settings(**overrides)
-    configure_logging(settings.log_level, "text")
+    # Text for people by default in dev; LOG_FORMAT=json still wins when set.
+    configure_logging(settings.log_level, settings.log_format if "LOG_FORMAT" in os.environ else "text")
+    _check_security(settings)
     if port_taken(settings.http_port):
         print(
             f"error: port {settings.http_port} (HTTP) is already in use: stop what holds it or pass --http-port",

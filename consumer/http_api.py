@@ -1,20 +1,21 @@
-"""The HTTP API: POST /infer (synchronous job), GET /health, GET /metrics."""
+"""The HTTP API: POST /infer (synchronous job, JWT), /health, /health/live, /health/ready,
+/metrics, /openapi.json."""
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING
 
 import orjson
-import psutil
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from consumer.auth import AuthError, bearer_token, verify_token
 from consumer.errors import ShuttingDown
 from consumer.runner import EventPublishError
+from schemas.api_docs import openapi
 from schemas.errors import ErrorCode
 from schemas.events import JobStatus
-from schemas.http import ErrorBody, ErrorResponse, HealthResponse, InferResponse
+from schemas.http import ErrorBody, ErrorResponse, InferResponse, ProbeResponse
 from schemas.jobs import JobRequest, Source
 
 if TYPE_CHECKING:
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 
 SERVICE: web.AppKey[Service] = web.AppKey("service")
 MAX_BODY = web.AppKey("max_body", int)
-VERSION = "1.0.0"
+OPENAPI = orjson.dumps(openapi())
 
 
 def json_response(model: BaseModel, status: int = 200) -> web.Response:
@@ -37,8 +38,27 @@ def error_response(status: int, code: ErrorCode, message: str) -> web.Response:
     return json_response(ErrorResponse(error=ErrorBody(code=code, message=message)), status)
 
 
+def authenticate(request: web.Request) -> web.Response | None:
+    """None when the caller may run a job; the 401 answer otherwise. Checked before the body
+    is read, so an unauthenticated request costs nothing and starts nothing."""
+    settings = request.app[SERVICE].settings
+    secrets = settings.auth_secrets
+    if not secrets:
+        if settings.ml_allow_insecure:
+            return None
+        return error_response(401, ErrorCode.UNAUTHORIZED, "the service has no ML_SERVICE_TOKEN configured")
+    try:
+        verify_token(bearer_token(request.headers.get("Authorization")), secrets)
+    except AuthError as error:
+        return error_response(401, error.code, error.message)
+    return None
+
+
 async def infer(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
+    unauthorized = authenticate(request)
+    if unauthorized is not None:
+        return unauthorized
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
@@ -79,39 +99,22 @@ async def infer(request: web.Request) -> web.Response:
     )
 
 
-def memory_usage() -> dict[str, float]:
-    process = psutil.Process()
-    info = process.memory_info()
-    return {
-        "rss_mb": round(info.rss / 2**20, 1),
-        "vms_mb": round(info.vms / 2**20, 1),
-        "percent": round(process.memory_percent(), 2),
-        "system_available_mb": round(psutil.virtual_memory().available / 2**20, 1),
-    }
-
-
 async def health(request: web.Request) -> web.Response:
-    service = request.app[SERVICE]
-    engine = service.engine
-    loaded = engine.loaded
-    if not loaded or service.stopping:
-        status = "unhealthy"
-    elif not service.consumer_joined:
-        status = "degraded"
-    else:
-        status = "healthy"
-    body = HealthResponse(
-        status=status,
-        model_loaded=loaded,
-        version=VERSION,
-        uptime=round(time.monotonic() - service.started_monotonic, 3),
-        memory_usage=memory_usage(),
-        model_name=engine.bundle.name if engine.bundle else service.settings.model_name,
-        model_version=engine.bundle.version if engine.bundle else None,
-        device=str(engine.device),
-        jobs_in_flight=service.runner.in_flight,
-    )
-    return json_response(body, 200 if status != "unhealthy" else 503)
+    body = await request.app[SERVICE].health.report()
+    return json_response(body, 200 if body.status != "unhealthy" else 503)
+
+
+async def live(request: web.Request) -> web.Response:
+    return json_response(ProbeResponse(status="alive"))
+
+
+async def ready(request: web.Request) -> web.Response:
+    body = request.app[SERVICE].health.readiness()
+    return json_response(body, 200 if body.status == "ready" else 503)
+
+
+async def openapi_document(request: web.Request) -> web.Response:
+    return web.Response(body=OPENAPI, content_type="application/json")
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -140,5 +143,8 @@ def build_app(service: Service) -> web.Application:
     app[MAX_BODY] = max_body
     app.router.add_post("/infer", infer)
     app.router.add_get("/health", health)
+    app.router.add_get("/health/live", live)
+    app.router.add_get("/health/ready", ready)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi_document)
     return app

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import functools
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 
 STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900)
 
@@ -32,6 +42,34 @@ class ServiceMetrics:
         self.rebalances = Counter(
             "ml_consumer_rebalances_total", "Partition assignments received", registry=self.registry
         )
+        self.consumer_lag = Gauge(
+            "ml_consumer_lag",
+            "Messages behind the end offset, per partition this replica holds (refreshed periodically)",
+            ["topic", "partition"],
+            registry=self.registry,
+        )
+        # process_resident_memory_bytes, process_cpu_seconds_total, open fds, python_info.
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        self._gpu_memory()
+
+    def _gpu_memory(self) -> None:
+        import torch
+
+        if not torch.cuda.is_available():
+            return
+        allocated = Gauge(
+            "ml_gpu_memory_allocated_bytes", "GPU memory held by tensors", ["device"], registry=self.registry
+        )
+        reserved = Gauge(
+            "ml_gpu_memory_reserved_bytes",
+            "GPU memory reserved by the caching allocator",
+            ["device"],
+            registry=self.registry,
+        )
+        for index in range(torch.cuda.device_count()):
+            allocated.labels(str(index)).set_function(functools.partial(torch.cuda.memory_allocated, index))
+            reserved.labels(str(index)).set_function(functools.partial(torch.cuda.memory_reserved, index))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -26,6 +26,7 @@ from consumer.callback import BackendNotifier
 from consumer.dicom_seg import SegUnavailable, build_seg
 from consumer.errors import InputError, InputTooLarge, JobError, JobTimeout, ModelNotLoaded, TransientError
 from consumer.events import EventPublisher
+from consumer.logs import log_context
 from consumer.metrics import ServiceMetrics
 from consumer.outputs import OutputKeys, encode_mask, encode_result
 from consumer.report import build_report
@@ -111,6 +112,13 @@ class JobRunner:
     async def run(self, request: JobRequest, source: Source) -> JobOutcome:
         """Run one job to its final event. Job failures end in a `failed` event, not an exception;
         only a failure to publish an event raises (EventPublishError)."""
+        model = self._model_info()
+        with log_context(
+            job_uuid=request.job_uuid, source=source.value, model_name=model.name, model_version=model.version
+        ):
+            return await self._run(request, source)
+
+    async def _run(self, request: JobRequest, source: Source) -> JobOutcome:
         ctx = JobContext(
             request=request,
             source=source,
@@ -180,7 +188,8 @@ class JobRunner:
     async def _step(self, ctx: JobContext, name: str, work: Awaitable[T]) -> T:
         started = time.perf_counter()
         try:
-            return await work
+            with log_context(step=name):
+                return await work
         finally:
             elapsed = time.perf_counter() - started
             ctx.timings[name] = round(elapsed, 4)
@@ -333,7 +342,7 @@ class JobRunner:
                 "summary": written.result.summary,
             }
         )
-        await self._publish(event)
+        await self._publish_final(event)
         self.notifier.notify(event)
         self.metrics.jobs.labels("completed", ctx.source.value, ctx.profile.value).inc()
         self.metrics.job_seconds.labels(ctx.profile.value).observe(duration)
@@ -344,16 +353,23 @@ class JobRunner:
             written.result.summary.lesions_count,
             written.result.summary.total_volume,
             ctx.timings,
+            extra={"duration": duration, "profile": ctx.profile.value, "status": "completed"},
         )
         return JobOutcome(ctx.job_uuid, JobStatus.COMPLETED, ctx.keys, duration, written.mask_bytes, written.result)
 
     async def _fail(self, ctx: JobContext, error: JobError) -> JobOutcome:
         duration = round(ctx.elapsed(), 3)
-        log.warning("job %s failed [%s]: %s", ctx.job_uuid, error.code, error.message)
+        log.warning(
+            "job %s failed [%s]: %s",
+            ctx.job_uuid,
+            error.code,
+            error.message,
+            extra={"duration": duration, "error_code": error.code.value, "status": "failed"},
+        )
         event = self._base_event(ctx, JobStatus.FAILED).model_copy(
             update={"error": error.info(), "duration_seconds": duration}
         )
-        await self._publish(event)
+        await self._publish_final(event)
         self.notifier.notify(event)
         self.metrics.jobs.labels("failed", ctx.source.value, ctx.profile.value).inc()
         self.metrics.job_errors.labels(error.code.value).inc()
@@ -375,6 +391,11 @@ class JobRunner:
 
     async def _event(self, ctx: JobContext, status: JobStatus, **extra: object) -> None:
         await self._publish(self._base_event(ctx, status, **extra))
+
+    async def _publish_final(self, event: JobEvent) -> None:
+        started = time.perf_counter()
+        await self._publish(event)
+        self.metrics.step_seconds.labels("publish").observe(time.perf_counter() - started)
 
     async def _publish(self, event: JobEvent) -> None:
         try:

@@ -13,8 +13,11 @@ from aiokafka.structs import ConsumerRecord
 
 from consumer.callback import BackendNotifier
 from consumer.events import EventPublisher
+from consumer.health import HealthChecks
 from consumer.http_api import build_app
 from consumer.kafka_clients import make_consumer, make_producer
+from consumer.lag import LagMonitor
+from consumer.logs import log_context
 from consumer.messages import InvalidMessage, decode_job_message, decode_minio_event
 from consumer.metrics import ServiceMetrics
 from consumer.runner import JobOutcome, JobRunner
@@ -56,8 +59,11 @@ class Service:
         )
         self._job_slots = asyncio.Semaphore(settings.ml_max_concurrent_jobs)
         self._worker_task: asyncio.Task[None] | None = None
+        self.lag_monitor = LagMonitor(self.consumer, self.metrics, settings.ml_lag_refresh_s)
+        self._lag_task: asyncio.Task[None] | None = None
         self._http: web.AppRunner | None = None
         self.started_monotonic = time.monotonic()
+        self.health = HealthChecks(self)
         self.stopping = False
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -67,6 +73,7 @@ class Service:
         await self.producer.start()
         await self.consumer.start()
         self._worker_task = asyncio.create_task(self.worker.run(), name="kafka-worker")
+        self._lag_task = asyncio.create_task(self.lag_monitor.run(), name="lag-monitor")
         self._http = web.AppRunner(
             build_app(self), handle_signals=False, shutdown_timeout=self.settings.ml_shutdown_grace_s
         )
@@ -90,6 +97,9 @@ class Service:
         self.stopping = True
         grace = self.settings.ml_shutdown_grace_s
         log.info("stopping: finishing running jobs (grace %.0f s)", grace)
+        if self._lag_task is not None:
+            self._lag_task.cancel()
+            await asyncio.gather(self._lag_task, return_exceptions=True)
         await self.worker.stop(grace)
         if self._worker_task is not None:
             await asyncio.gather(self._worker_task, return_exceptions=True)
@@ -126,6 +136,10 @@ class Service:
             return await self.runner.run(request, source)
 
     async def handle_record(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        with log_context(topic=record.topic, partition=record.partition, offset=record.offset):
+            await self._handle_record(record)
+
+    async def _handle_record(self, record: ConsumerRecord[bytes, bytes]) -> None:
         settings = self.settings
         try:
             if record.topic == settings.kafka_minio_events_topic:

@@ -28,7 +28,12 @@ class Settings(BaseSettings):
 
     # Backend callback.
     backend_url: str = ""
+    # The HS256 secret of the JWTs on /infer and on callbacks; the previous one is still
+    # accepted on /infer while a rotation is under way.
     ml_service_token: SecretStr = SecretStr("")
+    ml_service_token_previous: SecretStr = SecretStr("")
+    # Run without a secret (and /infer without authentication). `dev` sets it.
+    ml_allow_insecure: bool = False
     callback_timeout_s: float = 10.0
     callback_max_attempts: int = 5
 
@@ -67,6 +72,8 @@ class Settings(BaseSettings):
     kafka_heartbeat_interval_ms: int = 3_000
     kafka_max_poll_interval_ms: int = 300_000
     kafka_auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    # How often ml_consumer_lag is refreshed.
+    ml_lag_refresh_s: float = Field(default=15.0, gt=0)
     # Passed through to aiokafka as they are.
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     kafka_sasl_mechanism: str | None = None
@@ -83,6 +90,14 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "json"
+
+    @property
+    def auth_secrets(self) -> list[str]:
+        return [
+            s
+            for s in (self.ml_service_token.get_secret_value(), self.ml_service_token_previous.get_secret_value())
+            if s
+        ]
 
     @property
     def model_dir(self) -> Path:

@@ -9,11 +9,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 
 from consumer.kafka_clients import ensure_topics
+from consumer.lag import GroupMember, PartitionLag
 from consumer.settings import Settings
 from producer_tools.commands import EventFollower, consumer_lag, emit_minio_event, submit, upload
 
@@ -84,29 +87,57 @@ async def _cmd_tail(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _cmd_lag(settings: Settings, args: argparse.Namespace) -> int:
-    rows = await consumer_lag(settings, args.group or settings.kafka_group_id, list(settings.consumed_topics))
-    total = sum(r.lag for r in rows)
-    if args.json:
-        _print_json(
-            {
-                "group": args.group or settings.kafka_group_id,
-                "partitions": [
-                    {"topic": r.topic, "partition": r.partition, "committed": r.committed, "end": r.end, "lag": r.lag}
-                    for r in rows
-                ],
-                "total_lag": total,
-            }
-        )
+def _lag_report(group: str, rows: list[PartitionLag], members: list[GroupMember] | None) -> dict[str, Any]:
+    return {
+        "group": group,
+        "partitions": [
+            {"topic": r.topic, "partition": r.partition, "committed": r.committed, "end": r.end, "lag": r.lag}
+            for r in rows
+        ],
+        "total_lag": sum(r.lag for r in rows),
+        "members": None
+        if members is None
+        else [
+            {"member_id": m.member_id, "client_id": m.client_id, "host": m.host, "partitions": m.partitions}
+            for m in members
+        ],
+    }
+
+
+def _print_lag_table(report: dict[str, Any]) -> None:
+    print(f"group {report['group']}")
+    print(f"{'topic':<16} {'partition':>9} {'committed':>10} {'end':>8} {'lag':>6}")
+    for r in report["partitions"]:
+        committed = "-" if r["committed"] is None else str(r["committed"])
+        print(f"{r['topic']:<16} {r['partition']:>9} {committed:>10} {r['end']:>8} {r['lag']:>6}")
+    print(f"{'total':<16} {'':>9} {'':>10} {'':>8} {report['total_lag']:>6}")
+    members = report["members"]
+    if members is None:
+        print("members: the broker does not describe groups")
+    elif not members:
+        print("members: none (no replica is consuming)")
     else:
-        print(f"{'topic':<16} {'partition':>9} {'committed':>10} {'end':>8} {'lag':>6}")
-        for r in rows:
-            committed = "-" if r.committed is None else str(r.committed)
-            print(f"{r.topic:<16} {r.partition:>9} {committed:>10} {r.end:>8} {r.lag:>6}")
-        print(f"{'total':<16} {'':>9} {'':>10} {'':>8} {total:>6}")
-    if args.max_lag is not None and total > args.max_lag:
-        return EXIT_FAILED
-    return 0
+        print("members:")
+        for m in members:
+            print(f"  {m['client_id']} {m['host']} {m['member_id'][:24]}: {', '.join(m['partitions']) or '-'}")
+
+
+async def _cmd_lag(settings: Settings, args: argparse.Namespace) -> int:
+    group = args.group or settings.kafka_group_id
+    while True:
+        rows, members = await consumer_lag(settings, group, list(settings.consumed_topics))
+        report = _lag_report(group, rows, members)
+        if args.json:
+            print(orjson.dumps(report).decode(), flush=True)
+        else:
+            if args.watch:
+                print(time.strftime("%H:%M:%S"))
+            _print_lag_table(report)
+        over = args.max_lag is not None and report["total_lag"] > args.max_lag
+        if not args.watch:
+            return EXIT_FAILED if over else 0
+        print(flush=True)
+        await asyncio.sleep(args.watch)
 
 
 async def _cmd_topics(settings: Settings, args: argparse.Namespace) -> int:
@@ -146,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group")
     p.add_argument("--json", action="store_true")
     p.add_argument("--max-lag", type=int, help="exit 1 when the total lag is above this")
+    p.add_argument("--watch", type=float, metavar="SECONDS", help="print again every SECONDS until Ctrl-C")
     p.set_defaults(run=_cmd_lag)
 
     p = sub.add_parser("topics", help="create the service's topics (idempotent)")

@@ -12,8 +12,11 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 
 from consumer.kafka_clients import common_options
+from consumer.lag import GroupMember, PartitionLag, group_members, partition_lags
 from consumer.settings import Settings
 from consumer.storage import ObjectStore, make_client
 from producer_tools.minio_events import minio_event
@@ -145,35 +148,27 @@ async def submit(
     return message, final
 
 
-@dataclass(frozen=True)
-class PartitionLag:
-    topic: str
-    partition: int
-    committed: int | None
-    end: int
+async def consumer_lag(
+    settings: Settings, group: str, topics: list[str]
+) -> tuple[list[PartitionLag], list[GroupMember] | None]:
+    """Per partition of `topics`, the group's committed offset against the end offset, and the
+    group's members when the broker can describe the group.
 
-    @property
-    def lag(self) -> int:
-        return self.end - (self.committed or 0)
-
-
-async def consumer_lag(settings: Settings, group: str, topics: list[str]) -> list[PartitionLag]:
-    """Committed offset of the group vs the end offset, per partition.
-
-    Uses committed() and end_offsets() of a consumer that never joins or commits: it works on
-    Apache Kafka and on the embedded broker, which cannot answer the admin offset-fetch call.
+    The consumer never joins the group or commits, so reading lag changes nothing.
     """
     consumer = AIOKafkaConsumer(**common_options(settings), group_id=group, enable_auto_commit=False)
     await consumer.start()
     try:
         tps = [TopicPartition(topic, p) for topic in topics for p in sorted(consumer.partitions_for_topic(topic) or [])]
-        if not tps:
-            return []
-        ends = await consumer.end_offsets(tps)
-        rows = []
-        for tp in tps:
-            committed = await consumer.committed(tp)
-            rows.append(PartitionLag(tp.topic, tp.partition, committed, ends[tp]))
-        return rows
+        rows = await partition_lags(consumer, tps)
     finally:
         await consumer.stop()
+    admin = AIOKafkaAdminClient(**common_options(settings))
+    try:
+        await admin.start()
+        members = await group_members(admin, group)
+    except KafkaError:
+        members = None
+    finally:
+        await admin.close()
+    return rows, members

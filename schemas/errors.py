@@ -12,6 +12,8 @@ class ErrorCode(StrEnum):
     # The request (HTTP 400/401/413).
     INVALID_REQUEST = "invalid_request"
     UNAUTHORIZED = "unauthorized"
+    TOKEN_EXPIRED = "token_expired"
+    TOKEN_INVALID = "token_invalid"
     REQUEST_TOO_LARGE = "request_too_large"
     # The input object.
     INPUT_NOT_FOUND = "input_not_found"

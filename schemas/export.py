@@ -7,8 +7,9 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from schemas.api_docs import asyncapi, openapi
 from schemas.events import DeadLetter, JobEvent
-from schemas.http import ErrorResponse, HealthResponse, InferResponse
+from schemas.http import ErrorResponse, HealthResponse, InferResponse, ProbeResponse
 from schemas.jobs import JobRequest
 from schemas.minio_event import MinioEvent
 from schemas.results import AnalysisResult
@@ -24,7 +25,19 @@ MODELS: dict[str, type[BaseModel]] = {
     "infer_response": InferResponse,
     "error_response": ErrorResponse,
     "health_response": HealthResponse,
+    "probe_response": ProbeResponse,
 }
+
+
+DOCUMENTS = {"openapi": openapi, "asyncapi": asyncapi}
+
+
+def render_document(name: str) -> str:
+    return json.dumps(DOCUMENTS[name](), indent=2, sort_keys=True) + "\n"
+
+
+def document_path(name: str) -> Path:
+    return SCHEMA_DIR / f"{name}.json"
 
 
 def render(model: type[BaseModel]) -> str:
@@ -44,13 +57,23 @@ def export() -> list[Path]:
         path = schema_path(name)
         path.write_text(render(model))
         written.append(path)
+    for name in DOCUMENTS:
+        path = document_path(name)
+        path.write_text(render_document(name))
+        written.append(path)
     return written
 
 
 def drifted() -> list[str]:
     """Names whose file differs from what the model renders now."""
-    return [
+    models = [
         name
         for name, model in MODELS.items()
         if not schema_path(name).exists() or schema_path(name).read_text() != render(model)
     ]
+    documents = [
+        name
+        for name in DOCUMENTS
+        if not document_path(name).exists() or document_path(name).read_text() != render_document(name)
+    ]
+    return models + documents

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.errors import ErrorCode
@@ -31,10 +34,25 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+class CheckStatus(StrEnum):
+    OK = "ok"
+    DEGRADED = "degraded"
+    FAILING = "failing"
+
+
+class HealthCheck(BaseModel):
+    status: CheckStatus
+    detail: str
+
+
 class HealthResponse(BaseModel):
     model_config = ConfigDict(title="HealthResponse")
 
-    status: str
+    status: Literal["healthy", "degraded", "unhealthy"] = Field(
+        description="unhealthy: cannot run jobs (model not loaded, shutting down); degraded: a dependency is "
+        "down or the consumer has no partitions; healthy otherwise"
+    )
+    checks: dict[str, HealthCheck] = Field(description="One per dependency: kafka, storage, model, device")
     model_loaded: bool
     version: str
     uptime: float
@@ -43,3 +61,12 @@ class HealthResponse(BaseModel):
     model_version: str | None
     device: str | None
     jobs_in_flight: int
+
+
+class ProbeResponse(BaseModel):
+    """/health/live and /health/ready: for orchestrators."""
+
+    model_config = ConfigDict(title="ProbeResponse")
+
+    status: Literal["alive", "ready", "not_ready"]
+    reasons: list[str] = Field(default_factory=list, description="not_ready: what is missing")

@@ -22,6 +22,7 @@ import pytest
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from consumer.auth import issue_token
 from consumer.kafka_clients import common_options
 from consumer.localstack import LocalStack, S3Ports, free_port, prepare_stack
 from consumer.service import Service
@@ -81,6 +82,8 @@ async def backend() -> AsyncIterator[Backend]:
 
 
 MAX_INPUT_BYTES = 32 * 1024**2
+SECRET = "test-secret-0123456789abcdef-0123456789"
+PREVIOUS_SECRET = "test-previous-secret-fedcba9876543210"
 
 
 def make_settings(stack: LocalStack, **overrides: Any) -> Settings:
@@ -107,7 +110,9 @@ async def settings(stack: LocalStack, backend: Backend, tmp_path_factory: pytest
     return make_settings(
         stack,
         backend_url=backend.url,
-        ml_service_token="test-token",
+        ml_service_token=SECRET,
+        ml_service_token_previous=PREVIOUS_SECRET,
+        ml_lag_refresh_s=1.0,
         # A private work directory, so tests can check that every job leaves it empty.
         ml_workdir=tmp_path_factory.mktemp("workdir"),
         ml_max_input_bytes=MAX_INPUT_BYTES,
@@ -227,7 +232,10 @@ async def producer(settings: Settings) -> AsyncIterator[AIOKafkaProducer]:
 
 @pytest.fixture
 async def http(service: Service) -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(base_url=f"http://127.0.0.1:{service.settings.http_port}") as session:
+    headers = {"Authorization": f"Bearer {issue_token(SECRET, ttl_s=3600, subject='tests')}"}
+    async with aiohttp.ClientSession(
+        base_url=f"http://127.0.0.1:{service.settings.http_port}", headers=headers
+    ) as session:
         yield session
 
 

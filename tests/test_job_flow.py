@@ -14,6 +14,7 @@ import numpy as np
 import openpyxl
 import orjson
 
+from consumer.auth import verify_token
 from consumer.messages import upload_job_id
 from consumer.service import Service
 from consumer.storage import ObjectStore
@@ -21,7 +22,7 @@ from models.evaluate import dice
 from models.phantom import Phantom
 from producer_tools.minio_events import minio_event
 from schemas.export import schema_path
-from tests.conftest import Backend, EventLog, committed_offset, job_id, send_json
+from tests.conftest import SECRET, Backend, EventLog, committed_offset, job_id, send_json
 
 
 def load_nifti(data: bytes) -> nib.Nifti1Image:
@@ -82,7 +83,10 @@ async def test_kafka_job_completes_with_outputs(
     # The backend heard about it, with the seed's payload.
     await job_events.wait_for(lambda _: bool(backend.calls_for(job)), timeout=20)
     _, headers, payload = next(c for c in backend.calls if c[0] == job)
-    assert headers["Authorization"] == "Bearer test-token"
+    # The callback carries a JWT signed with the shared secret, for this service's audience.
+    scheme, token = headers["Authorization"].split(" ", 1)
+    claims = verify_token(token, [SECRET])
+    assert scheme == "Bearer" and claims["job_uuid"] == job and claims["exp"] > claims["iat"]
     assert payload["status"] == "completed"
     assert payload["output_object"] == final["output_object"]
     assert payload["file_size"] == final["file_size"] and payload["file_name"] == final["file_name"]
