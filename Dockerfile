@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1.7
-# CPU build by default. For CUDA: --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu124
+# CPU build by default. For CUDA: --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu126
+# (CUDA wheels carry the CUDA runtime; see docker-compose.gpu.yml).
 ARG PYTHON_VERSION=3.11
 
 FROM python:${PYTHON_VERSION}-slim AS build

@@ -38,7 +38,10 @@ def _object_key(value: str) -> str:
 
 JobId = Annotated[
     str,
-    Field(description="UUID, or a safe id of [A-Za-z0-9._-] (at most 128); it names the output objects"),
+    Field(
+        description="UUID, or a safe id of [A-Za-z0-9._-] (at most 128); it names the output objects",
+        pattern=r"^[A-Za-z0-9._-]{1,128}$",
+    ),
     AfterValidator(_job_id),
 ]
 ObjectKey = Annotated[
