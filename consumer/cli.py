@@ -1,4 +1,4 @@
-"""python -m consumer serve | dev"""
+"""python -m consumer serve | dev | token"""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
-from consumer.auth import weak_secret
+from consumer.auth import issue_token, weak_secret
 from consumer.localstack import LocalStack, S3Ports, StackError, port_taken, prepare_stack
 from consumer.logs import configure_logging
 from consumer.service import Service
@@ -67,12 +67,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m consumer", description="The ML analysis service.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run against the configured Kafka and MinIO (environment variables)")
+    token = sub.add_parser("token", help="print a JWT for POST /infer, signed with ML_SERVICE_TOKEN")
+    token.add_argument("--ttl", type=float, default=300.0, help="seconds until it expires (default 300)")
+    token.add_argument("--subject", default="backend")
     dev = sub.add_parser("dev", help="run on an embedded local stack (Kafka-protocol broker + S3 server)")
     dev.add_argument("--kafka-port", type=int, default=9092)
     dev.add_argument("--s3-port", type=int, default=9000)
     dev.add_argument("--http-port", type=int, default=None, help="default: HTTP_PORT or 8080")
     dev.add_argument("--data-dir", type=Path, default=Path(".dev"), help="S3 data and the stack's logs")
     args = parser.parse_args(argv)
+
+    if args.command == "token":
+        secret = _settings().ml_service_token.get_secret_value()
+        if not secret:
+            print("error: ML_SERVICE_TOKEN is not set", file=sys.stderr)
+            return 1
+        print(issue_token(secret, ttl_s=args.ttl, subject=args.subject))
+        return 0
 
     if args.command == "serve":
         settings = _settings()

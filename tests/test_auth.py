@@ -80,3 +80,13 @@ def test_serve_refuses_to_start_without_a_real_secret(secret: str) -> None:
     )
     assert done.returncode != 0
     assert "refusing to start" in done.stderr and "ML_ALLOW_INSECURE" in done.stderr
+
+
+def test_token_command_prints_a_token_the_service_accepts() -> None:
+    env = {**os.environ, "ML_SERVICE_TOKEN": SECRET}
+    done = subprocess.run(
+        [sys.executable, "-m", "consumer", "token", "--ttl", "60"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    claims = verify_token(done.stdout.strip(), [SECRET])
+    assert 0 < claims["exp"] - time.time() <= 61

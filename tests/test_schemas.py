@@ -57,3 +57,12 @@ def test_unknown_fields_refused() -> None:
 def test_uuid_is_normalised() -> None:
     job = JobRequest(job_uuid="550E8400-E29B-41D4-A716-446655440000", input_object="k")
     assert job.job_uuid == "550e8400-e29b-41d4-a716-446655440000"
+
+
+def test_every_error_code_is_documented_in_the_readme() -> None:
+    from pathlib import Path
+
+    from schemas.errors import ErrorCode
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert [code.value for code in ErrorCode if f"`{code.value}`" not in readme] == []
