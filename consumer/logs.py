@@ -82,5 +82,5 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # Client libraries are chatty at INFO about every reconnect and rebalance step.
-    for noisy in ("aiokafka", "kafka", "urllib3"):
+    for noisy in ("aiokafka", "kafka", "urllib3", "highdicom"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
