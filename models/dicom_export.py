@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import io
+import tempfile
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
@@ -24,6 +26,8 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEGBaseline8Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
     generate_uid,
 )
 from scipy import ndimage
@@ -126,11 +130,41 @@ def _encode(ds: Dataset, plane: np.ndarray, transfer_syntax: str, eight_bit: boo
     stored16 = np.clip(np.round(plane + 1024.0), -32768, 32767).astype(np.int16)
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.PixelData = stored16.tobytes()
+    if transfer_syntax in _GDCM_SYNTAXES:
+        return _gdcm_transcode(ds, transfer_syntax)
     if transfer_syntax not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
         ds.compress(transfer_syntax, stored16)
     else:
         ds.file_meta.TransferSyntaxUID = UID(transfer_syntax)
     return ds
+
+
+# pydicom has no encoder for lossless JPEG (process 14); gdcm has.
+_GDCM_SYNTAXES: dict[str, str] = {JPEGLosslessSV1: "JPEGLosslessProcess14_1", JPEGLossless: "JPEGLosslessProcess14"}
+
+
+def _gdcm_transcode(ds: Dataset, transfer_syntax: str) -> Dataset:
+    import gdcm
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source, target = Path(tmp) / "in.dcm", Path(tmp) / "out.dcm"
+        ds.save_as(source, enforce_file_format=True)
+        reader = gdcm.ImageReader()
+        reader.SetFileName(str(source))
+        change = gdcm.ImageChangeTransferSyntax()
+        change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, _GDCM_SYNTAXES[transfer_syntax])))
+        writer = gdcm.ImageWriter()
+        if not reader.Read():
+            raise RuntimeError("gdcm could not read the slice")
+        change.SetInput(reader.GetImage())
+        if not change.Change():
+            raise RuntimeError(f"gdcm could not encode {transfer_syntax}")
+        writer.SetFileName(str(target))
+        writer.SetFile(reader.GetFile())
+        writer.SetImage(change.GetOutput())
+        if not writer.Write():
+            raise RuntimeError("gdcm could not write the slice")
+        return pydicom.dcmread(target)
 
 
 def write_series(datasets: Sequence[Dataset], directory: Path, random_names: bool = False, seed: int = 0) -> list[Path]:

@@ -136,7 +136,8 @@ async def _cmd_lag(settings: Settings, args: argparse.Namespace) -> int:
         over = args.max_lag is not None and report["total_lag"] > args.max_lag
         if not args.watch:
             return EXIT_FAILED if over else 0
-        print(flush=True)
+        if not args.json:
+            print(flush=True)
         await asyncio.sleep(args.watch)
 
 

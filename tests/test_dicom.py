@@ -18,6 +18,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
+    JPEGLosslessSV1,
     JPEGLSLossless,
     RLELossless,
     generate_uid,
@@ -167,8 +168,14 @@ def test_separate_files_in_a_zip_match_nibabel_orientation(small: Phantom, tmp_p
 
 @pytest.mark.parametrize(
     ("syntax", "atol"),
-    [(RLELossless, 1.0), (JPEGLSLossless, 1.0), (JPEG2000Lossless, 1.0), (JPEGBaseline8Bit, 160.0)],
-    ids=["rle", "jpeg-ls", "jpeg2000", "jpeg-baseline"],
+    [
+        (RLELossless, 1.0),
+        (JPEGLSLossless, 1.0),
+        (JPEG2000Lossless, 1.0),
+        (JPEGLosslessSV1, 1.0),
+        (JPEGBaseline8Bit, 160.0),
+    ],
+    ids=["rle", "jpeg-ls", "jpeg2000", "jpeg-lossless", "jpeg-baseline"],
 )
 def test_compressed_series_decode(small: Phantom, syntax: str, atol: float, tmp_path: Path) -> None:
     datasets = series_datasets(small.image, small.affine, SeriesOptions(transfer_syntax=syntax))

@@ -219,6 +219,32 @@ async def test_lag_counts_what_was_produced_and_consumed(stack: LocalStack, prod
     code, _ = await run_cli(settings, "lag", "--group", group, "--max-lag", "6")
     assert code == 0
 
+    # --watch prints again and again until stopped, following new messages.
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "producer_tools",
+        "lag",
+        "--group",
+        group,
+        "--json",
+        "--watch",
+        "0.5",
+        env=cli_env(settings),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        first = orjson.loads(await asyncio.wait_for(process.stdout.readline(), 60))
+        await producer.send_and_wait(topic, b"{}", partition=1, key=b"late")
+        totals = [first["total_lag"]]
+        while totals[-1] != 7:
+            totals.append(orjson.loads(await asyncio.wait_for(process.stdout.readline(), 60))["total_lag"])
+        assert totals[0] == 6
+    finally:
+        process.terminate()
+        await process.wait()
+
 
 async def test_topics_twice_changes_nothing(stack: LocalStack) -> None:
     settings = isolated_settings(stack, f"topics-{job_id()[:8]}")
