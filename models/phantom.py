@@ -64,6 +64,10 @@ class Phantom:
         return len(self.lesions)
 
 
+# Below this the body wall alone (fat and muscle, up to 46 mm a side) leaves no cavity.
+MIN_FOV_MM = 120.0
+
+
 def random_acquisition(rng: np.random.Generator) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
     """A plausible CT grid: in-plane 0.6-1.0 mm, slices 0.8-5 mm, 160-320 mm of body along z."""
     in_plane = float(rng.uniform(0.6, 1.0))
@@ -96,6 +100,12 @@ def generate_phantom(
         shape_r, spacing_r = random_acquisition(rng)
         shape = shape or shape_r
         spacing = spacing or spacing_r
+    fov = [n * s for n, s in zip(shape[:2], spacing[:2], strict=True)]
+    if min(fov) < MIN_FOV_MM:
+        raise ValueError(
+            f"an in-plane field of view of {fov[0]:.0f} x {fov[1]:.0f} mm cannot hold an abdomen; "
+            f"at least {MIN_FOV_MM:.0f} mm is needed (more voxels or a larger spacing)"
+        )
     builder = _Builder(shape, spacing, rng)
     builder.body()
     organs = builder.organs()

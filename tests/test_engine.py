@@ -80,3 +80,12 @@ def test_lesions_are_found(engine: InferenceEngine, small_phantom) -> None:  # t
 
     probability = engine.predict(small_phantom.image, small_phantom.affine, Profile.PRODUCTION).probability
     assert dice(probability >= 0.55, small_phantom.lesion_mask) > 0.7
+
+
+def test_phantom_refuses_a_field_of_view_too_small_for_an_abdomen() -> None:
+    import pytest
+
+    from models.phantom import generate_phantom
+
+    with pytest.raises(ValueError, match="field of view"):
+        generate_phantom(7, (96, 80, 24), (0.9, 0.9, 2.5))
