@@ -1,6 +1,6 @@
 """Benchmark: whole jobs through the real service on the embedded stack.
 
-    python -m bench.jobs [--shape 256 256 128] [--spacing 0.8 0.8 2.5] [--repeat 2]
+    python -m bench.jobs [--shape 256 256 128] [--spacing 0.8 0.8 2.5] [--repeat 2] [--input dicom-zip]
 
 Starts a broker and an S3 server on free ports, the service on them, uploads a phantom and
 publishes job messages; the wall time is from publishing the message to receiving the
@@ -28,6 +28,7 @@ from consumer.localstack import LocalStack, S3Ports, free_port, prepare_stack
 from consumer.logs import configure_logging
 from consumer.service import Service
 from consumer.settings import Settings
+from models.dicom_export import SeriesOptions, series_datasets, zip_series
 from models.evaluate import dice
 from models.phantom import generate_phantom, save_phantom
 from producer_tools.commands import EventFollower
@@ -38,11 +39,19 @@ STEPS = ("fetch", "read", "infer", "analyse")
 
 
 async def bench(
-    shape: tuple[int, int, int], spacing: tuple[float, float, float], repeat: int, precision: str, workdir: Path
+    shape: tuple[int, int, int],
+    spacing: tuple[float, float, float],
+    repeat: int,
+    precision: str,
+    workdir: Path,
+    input_format: str = "nifti",
 ) -> None:
     phantom = generate_phantom(2024, shape, spacing)
-    scan = workdir / "phantom.nii.gz"
-    save_phantom(phantom, scan)
+    if input_format == "dicom-zip":
+        scan = zip_series(series_datasets(phantom.image, phantom.affine, SeriesOptions()), workdir / "phantom.zip")
+    else:
+        scan = workdir / "phantom.nii.gz"
+        save_phantom(phantom, scan)
     stack = LocalStack(workdir / "stack", free_port(), S3Ports.free())
     stack.start()
     try:
@@ -55,15 +64,15 @@ async def bench(
             ml_precision=precision,
         )
         store = await prepare_stack(settings)
-        key = "uploads/bench/phantom.nii.gz"
-        await store.put_file(key, scan, "application/gzip")
+        key = f"uploads/bench/{scan.name}"
+        await store.put_file(key, scan, "application/octet-stream")
         service = Service(settings)
         await service.start()
         await asyncio.wait_for(service.worker.joined.wait(), 60)
         producer = AIOKafkaProducer(**common_options(settings), acks="all")
         await producer.start()
         print(
-            f"phantom {shape} at {spacing} mm, {phantom.lesion_count} lesions; device {service.engine.device} "
+            f"phantom {shape} at {spacing} mm as {input_format}, {phantom.lesion_count} lesions; device {service.engine.device} "
             f"({service.engine.precision}), torch threads {__import__('torch').get_num_threads()}"
         )
         header = f"{'profile':<11} {'wall s':>7} " + " ".join(f"{s:>8}" for s in STEPS) + f" {'lesions':>8} {'dice':>6}"
@@ -107,10 +116,13 @@ def main() -> None:
     parser.add_argument("--spacing", type=float, nargs=3, default=[0.8, 0.8, 2.5])
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    parser.add_argument(
+        "--input", default="nifti", choices=["nifti", "dicom-zip"], help="upload a .nii.gz or a ZIP of DICOM slices"
+    )
     args = parser.parse_args()
     configure_logging("WARNING", "text")
     with tempfile.TemporaryDirectory(prefix="ml-bench-") as tmp:
-        asyncio.run(bench(tuple(args.shape), tuple(args.spacing), args.repeat, args.precision, Path(tmp)))
+        asyncio.run(bench(tuple(args.shape), tuple(args.spacing), args.repeat, args.precision, Path(tmp), args.input))
 
 
 if __name__ == "__main__":
