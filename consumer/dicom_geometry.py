@@ -6,7 +6,8 @@ Pure geometry, no file access. The rules (README "DICOM input"):
 - the slice step comes from those positions (the median), never from SliceThickness;
 - a gap above `GAP_FACTOR` x the median step means missing slices: refused, naming the gap;
 - slices at the same position are duplicates: the one with the lowest InstanceNumber (then the
-  lowest SOPInstanceUID) is kept, and the result carries a warning;
+  lowest SOPInstanceUID) is kept, and the result carries a warning; when every position holds
+  the same number of images, the series is several volumes (echoes, phases) and is refused;
 - a stack whose positions drift in-plane (gantry tilt, or a sheared reconstruction) is
   resampled onto the regular grid along the slice normal, as dcm2niix does: each slice is
   shifted in-plane by its own offset, so the mask lies where the anatomy is;
@@ -121,6 +122,16 @@ def stack_geometry(planes: list[SlicePlane], single_slice_step: float = 1.0) -> 
             kept.append(index)
         slice_of_plane[index] = len(kept) - 1
     warnings: list[str] = []
+    if dropped and len(kept) > 1:
+        per_position = np.bincount([slice_of_plane[i] for i in range(len(planes))])
+        if per_position.min() == per_position.max():
+            # Every position holds the same number of images: several volumes (echoes, phases,
+            # time points) in one series, not stray duplicates. Picking one per position would mix them.
+            raise InputError(
+                f"the series holds {per_position[0]} images at each of its {len(kept)} positions (a multi-echo, "
+                "dynamic or cardiac series): one 3-D volume is needed; export one volume as its own series",
+                code=ErrorCode.INVALID_IMAGE_DIMENSIONS,
+            )
     if dropped:
         warnings.append(
             f"{len(dropped)} slice(s) duplicate the position of another; at each position the instance with the "

@@ -206,6 +206,15 @@ def test_duplicate_slice_is_dropped_with_a_warning(small: Phantom, tmp_path: Pat
     assert any("duplicate" in w for w in scan.warnings)
 
 
+def test_several_volumes_in_one_series_are_refused(small: Phantom, tmp_path: Path) -> None:
+    first = series_datasets(small.image, small.affine, SeriesOptions())
+    echo = series_datasets(
+        small.image * 0.5, small.affine, SeriesOptions(series_uid=first[0].SeriesInstanceUID)
+    )  # a second echo: same positions, same series
+    error = refused(zipped(tmp_path, [*first, *echo]), tmp_path)
+    assert error.code is ErrorCode.INVALID_IMAGE_DIMENSIONS and "2 images at each of its 24 positions" in error.message
+
+
 def _bytes(ds: Dataset) -> bytes:
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
