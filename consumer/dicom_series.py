@@ -393,8 +393,16 @@ def _decoded(file: DicomFile, outcome: np.ndarray | str) -> np.ndarray:
     return outcome
 
 
-def build_volume(series: Series, reason: str, others: list[Series], max_voxels: int, workers: int) -> DicomVolume:
-    """Blocking: decode the series into a regular float32 volume with its RAS affine."""
+def build_volume(
+    series: Series,
+    reason: str,
+    others: list[Series],
+    max_voxels: int,
+    workers: int,
+    input_warnings: tuple[str, ...] = (),
+) -> DicomVolume:
+    """Blocking: decode the series into a regular float32 volume with its RAS affine.
+    `input_warnings`: what was noticed before the series (the archive, skipped files)."""
     frames: list[FrameRef] = []
     planes: list[SlicePlane] = []
     for index, file in enumerate(series.files):
@@ -440,7 +448,7 @@ def build_volume(series: Series, reason: str, others: list[Series], max_voxels: 
         raise InputError("the decoded pixel values are not finite", code=ErrorCode.DICOM_DECODE_FAILED)
 
     ds = series.first
-    warnings = list(geometry.warnings)
+    warnings = [*input_warnings, *geometry.warnings]
     selection = SeriesSelection(
         chosen=series.summary(),
         study_instance_uid=str(ds.get("StudyInstanceUID")) if ds.get("StudyInstanceUID") else None,
@@ -457,7 +465,7 @@ def build_volume(series: Series, reason: str, others: list[Series], max_voxels: 
 
 
 def read_series(
-    paths: list[Path], series_uid: str | None, max_voxels: int, workers: int, warnings: list[str] | None = None
+    paths: list[Path], series_uid: str | None, max_voxels: int, workers: int, warnings: tuple[str, ...] = ()
 ) -> DicomVolume:
     """Blocking: the chosen series among the DICOM files at `paths`."""
     files = read_headers(paths, workers)
@@ -467,9 +475,8 @@ def read_series(
         )
     series = group_series(files)
     chosen, reason = choose_series(series, series_uid)
-    volume = build_volume(chosen, reason, [s for s in series if s is not chosen], max_voxels, workers)
-    volume.source.warnings[:0] = warnings or []
     skipped = len(paths) - len(files)
     if skipped and len(paths) > 1:
-        volume.source.warnings.append(f"{skipped} file(s) that are not DICOM (or are a DICOMDIR) were ignored")
-    return volume
+        warnings = (*warnings, f"{skipped} file(s) that are not DICOM (or are a DICOMDIR) were ignored")
+    others = [s for s in series if s is not chosen]
+    return build_volume(chosen, reason, others, max_voxels, workers, warnings)

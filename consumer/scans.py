@@ -178,7 +178,7 @@ def read_scan(path: Path, workdir: Path, limits: ReadLimits, series_uid: str | N
     if fmt is ScanFormat.ZIP:
         members = Path(tempfile.mkdtemp(prefix="members-", dir=workdir))
         extracted = extract_members(path, members, limits.archive, limits.threads)
-        volume = read_series(extracted.files, series_uid, limits.max_voxels, limits.threads, extracted.warnings)
+        volume = read_series(extracted.files, series_uid, limits.max_voxels, limits.threads, tuple(extracted.warnings))
         return _from_dicom(volume, fmt)
     max_voxels = limits.max_voxels
     nifti_path = Path(tempfile.mkdtemp(prefix="nifti-", dir=workdir)) / "scan.nii"
