@@ -27,7 +27,6 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut
-from pydicom.uid import UID
 from scipy import ndimage
 
 from consumer.dicom_geometry import SlicePlane, StackGeometry, plane_of, stack_geometry
@@ -84,38 +83,35 @@ class DicomVolume:
     source: DicomSource
 
 
-def _read_header(path: Path) -> Dataset | None:
-    """The file's header without pixel data; None when the file is not DICOM."""
-    try:
-        return pydicom.dcmread(path, stop_before_pixels=True)
-    except InvalidDicomError:
-        pass
-    except Exception as error:  # pydicom raises many kinds for a damaged header
-        log.debug("unreadable DICOM header in %s: %s", path.name, error)
-        return None
+def read_header(path: Path) -> Dataset:
+    """The file's header without pixel data. Raises what pydicom raises when it is not DICOM."""
     with open(path, "rb") as f:
-        start = f.read(2)
-    if start not in BARE_DATASET_STARTS:
-        return None
+        bare = f.read(2) in BARE_DATASET_STARTS
+    header = pydicom.dcmread(path, stop_before_pixels=True, force=bare)
+    if bare and "SOPClassUID" not in header and "Modality" not in header:
+        raise InvalidDicomError("forced read found no SOPClassUID or Modality")
+    return header
+
+
+def _header_or_none(path: Path) -> Dataset | None:
     try:
-        header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-    except Exception:
+        return read_header(path)
+    except Exception as error:  # pydicom raises many kinds for a damaged or foreign file
+        log.debug("%s is not a readable DICOM file: %s", path.name, error)
         return None
-    return header if "SOPClassUID" in header or "Modality" in header else None
 
 
 def read_headers(paths: Iterable[Path], workers: int) -> list[DicomFile]:
     """Headers of the DICOM files among `paths` (others and DICOMDIR skipped), in input order."""
     paths = list(paths)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        headers = list(pool.map(_read_header, paths))
+        headers = list(pool.map(_header_or_none, paths))
     files = []
     for path, header in zip(paths, headers, strict=True):
         if header is None:
             continue
-        sop_class = str(
-            header.get("SOPClassUID", "") or getattr(header.get("file_meta"), "MediaStorageSOPClassUID", "")
-        )
+        meta = getattr(header, "file_meta", None)
+        sop_class = str(header.get("SOPClassUID", "") or getattr(meta, "MediaStorageSOPClassUID", ""))
         if sop_class == _DICOMDIR_CLASS or "DirectoryRecordSequence" in header:
             continue
         files.append(DicomFile(path, header))
@@ -123,10 +119,8 @@ def read_headers(paths: Iterable[Path], workers: int) -> list[DicomFile]:
 
 
 def read_single_header(path: Path) -> DicomFile:
-    with open(path, "rb") as f:
-        bare = f.read(2) in BARE_DATASET_STARTS
     try:
-        header = pydicom.dcmread(path, stop_before_pixels=True, force=bare)
+        header = read_header(path)
     except Exception as error:
         raise InputError(f"not a readable DICOM file: {error}", code=ErrorCode.INVALID_DICOM) from error
     return DicomFile(path, header)
@@ -365,32 +359,22 @@ def _single_slice_step(ds: Dataset) -> float:
 # --- pixels ----------------------------------------------------------------------------------
 
 
-def _decode_stored(path: Path, shape: tuple[int, int, int]) -> np.ndarray | str:
-    """All frames of one file as (frames, rows, columns) stored values, or why they could not be
-    decoded (a string: exceptions with codes do not cross a process boundary intact)."""
+def _decode(file: DicomFile) -> np.ndarray:
+    """All frames of one file as (frames, rows, columns) stored values (no rescale yet)."""
     try:
-        ds = pydicom.dcmread(path)
+        ds = pydicom.dcmread(file.path)
         pixels = ds.pixel_array
         if "ModalityLUTSequence" in ds:
             pixels = apply_modality_lut(pixels, ds)
-        return np.asarray(pixels).reshape(shape)
+        return np.asarray(pixels).reshape(file.frames, int(ds.Rows), int(ds.Columns))
     except Exception as error:  # decoders raise many kinds for corrupt or truncated data
-        return f"{type(error).__name__}: {error}"
-
-
-def _transfer_syntax(file: DicomFile) -> UID | None:
-    meta = getattr(file.header, "file_meta", None)
-    return meta.get("TransferSyntaxUID") if meta is not None else None
-
-
-def _decoded(file: DicomFile, outcome: np.ndarray | str) -> np.ndarray:
-    if isinstance(outcome, str):
+        meta = getattr(file.header, "file_meta", None)
+        syntax = meta.get("TransferSyntaxUID") if meta is not None else None
         raise InputError(
             f"pixel data of {file.header.get('SOPInstanceUID', file.path.name)} could not be decoded "
-            f"(transfer syntax {_transfer_syntax(file) or 'unknown'}): {outcome}",
+            f"(transfer syntax {syntax or 'unknown'}): {type(error).__name__}: {error}",
             code=ErrorCode.DICOM_DECODE_FAILED,
-        )
-    return outcome
+        ) from error
 
 
 def build_volume(
@@ -423,8 +407,8 @@ def build_volume(
         ref = frames[plane_index]
         needed[ref.file].append((k, ref))
 
-    def fill(file_index: int, outcome: np.ndarray | str) -> None:
-        pixels = _decoded(series.files[file_index], outcome)
+    def fill(file_index: int) -> None:
+        pixels = _decode(series.files[file_index])
         for k, ref in needed[file_index]:
             frame = pixels[ref.frame].astype(np.float32)
             if ref.slope != 1.0 or ref.intercept != 0.0:
@@ -437,13 +421,10 @@ def build_volume(
                 )
             stack[k] = frame
 
-    order = list(needed)
-    paths = [series.files[i].path for i in order]
-    shapes = [(series.files[i].frames, rows, columns) for i in order]
     # Threads: uncompressed data is mostly I/O, and the JPEG 2000 decoder runs threads of its own
     # (measured: decoder processes gave no gain on 2 cores).
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        list(pool.map(lambda i, p, s: fill(i, _decode_stored(p, s)), order, paths, shapes))
+        list(pool.map(fill, needed))
     if not np.all(np.isfinite(stack)):
         raise InputError("the decoded pixel values are not finite", code=ErrorCode.DICOM_DECODE_FAILED)
 

@@ -18,12 +18,18 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pydicom
 from isal import igzip
 from isal.igzip_lib import IsalError  # type: ignore[attr-defined]
 
 from consumer.archives import ArchiveLimits, extract_members
-from consumer.dicom_series import BARE_DATASET_STARTS, DicomSource, DicomVolume, read_series, read_single_header
+from consumer.dicom_series import (
+    BARE_DATASET_STARTS,
+    DicomSource,
+    DicomVolume,
+    read_header,
+    read_series,
+    read_single_header,
+)
 from consumer.errors import InputError, UnsupportedInput
 from consumer.settings import Settings
 from models.geometry import voxel_spacing
@@ -132,10 +138,10 @@ def _is_bare_dicom(path: Path, head: bytes) -> bool:
     if not head.startswith(BARE_DATASET_STARTS):
         return False
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=["SOPClassUID", "Modality"])
+        read_header(path)
     except Exception:
         return False
-    return "SOPClassUID" in ds or "Modality" in ds
+    return True
 
 
 def _gunzip_head(path: Path) -> bytes:
