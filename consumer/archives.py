@@ -12,7 +12,7 @@ import threading
 import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from consumer.errors import InputError
@@ -31,14 +31,10 @@ class ArchiveLimits:
     max_ratio: float = 200.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class Extracted:
-    files: list[Path]
-    members: int
-    nested_archives: int = 0
-    encrypted: int = 0
-    unsafe_names: int = 0
-    warnings: list[str] = field(default_factory=list)
+    files: list[Path]  # in archive order
+    warnings: list[str]  # what was skipped, and why
 
 
 class _Budget:
@@ -82,16 +78,16 @@ def extract_members(archive: Path, dest: Path, limits: ArchiveLimits, workers: i
                 f"the archive declares {declared} bytes uncompressed, more than the limit of {limits.max_total_bytes}",
                 code=ErrorCode.ARCHIVE_TOO_LARGE,
             )
-    result = Extracted(files=[], members=len(infos))
     wanted: list[tuple[int, zipfile.ZipInfo]] = []
+    encrypted = unsafe_names = 0
     for info in infos:
         if info.is_dir():
             continue
         if info.flag_bits & 0x1:
-            result.encrypted += 1
+            encrypted += 1
             continue
         if _unsafe(info.filename):
-            result.unsafe_names += 1
+            unsafe_names += 1
         wanted.append((len(wanted), info))
 
     budget = _Budget(limits.max_total_bytes)
@@ -99,20 +95,18 @@ def extract_members(archive: Path, dest: Path, limits: ArchiveLimits, workers: i
     chunks = [wanted[i :: max(1, workers)] for i in range(max(1, workers))]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         outcomes = list(pool.map(lambda part: _extract_part(archive, dest, part, limits, budget), chunks))
-    kept: list[tuple[int, Path]] = []
-    for files, nested in outcomes:
-        kept.extend(files)
-        result.nested_archives += nested
-    result.files = [path for _, path in sorted(kept)]
-    if result.nested_archives:
-        result.warnings.append(f"{result.nested_archives} nested archive(s) in the ZIP were not opened")
-    if result.encrypted:
-        result.warnings.append(f"{result.encrypted} encrypted member(s) in the ZIP were skipped")
-    if result.unsafe_names:
-        result.warnings.append(
-            f"{result.unsafe_names} member name(s) were absolute or held '..'; they were read, never used as paths"
+    kept = sorted(entry for files, _ in outcomes for entry in files)
+    nested = sum(n for _, n in outcomes)
+    warnings = []
+    if nested:
+        warnings.append(f"{nested} nested archive(s) in the ZIP were not opened")
+    if encrypted:
+        warnings.append(f"{encrypted} encrypted member(s) in the ZIP were skipped")
+    if unsafe_names:
+        warnings.append(
+            f"{unsafe_names} member name(s) were absolute or held '..'; they were read, never used as paths"
         )
-    return result
+    return Extracted([path for _, path in kept], warnings)
 
 
 def _extract_part(

@@ -71,8 +71,7 @@ class DicomSource:
 
     selection: SeriesSelection
     files: list[DicomFile]
-    frames: list[FrameRef]  # every frame of the series, in file order
-    geometry: StackGeometry  # planes are indexed like `frames`
+    geometry: StackGeometry  # its planes: every frame of `files`, in file order
     warnings: list[str]
 
 
@@ -440,7 +439,7 @@ def build_volume(
         slice_step_mm=round(geometry.step_mm, 6),
         gantry_tilt_deg=round(geometry.tilt_deg, 4),
     )
-    source = DicomSource(selection, series.files, frames, geometry, warnings)
+    source = DicomSource(selection, series.files, geometry, warnings)
     # (slices, rows, columns) -> (columns, rows, slices): a view, Fortran-ordered like NIfTI.
     return DicomVolume(stack.transpose(2, 1, 0), geometry.affine, source)
 

@@ -54,6 +54,8 @@ class ServiceMetrics:
         self._gpu_memory()
 
     def _gpu_memory(self) -> None:
+        # Imported here: the operator CLI imports this module (through consumer.lag) and must
+        # start without loading torch.
         import torch
 
         if not torch.cuda.is_available():
