@@ -263,6 +263,14 @@ def job_id() -> str:
     return str(uuid.uuid4())
 
 
+async def upload_input(store: ObjectStore, path: Path, name: str, content_type: str) -> tuple[str, str]:
+    """A new job id, and the key `uploads/<job>/<name>` its input now lies at."""
+    job = job_id()
+    key = f"uploads/{job}/{name}"
+    await store.put_file(key, path, content_type)
+    return job, key
+
+
 async def send_json(
     producer: AIOKafkaProducer, topic: str, value: Any, key: str | None = None, partition: int | None = None
 ):  # type: ignore[no-untyped-def]

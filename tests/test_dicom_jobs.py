@@ -24,7 +24,7 @@ from models.dicom_export import SeriesOptions, series_datasets, zip_series
 from models.evaluate import dice
 from models.phantom import Phantom
 from schemas.export import schema_path
-from tests.conftest import MAX_INPUT_BYTES, EventLog, job_id, send_json
+from tests.conftest import MAX_INPUT_BYTES, EventLog, job_id, send_json, upload_input
 from tests.test_archives import zip_bomb
 from tests.test_job_flow import load_nifti
 
@@ -45,9 +45,7 @@ async def test_zip_series_job_writes_mask_and_seg(
     phantom_zip: tuple[Path, list[pydicom.Dataset]],
 ) -> None:
     path, datasets = phantom_zip
-    job = job_id()
-    key = f"uploads/{job}/export.zip"
-    await store.put_file(key, path, "application/zip")
+    job, key = await upload_input(store, path, "export.zip", "application/zip")
     await send_json(producer, service.settings.kafka_jobs_topic, {"job_uuid": job, "input_object": key}, key=job)
     final = await job_events.final(job)
     assert final["status"] == "completed", final
@@ -139,9 +137,7 @@ async def test_infer_accepts_series_uid(
     service: Service, store: ObjectStore, http, phantom_zip: tuple[Path, list[pydicom.Dataset]]
 ) -> None:
     path, datasets = phantom_zip
-    job = job_id()
-    key = f"uploads/{job}/export.zip"
-    await store.put_file(key, path, "application/zip")
+    job, key = await upload_input(store, path, "export.zip", "application/zip")
     body = {"job_uuid": job, "input_object": key, "series_uid": datasets[0].SeriesInstanceUID}
     response = await http.post("/infer", json=body)
     assert response.status == 200, await response.text()

@@ -12,7 +12,7 @@ from consumer.service import Service
 from consumer.storage import ObjectStore
 from models.phantom import Phantom
 from schemas.export import schema_path
-from tests.conftest import EventLog, job_id
+from tests.conftest import EventLog, job_id, upload_input
 
 
 def schema(name: str) -> dict:
@@ -22,9 +22,7 @@ def schema(name: str) -> dict:
 async def test_infer_runs_the_job_synchronously(
     service: Service, store: ObjectStore, http, job_events: EventLog, phantom: Phantom, phantom_file: Path
 ) -> None:
-    job = job_id()
-    key = f"uploads/{job}/scan.nii.gz"
-    await store.put_file(key, phantom_file, "application/gzip")
+    job, key = await upload_input(store, phantom_file, "scan.nii.gz", "application/gzip")
     response = await http.post(
         "/infer", json={"job_uuid": job, "input_object": key, "profile": "fast_debug", "threshold": 0.5}
     )
@@ -47,9 +45,7 @@ async def test_infer_runs_the_job_synchronously(
 async def test_infer_custom_output_object_names_all_outputs(
     service: Service, store: ObjectStore, http, phantom_file: Path
 ) -> None:
-    job = job_id()
-    key = f"uploads/{job}/scan.nii.gz"
-    await store.put_file(key, phantom_file, "application/gzip")
+    job, key = await upload_input(store, phantom_file, "scan.nii.gz", "application/gzip")
     response = await http.post(
         "/infer", json={"job_uuid": job, "input_object": key, "output_object": f"custom/{job}/mask.nii.gz"}
     )

@@ -22,7 +22,7 @@ from models.evaluate import dice
 from models.phantom import Phantom
 from producer_tools.minio_events import minio_event
 from schemas.export import schema_path
-from tests.conftest import SECRET, Backend, EventLog, committed_offset, job_id, send_json
+from tests.conftest import SECRET, Backend, EventLog, committed_offset, job_id, send_json, upload_input
 
 
 def load_nifti(data: bytes) -> nib.Nifti1Image:
@@ -38,9 +38,7 @@ async def test_kafka_job_completes_with_outputs(
     phantom_file: Path,
     backend: Backend,
 ) -> None:
-    job = job_id()
-    key = f"uploads/{job}/scan.nii.gz"
-    await store.put_file(key, phantom_file, "application/gzip")
+    job, key = await upload_input(store, phantom_file, "scan.nii.gz", "application/gzip")
     await send_json(producer, service.settings.kafka_jobs_topic, {"job_uuid": job, "input_object": key}, key=job)
 
     final = await job_events.final(job)
@@ -96,9 +94,7 @@ async def test_kafka_job_completes_with_outputs(
 async def test_redelivered_job_overwrites_its_own_outputs(
     service: Service, store: ObjectStore, producer, job_events: EventLog, phantom_file: Path
 ) -> None:
-    job = job_id()
-    key = f"uploads/{job}/scan.nii.gz"
-    await store.put_file(key, phantom_file, "application/gzip")
+    job, key = await upload_input(store, phantom_file, "scan.nii.gz", "application/gzip")
     message = {"job_uuid": job, "input_object": key}
     await send_json(producer, service.settings.kafka_jobs_topic, message, key=job)
     first = await job_events.final(job)
@@ -184,9 +180,7 @@ async def test_malformed_message_goes_to_dlq_and_partition_moves_on(
         orjson.dumps({"job_uuid": job_id()}),
     ]
     sent = [await send_json(producer, topic, value, partition=1) for value in bad]
-    job = job_id()
-    key = f"uploads/{job}/scan.nii.gz"
-    await store.put_file(key, phantom_file, "application/gzip")
+    job, key = await upload_input(store, phantom_file, "scan.nii.gz", "application/gzip")
     good = await send_json(producer, topic, {"job_uuid": job, "input_object": key}, key=job, partition=1)
 
     assert (await job_events.final(job))["status"] == "completed"
@@ -249,9 +243,7 @@ async def test_backend_down_does_not_fail_the_job(
 ) -> None:
     await backend.stop()
     try:
-        job = job_id()
-        key = f"uploads/{job}/scan.nii.gz"
-        await store.put_file(key, phantom_file, "application/gzip")
+        job, key = await upload_input(store, phantom_file, "scan.nii.gz", "application/gzip")
         failed_before = service.notifier.failed
         await send_json(producer, service.settings.kafka_jobs_topic, {"job_uuid": job, "input_object": key}, key=job)
         final = await job_events.final(job)

@@ -10,7 +10,14 @@ from consumer.kafka_clients import ensure_topics
 from consumer.localstack import LocalStack
 from consumer.storage import ObjectStore
 from models.phantom import generate_phantom, save_phantom
-from tests.conftest import committed_offset, event_log, isolated_settings, job_id, send_json, start_service
+from tests.conftest import (
+    committed_offset,
+    event_log,
+    isolated_settings,
+    send_json,
+    start_service,
+    upload_input,
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +36,7 @@ async def test_long_job_completes_once_without_rebalance(
         service = await start_service(settings)
         try:
             assignments = service.worker.assignments
-            job = job_id()
-            key = f"uploads/{job}/big.nii.gz"
-            await store.put_file(key, big_phantom_file, "application/gzip")
+            job, key = await upload_input(store, big_phantom_file, "big.nii.gz", "application/gzip")
             message = {"job_uuid": job, "input_object": key, "profile": "research"}
             sent = await send_json(producer, settings.kafka_jobs_topic, message, key=job)
             final = await events.final(job, timeout=240)
@@ -56,9 +61,7 @@ async def test_stop_lets_the_running_job_finish_and_commits(
     async with event_log(settings, settings.kafka_job_events_topic) as events:
         service = await start_service(settings)
         try:
-            job = job_id()
-            key = f"uploads/{job}/big.nii.gz"
-            await store.put_file(key, big_phantom_file, "application/gzip")
+            job, key = await upload_input(store, big_phantom_file, "big.nii.gz", "application/gzip")
             message = {"job_uuid": job, "input_object": key, "profile": "production"}
             sent = await send_json(producer, settings.kafka_jobs_topic, message, key=job)
             await events.wait_for(lambda e: e.get("job_uuid") == job and e["status"] == "running")

@@ -26,7 +26,7 @@ from consumer.settings import Settings
 from consumer.storage import ObjectStore
 from schemas.api_docs import TOPICS
 from schemas.export import document_path
-from tests.conftest import SECRET, EventLog, isolated_settings, job_id, send_json
+from tests.conftest import SECRET, EventLog, isolated_settings, job_id, send_json, upload_input
 
 
 def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -101,9 +101,7 @@ async def test_metrics_after_real_jobs(
     service: Service, store: ObjectStore, producer, job_events: EventLog, http, phantom_file: Path
 ) -> None:
     before = samples(await (await http.get("/metrics")).text())
-    job = job_id()
-    key = f"uploads/{job}/scan.nii.gz"
-    await store.put_file(key, phantom_file, "application/gzip")
+    job, key = await upload_input(store, phantom_file, "scan.nii.gz", "application/gzip")
     assert (await http.post("/infer", json={"job_uuid": job, "input_object": key})).status == 200
     await send_json(producer, service.settings.kafka_jobs_topic, b"{not json", key="broken")
     failed = job_id()
@@ -173,9 +171,7 @@ async def test_service_logs_name_the_job_and_step(
     service: Service, store: ObjectStore, http, phantom_file: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.handler.addFilter(ContextFilter())
-    job = job_id()
-    key = f"uploads/{job}/scan.nii.gz"
-    await store.put_file(key, phantom_file, "application/gzip")
+    job, key = await upload_input(store, phantom_file, "scan.nii.gz", "application/gzip")
     with caplog.at_level(logging.INFO):
         assert (await http.post("/infer", json={"job_uuid": job, "input_object": key})).status == 200
     records = [r for r in caplog.records if getattr(r, "job_uuid", None) == job]
