@@ -23,11 +23,11 @@ import numpy as np
 import orjson
 from aiokafka import AIOKafkaProducer
 
-from consumer.kafka_clients import common_options
-from consumer.localstack import LocalStack, S3Ports, free_port, prepare_stack
-from consumer.logs import configure_logging
+from consumer.dev.localstack import LocalStack, S3Ports, free_port, prepare_stack
+from consumer.observability.logs import configure_logging
 from consumer.service import Service
 from consumer.settings import Settings
+from consumer.transport.clients import common_options
 from models.dicom_export import SeriesOptions, series_datasets, zip_series
 from models.evaluate import dice
 from models.phantom import generate_phantom, save_phantom

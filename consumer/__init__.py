@@ -1,0 +1,1 @@
+"""The ML analysis service: Kafka and HTTP in, a segmentation model, results to object storage."""

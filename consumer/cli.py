@@ -13,8 +13,8 @@ from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from consumer.auth import issue_token, weak_secret
-from consumer.localstack import LocalStack, S3Ports, StackError, port_taken, prepare_stack
-from consumer.logs import configure_logging
+from consumer.dev.localstack import LocalStack, S3Ports, StackError, port_taken, prepare_stack
+from consumer.observability.logs import configure_logging
 from consumer.service import Service
 from consumer.settings import Settings
 from models.bundle import BundleError

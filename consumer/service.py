@@ -11,19 +11,19 @@ from aiohttp import web
 from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
-from consumer.callback import BackendNotifier
-from consumer.events import EventPublisher
-from consumer.health import HealthChecks
-from consumer.http_api import build_app
-from consumer.kafka_clients import make_consumer, make_producer
-from consumer.lag import LagMonitor
-from consumer.logs import log_context
-from consumer.messages import InvalidMessage, decode_job_message, decode_minio_event
-from consumer.metrics import ServiceMetrics
-from consumer.runner import JobOutcome, JobRunner
+from consumer.http.app import build_app
+from consumer.http.health import HealthChecks
+from consumer.jobs.callback import BackendNotifier
+from consumer.jobs.runner import JobOutcome, JobRunner
+from consumer.observability.logs import log_context
+from consumer.observability.metrics import ServiceMetrics
 from consumer.settings import Settings
 from consumer.storage import ObjectStore, make_client
-from consumer.worker import KafkaWorker
+from consumer.transport.clients import make_consumer, make_producer
+from consumer.transport.lag import LagMonitor
+from consumer.transport.messages import InvalidMessage, decode_job_message, decode_minio_event
+from consumer.transport.publisher import EventPublisher
+from consumer.transport.worker import KafkaWorker
 from models.engine import InferenceEngine
 from schemas.events import DeadLetter, DeadLetterOrigin, ErrorInfo
 from schemas.jobs import JobRequest, Source

@@ -15,9 +15,9 @@ from typing import Any
 
 import orjson
 
-from consumer.kafka_clients import ensure_topics
-from consumer.lag import GroupMember, PartitionLag
 from consumer.settings import Settings
+from consumer.transport.clients import ensure_topics
+from consumer.transport.lag import GroupMember, PartitionLag
 from producer_tools.commands import EventFollower, consumer_lag, emit_minio_event, submit, upload
 
 EXIT_FAILED = 1

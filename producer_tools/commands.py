@@ -15,10 +15,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from consumer.kafka_clients import common_options
-from consumer.lag import GroupMember, PartitionLag, group_members, partition_lags
 from consumer.settings import Settings
 from consumer.storage import ObjectStore, make_client
+from consumer.transport.clients import common_options
+from consumer.transport.lag import GroupMember, PartitionLag, group_members, partition_lags
 from producer_tools.minio_events import minio_event
 
 FINAL_STATUSES = {"completed", "failed"}

@@ -23,11 +23,11 @@ from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from consumer.auth import issue_token
-from consumer.kafka_clients import common_options
-from consumer.localstack import LocalStack, S3Ports, free_port, prepare_stack
+from consumer.dev.localstack import LocalStack, S3Ports, free_port, prepare_stack
 from consumer.service import Service
 from consumer.settings import Settings
 from consumer.storage import ObjectStore
+from consumer.transport.clients import common_options
 from models.phantom import Phantom, generate_phantom, save_phantom
 
 FINAL = {"completed", "failed"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from consumer.analysis import analyse, reference_metrics
+from consumer.imaging.analysis import analyse, reference_metrics
 
 
 def ball(shape: tuple[int, int, int], center: tuple[int, int, int], radius: float) -> np.ndarray:

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from pydicom.data import get_testdata_file
 
-from consumer.archives import ArchiveLimits, extract_members
 from consumer.errors import InputError
-from consumer.scans import ReadLimits, read_scan
+from consumer.imaging.archives import ArchiveLimits, extract_members
+from consumer.imaging.scans import ReadLimits, read_scan
 from schemas.errors import ErrorCode
 
 CT = Path(get_testdata_file("CT_small.dcm")).read_bytes()

@@ -15,7 +15,7 @@ import orjson
 import psutil
 import pytest
 
-from consumer.localstack import free_port
+from consumer.dev.localstack import free_port
 
 pytestmark = pytest.mark.slow
 

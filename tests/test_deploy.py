@@ -8,8 +8,8 @@ from typing import Any
 
 import yaml
 
-from consumer.kafka_clients import TOPIC_PARTITIONS
 from consumer.settings import Settings
+from consumer.transport.clients import TOPIC_PARTITIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
 
-from consumer.lag import GroupMember, PartitionLag, group_members
+from consumer.transport.lag import GroupMember, PartitionLag, group_members
 
 
 class FakeAdmin:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from consumer.kafka_clients import ensure_topics
-from consumer.localstack import LocalStack
+from consumer.dev.localstack import LocalStack
 from consumer.storage import ObjectStore
+from consumer.transport.clients import ensure_topics
 from models.phantom import generate_phantom, save_phantom
 from tests.conftest import (
     committed_offset,

@@ -17,13 +17,13 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
-from consumer.health import HealthChecks
-from consumer.kafka_clients import common_options, ensure_topics
-from consumer.localstack import LocalStack
-from consumer.logs import ContextFilter, JsonFormatter, log_context
+from consumer.dev.localstack import LocalStack
+from consumer.http.health import HealthChecks
+from consumer.observability.logs import ContextFilter, JsonFormatter, log_context
 from consumer.service import Service
 from consumer.settings import Settings
 from consumer.storage import ObjectStore
+from consumer.transport.clients import common_options, ensure_topics
 from schemas.api_docs import TOPICS
 from schemas.export import document_path
 from tests.conftest import SECRET, EventLog, isolated_settings, job_id, send_json, upload_input

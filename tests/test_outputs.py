@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from consumer.outputs import OutputKeys, encode_mask
+from consumer.jobs.outputs import OutputKeys, encode_mask
 from schemas.jobs import JobRequest
 
 

@@ -15,7 +15,7 @@ from nibabel.testing import data_path
 from pydicom.data import get_testdata_file
 
 from consumer.errors import InputError
-from consumer.scans import ReadLimits, ScanFormat, read_scan
+from consumer.imaging.scans import ReadLimits, ScanFormat, read_scan
 from schemas.errors import ErrorCode
 
 LIMITS = ReadLimits(max_voxels=512**3)

@@ -54,7 +54,7 @@ class ServiceMetrics:
         self._gpu_memory()
 
     def _gpu_memory(self) -> None:
-        # Imported here: the operator CLI imports this module (through consumer.lag) and must
+        # Imported here: the operator CLI imports this module (through consumer.transport.lag) and must
         # start without loading torch.
         import torch
 

@@ -18,7 +18,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 from scipy import ndimage
 
-from consumer.dicom_series import DicomSource
+from consumer.imaging.dicom.series import DicomSource
 
 SEGMENT_LABEL = "lesion"
 MANUFACTURER = "ml-service"

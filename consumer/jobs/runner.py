@@ -20,19 +20,19 @@ from typing import TypeVar
 import numpy as np
 from aiokafka.errors import KafkaError
 
-from consumer.analysis import Analysis, analyse, reference_metrics
 from consumer.backoff import compute_backoff
-from consumer.callback import BackendNotifier
-from consumer.dicom_seg import SegUnavailable, build_seg
 from consumer.errors import InputError, InputTooLarge, JobError, JobTimeout, ModelNotLoaded, TransientError
-from consumer.events import EventPublisher
-from consumer.logs import log_context
-from consumer.metrics import ServiceMetrics
-from consumer.outputs import OutputKeys, encode_mask, encode_result
-from consumer.report import build_report
-from consumer.scans import ReadLimits, Scan, read_scan
+from consumer.imaging.analysis import Analysis, analyse, reference_metrics
+from consumer.imaging.dicom.seg import SegUnavailable, build_seg
+from consumer.imaging.scans import ReadLimits, Scan, read_scan
+from consumer.jobs.callback import BackendNotifier
+from consumer.jobs.outputs import OutputKeys, encode_mask, encode_result
+from consumer.jobs.report import build_report
+from consumer.observability.logs import log_context
+from consumer.observability.metrics import ServiceMetrics
 from consumer.settings import Settings
 from consumer.storage import ObjectStore
+from consumer.transport.publisher import EventPublisher
 from models.engine import InferenceEngine, Prediction
 from schemas.errors import ErrorCode
 from schemas.events import JobEvent, JobStatus

@@ -1,7 +1,7 @@
 """Reading an input object into a volume. Content decides the format, never the file name.
 
 NIfTI (`.nii`, `.nii.gz`) is read here; a DICOM file or a ZIP of DICOM files goes through
-`consumer.archives` and `consumer.dicom_series`. Anything else is refused with a code that says
+`consumer.imaging.archives` and `consumer.imaging.dicom.series`. Anything else is refused with a code that says
 what the content is.
 """
 
@@ -21,8 +21,9 @@ import numpy as np
 from isal import igzip
 from isal.igzip_lib import IsalError  # type: ignore[attr-defined]
 
-from consumer.archives import ArchiveLimits, extract_members
-from consumer.dicom_series import (
+from consumer.errors import InputError, UnsupportedInput
+from consumer.imaging.archives import ArchiveLimits, extract_members
+from consumer.imaging.dicom.series import (
     BARE_DATASET_STARTS,
     DicomSource,
     DicomVolume,
@@ -30,7 +31,6 @@ from consumer.dicom_series import (
     read_series,
     read_single_header,
 )
-from consumer.errors import InputError, UnsupportedInput
 from consumer.settings import Settings
 from models.geometry import voxel_spacing
 from schemas.errors import ErrorCode

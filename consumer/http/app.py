@@ -11,7 +11,7 @@ from pydantic import BaseModel, ValidationError
 
 from consumer.auth import AuthError, bearer_token, verify_token
 from consumer.errors import ShuttingDown
-from consumer.runner import EventPublishError
+from consumer.jobs.runner import EventPublishError
 from schemas.api_docs import openapi
 from schemas.errors import ErrorCode
 from schemas.events import JobStatus

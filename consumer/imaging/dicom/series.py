@@ -29,8 +29,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut
 from scipy import ndimage
 
-from consumer.dicom_geometry import SlicePlane, StackGeometry, plane_of, stack_geometry
 from consumer.errors import InputError
+from consumer.imaging.dicom.geometry import SlicePlane, StackGeometry, plane_of, stack_geometry
 from schemas.errors import ErrorCode
 from schemas.results import SeriesSelection, SeriesSummary
 

@@ -17,7 +17,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
 from aiokafka.errors import KafkaError
 
-from consumer.metrics import ServiceMetrics
+from consumer.observability.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from consumer.errors import StorageUnavailable
-from consumer.kafka_clients import ensure_topics
 from consumer.settings import Settings
 from consumer.storage import ObjectStore, make_client
+from consumer.transport.clients import ensure_topics
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""The embedded local stack of `python -m consumer dev` and the tests: a Kafka-protocol broker and an S3 server."""

@@ -1,0 +1,1 @@
+"""DICOM: headers, series selection, frame geometry, the regular grid, pixels, and the SEG written back."""

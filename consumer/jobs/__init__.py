@@ -1,0 +1,1 @@
+"""One job, step by step: the runner, its events and result, output keys and encoders, the report, the backend callback."""

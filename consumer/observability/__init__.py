@@ -1,0 +1,1 @@
+"""What operators read: JSON logs with job context, Prometheus metrics."""
