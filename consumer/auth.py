@@ -15,6 +15,7 @@ from typing import Any
 
 import jwt
 
+from consumer.errors import AuthError
 from schemas.errors import ErrorCode
 
 AUDIENCE = "ml-service"
@@ -22,13 +23,6 @@ ALGORITHM = "HS256"
 PLACEHOLDER_SECRET = "change_me_secure_token"
 # Leeway for clocks a little apart between the backend and the service.
 _LEEWAY_S = 30
-
-
-class AuthError(Exception):
-    def __init__(self, code: ErrorCode, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 def issue_token(secret: str, ttl_s: float = 300.0, subject: str = "ml-service", **claims: Any) -> str:
@@ -40,10 +34,10 @@ def issue_token(secret: str, ttl_s: float = 300.0, subject: str = "ml-service", 
 
 def bearer_token(header: str | None) -> str:
     if not header:
-        raise AuthError(ErrorCode.UNAUTHORIZED, "an Authorization: Bearer <JWT> header is required")
+        raise AuthError("an Authorization: Bearer <JWT> header is required")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise AuthError(ErrorCode.UNAUTHORIZED, "the Authorization header must be 'Bearer <JWT>'")
+        raise AuthError("the Authorization header must be 'Bearer <JWT>'")
     return token.strip()
 
 
@@ -67,14 +61,14 @@ def verify_token(token: str, secrets: Sequence[str]) -> dict[str, Any]:
         except jwt.InvalidSignatureError:
             continue
         except jwt.MissingRequiredClaimError as error:
-            raise AuthError(ErrorCode.TOKEN_INVALID, f"the token lacks the '{error.claim}' claim") from error
+            raise AuthError(f"the token lacks the '{error.claim}' claim", code=ErrorCode.TOKEN_INVALID) from error
         except jwt.InvalidAudienceError as error:
-            raise AuthError(ErrorCode.TOKEN_INVALID, f"the token's audience is not '{AUDIENCE}'") from error
+            raise AuthError(f"the token's audience is not '{AUDIENCE}'", code=ErrorCode.TOKEN_INVALID) from error
         except jwt.InvalidTokenError as error:
-            raise AuthError(ErrorCode.TOKEN_INVALID, f"the token is not a valid JWT: {error}") from error
+            raise AuthError(f"the token is not a valid JWT: {error}", code=ErrorCode.TOKEN_INVALID) from error
     if expired:
-        raise AuthError(ErrorCode.TOKEN_EXPIRED, "the token has expired")
-    raise AuthError(ErrorCode.TOKEN_INVALID, "the token's signature does not match the service's secret")
+        raise AuthError("the token has expired", code=ErrorCode.TOKEN_EXPIRED)
+    raise AuthError("the token's signature does not match the service's secret", code=ErrorCode.TOKEN_INVALID)
 
 
 def weak_secret(secret: str) -> str | None:

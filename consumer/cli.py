@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from consumer.auth import issue_token, weak_secret
 from consumer.dev.localstack import LocalStack, S3Ports, StackError, port_taken, prepare_stack
+from consumer.errors import validation_summary
 from consumer.observability.logs import configure_logging
 from consumer.service import Service
 from consumer.settings import Settings
@@ -26,8 +27,9 @@ def _settings(**overrides: object) -> Settings:
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as error:
-        lines = "; ".join(f"{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in error.errors())
-        raise SystemExit(f"error: invalid configuration: {lines}") from None
+        raise SystemExit(
+            f"error: invalid configuration: {validation_summary(error, 'configuration', upper=True)}"
+        ) from None
 
 
 def _check_security(settings: Settings) -> None:

@@ -11,6 +11,7 @@ from aiohttp import web
 from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
+from consumer.errors import InvalidMessage
 from consumer.http.app import build_app
 from consumer.http.health import HealthChecks
 from consumer.jobs.callback import BackendNotifier
@@ -21,11 +22,10 @@ from consumer.settings import Settings
 from consumer.storage import ObjectStore, make_client
 from consumer.transport.clients import make_consumer, make_producer
 from consumer.transport.lag import LagMonitor
-from consumer.transport.messages import InvalidMessage, decode_job_message, decode_minio_event
+from consumer.transport.messages import decode_job_message, decode_minio_event
 from consumer.transport.publisher import EventPublisher
 from consumer.transport.worker import KafkaWorker
 from models.engine import InferenceEngine
-from schemas.events import DeadLetter, DeadLetterOrigin, ErrorInfo
 from schemas.jobs import JobRequest, Source
 
 log = logging.getLogger(__name__)
@@ -159,19 +159,7 @@ class Service:
             await self.run_job(job, source)
 
     async def _dead_letter(self, record: ConsumerRecord[bytes, bytes], error: InvalidMessage) -> None:
-        letter = DeadLetter(
-            error=ErrorInfo(code=error.code, message=error.message, retryable=False),
-            origin=DeadLetterOrigin(
-                topic=record.topic,
-                partition=record.partition,
-                offset=record.offset,
-                key=record.key.decode("utf-8", "replace") if record.key else None,
-                timestamp_ms=record.timestamp,
-            ),
-            payload=(record.value or b"").decode("utf-8", "replace"),
-            details=error.details,
-        )
-        await self.publisher.dead_letter(letter)
+        await self.publisher.dead_letter(record, error)
         self.metrics.dead_letters.labels(record.topic, error.code.value).inc()
         log.warning(
             "dead-lettered %s[%d]@%d [%s]: %s", record.topic, record.partition, record.offset, error.code, error.message

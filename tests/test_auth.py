@@ -13,7 +13,8 @@ import aiohttp
 import jwt
 import pytest
 
-from consumer.auth import PLACEHOLDER_SECRET, AuthError, issue_token, verify_token
+from consumer.auth import PLACEHOLDER_SECRET, issue_token, verify_token
+from consumer.errors import AuthError
 from consumer.service import Service
 from schemas.errors import ErrorCode
 from tests.conftest import PREVIOUS_SECRET, SECRET, EventLog, job_id

@@ -5,7 +5,8 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from consumer.transport.messages import InvalidMessage, decode_job_message, decode_minio_event, upload_job_id
+from consumer.errors import InvalidMessage
+from consumer.transport.messages import decode_job_message, decode_minio_event, upload_job_id
 from producer_tools.minio_events import minio_event
 from schemas.errors import ErrorCode
 from schemas.jobs import Profile

@@ -9,9 +9,8 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from consumer.auth import AuthError, bearer_token, verify_token
-from consumer.errors import ShuttingDown
-from consumer.jobs.runner import EventPublishError
+from consumer.auth import bearer_token, verify_token
+from consumer.errors import AuthError, InvalidMessage, ServiceError, ShuttingDown, validation_summary
 from schemas.api_docs import openapi
 from schemas.errors import ErrorCode
 from schemas.events import JobStatus
@@ -38,6 +37,10 @@ def error_response(status: int, code: ErrorCode, message: str) -> web.Response:
     return json_response(ErrorResponse(error=ErrorBody(code=code, message=message)), status)
 
 
+def refusal(error: ServiceError) -> web.Response:
+    return error_response(error.http_status, error.code, error.message)
+
+
 def authenticate(request: web.Request) -> web.Response | None:
     """None when the caller may run a job; the 401 answer otherwise. Checked before the body
     is read, so an unauthenticated request costs nothing and starts nothing."""
@@ -46,12 +49,23 @@ def authenticate(request: web.Request) -> web.Response | None:
     if not secrets:
         if settings.ml_allow_insecure:
             return None
-        return error_response(401, ErrorCode.UNAUTHORIZED, "the service has no ML_SERVICE_TOKEN configured")
+        return refusal(AuthError("the service has no ML_SERVICE_TOKEN configured"))
     try:
         verify_token(bearer_token(request.headers.get("Authorization")), secrets)
     except AuthError as error:
-        return error_response(401, error.code, error.message)
+        return refusal(error)
     return None
+
+
+def decode_body(body: bytes) -> JobRequest:
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as error:
+        raise InvalidMessage(f"the body is not JSON: {error}", code=ErrorCode.INVALID_JSON) from error
+    try:
+        return JobRequest.model_validate(data)
+    except ValidationError as error:
+        raise InvalidMessage(validation_summary(error, "body"), code=ErrorCode.INVALID_REQUEST) from error
 
 
 async def infer(request: web.Request) -> web.Response:
@@ -64,27 +78,18 @@ async def infer(request: web.Request) -> web.Response:
     except web.HTTPRequestEntityTooLarge:
         return error_response(413, ErrorCode.REQUEST_TOO_LARGE, f"the body is over {request.app[MAX_BODY]} bytes")
     try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as error:
-        return error_response(400, ErrorCode.INVALID_JSON, f"the body is not JSON: {error}")
-    try:
-        job = JobRequest.model_validate(data)
-    except ValidationError as error:
-        details = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}"
-            for e in error.errors(include_url=False, include_input=False)
-        )
-        return error_response(400, ErrorCode.INVALID_REQUEST, details)
+        job = decode_body(body)
+    except InvalidMessage as error:
+        return refusal(error)
     if service.stopping:
-        refusal = ShuttingDown("the service is shutting down")
-        return error_response(refusal.http_status, refusal.code, refusal.message)
+        return refusal(ShuttingDown("the service is shutting down"))
     try:
         outcome = await service.run_job(job, Source.HTTP)
-    except EventPublishError as error:
-        return error_response(503, ErrorCode.INTERNAL_ERROR, str(error))
+    except ServiceError as error:  # the job's events could not be published
+        return refusal(error)
     if outcome.status is not JobStatus.COMPLETED:
         assert outcome.error is not None
-        return error_response(outcome.error.http_status, outcome.error.code, outcome.error.message)
+        return refusal(outcome.error)
     return json_response(
         InferResponse(
             job_uuid=outcome.job_uuid,

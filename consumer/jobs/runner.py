@@ -18,10 +18,17 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
-from aiokafka.errors import KafkaError
 
 from consumer.backoff import compute_backoff
-from consumer.errors import InputError, InputTooLarge, JobError, JobTimeout, ModelNotLoaded, TransientError
+from consumer.errors import (
+    EventPublishError,
+    InputError,
+    InputTooLarge,
+    JobError,
+    JobTimeout,
+    ModelNotLoaded,
+    TransientError,
+)
 from consumer.imaging.analysis import Analysis, analyse, reference_metrics
 from consumer.imaging.dicom.seg import SegUnavailable, build_seg
 from consumer.imaging.scans import ReadLimits, Scan, read_scan
@@ -48,10 +55,6 @@ CONTENT_TYPES = {
     "xlsx": "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
     "dicom": "application/dicom",
 }
-
-
-class EventPublishError(RuntimeError):
-    """A job event could not be published: the message must not be committed."""
 
 
 @dataclass
@@ -390,15 +393,9 @@ class JobRunner:
         )
 
     async def _event(self, ctx: JobContext, status: JobStatus, **extra: object) -> None:
-        await self._publish(self._base_event(ctx, status, **extra))
+        await self.publisher.publish(self._base_event(ctx, status, **extra))
 
     async def _publish_final(self, event: JobEvent) -> None:
         started = time.perf_counter()
-        await self._publish(event)
+        await self.publisher.publish(event)
         self.metrics.step_seconds.labels("publish").observe(time.perf_counter() - started)
-
-    async def _publish(self, event: JobEvent) -> None:
-        try:
-            await self.publisher.publish(event)
-        except KafkaError as error:
-            raise EventPublishError(f"could not publish {event.status} for job {event.job_uuid}: {error}") from error

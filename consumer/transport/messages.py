@@ -10,6 +10,7 @@ from urllib.parse import unquote_plus
 import orjson
 from pydantic import ValidationError
 
+from consumer.errors import InvalidMessage, validation_details, validation_summary
 from schemas.errors import ErrorCode
 from schemas.jobs import JobRequest, Profile
 from schemas.minio_event import EventRecord, MinioEvent
@@ -24,16 +25,6 @@ NEW_OBJECT_EVENTS = frozenset(
 UPLOAD_JOB_NAMESPACE = uuid.UUID("6f1b7c1e-3b0a-5b8e-9f57-1d2c6a4e8a10")
 
 
-class InvalidMessage(Exception):
-    """A record that can never become a job: it goes to the dead-letter topic."""
-
-    def __init__(self, code: ErrorCode, message: str, details: list[dict[str, Any]] | None = None):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.details = details or []
-
-
 @dataclass
 class MinioDecision:
     jobs: list[JobRequest] = field(default_factory=list)
@@ -42,30 +33,23 @@ class MinioDecision:
 
 def _load_json(value: bytes | None) -> Any:
     if not value:
-        raise InvalidMessage(ErrorCode.INVALID_JSON, "the message has no value")
+        raise InvalidMessage("the message has no value", code=ErrorCode.INVALID_JSON)
     try:
         return orjson.loads(value)
     except orjson.JSONDecodeError as error:
-        raise InvalidMessage(ErrorCode.INVALID_JSON, f"the message is not JSON: {error}") from error
-
-
-def _validation_details(error: ValidationError) -> list[dict[str, Any]]:
-    return [
-        {"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
-        for e in error.errors(include_url=False, include_input=False)
-    ]
+        raise InvalidMessage(f"the message is not JSON: {error}", code=ErrorCode.INVALID_JSON) from error
 
 
 def decode_job_message(value: bytes | None) -> JobRequest:
     data = _load_json(value)
     if not isinstance(data, dict):
-        raise InvalidMessage(ErrorCode.INVALID_MESSAGE, "a job message must be a JSON object")
+        raise InvalidMessage("a job message must be a JSON object")
     try:
         return JobRequest.model_validate(data)
     except ValidationError as error:
-        details = _validation_details(error)
-        summary = "; ".join(f"{'.'.join(map(str, d['loc'])) or 'message'}: {d['msg']}" for d in details)
-        raise InvalidMessage(ErrorCode.INVALID_MESSAGE, f"invalid job message: {summary}", details) from error
+        raise InvalidMessage(
+            f"invalid job message: {validation_summary(error)}", details=validation_details(error)
+        ) from error
 
 
 def upload_job_id(bucket: str, key: str, etag: str | None) -> str:
@@ -78,11 +62,9 @@ def decode_minio_event(value: bytes | None, bucket: str, profile: Profile, thres
     try:
         event = MinioEvent.model_validate(data)
     except ValidationError as error:
-        raise InvalidMessage(
-            ErrorCode.INVALID_MESSAGE, "not a MinIO notification", _validation_details(error)
-        ) from error
+        raise InvalidMessage("not a MinIO notification", details=validation_details(error)) from error
     if not event.records:
-        raise InvalidMessage(ErrorCode.INVALID_MESSAGE, "a MinIO notification without Records")
+        raise InvalidMessage("a MinIO notification without Records")
     decision = MinioDecision()
     for record in event.records:
         reason = _skip_reason(record, bucket)
