@@ -21,13 +21,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import orjson
-from aiokafka import AIOKafkaProducer
 
 from consumer.dev.localstack import LocalStack, S3Ports, free_port, prepare_stack
 from consumer.observability.logs import configure_logging
 from consumer.service import Service
 from consumer.settings import Settings
-from consumer.transport.clients import common_options
+from consumer.transport.clients import make_producer
 from models.dicom_export import SeriesOptions, series_datasets, zip_series
 from models.evaluate import dice
 from models.phantom import generate_phantom, save_phantom
@@ -69,7 +68,7 @@ async def bench(
         service = Service(settings)
         await service.start()
         await asyncio.wait_for(service.worker.joined.wait(), 60)
-        producer = AIOKafkaProducer(**common_options(settings), acks="all")
+        producer = make_producer(settings)
         await producer.start()
         print(
             f"phantom {shape} at {spacing} mm as {input_format}, {phantom.lesion_count} lesions; device {service.engine.device} "

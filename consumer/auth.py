@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import jwt
@@ -78,3 +79,20 @@ def weak_secret(secret: str) -> str | None:
     if secret == PLACEHOLDER_SECRET:
         return f"ML_SERVICE_TOKEN is the placeholder '{PLACEHOLDER_SECRET}'"
     return None
+
+
+@dataclass(frozen=True)
+class BearerAuth:
+    """Who may call POST /infer: a token signed with one of `secrets`; anyone when there is no
+    secret and the operator allowed an insecure start (`dev`)."""
+
+    secrets: tuple[str, ...]
+    allow_insecure: bool = False
+
+    def check(self, authorization: str | None) -> None:
+        """Returns when the caller may run a job; raises AuthError otherwise."""
+        if not self.secrets:
+            if self.allow_insecure:
+                return
+            raise AuthError("the service has no ML_SERVICE_TOKEN configured")
+        verify_token(bearer_token(authorization), self.secrets)

@@ -28,7 +28,7 @@ class ObjectInfo:
     content_type: str | None
 
 
-def make_client(settings: Settings) -> Minio:
+def _client(settings: Settings) -> Minio:
     http = urllib3.PoolManager(
         timeout=urllib3.Timeout(connect=5.0, read=120.0),
         retries=urllib3.Retry(total=3, backoff_factor=0.3, status_forcelist=[500, 502, 503, 504]),
@@ -56,6 +56,11 @@ class ObjectStore:
     def __init__(self, client: Minio, bucket: str):
         self.client = client
         self.bucket = bucket
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ObjectStore:
+        """The one way the service, the dev stack, the tools and the tests reach the bucket."""
+        return cls(_client(settings), settings.minio_bucket)
 
     async def _call(self, key: str, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
         try:

@@ -11,13 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 
 from consumer.settings import Settings
-from consumer.storage import ObjectStore, make_client
-from consumer.transport.clients import common_options
+from consumer.storage import ObjectStore
+from consumer.transport.clients import make_admin, make_consumer, make_producer
 from consumer.transport.lag import GroupMember, PartitionLag, group_members, partition_lags
 from producer_tools.minio_events import minio_event
 
@@ -38,7 +37,7 @@ class Uploaded:
 
 
 async def upload(settings: Settings, path: Path, key: str) -> Uploaded:
-    store = ObjectStore(make_client(settings), settings.minio_bucket)
+    store = ObjectStore.from_settings(settings)
     await store.ensure_bucket()
     size = await store.put_file(key, path, content_type(path))
     info = await store.stat(key)
@@ -46,7 +45,7 @@ async def upload(settings: Settings, path: Path, key: str) -> Uploaded:
 
 
 async def publish(settings: Settings, topic: str, key: str, value: dict[str, Any]) -> None:
-    producer = AIOKafkaProducer(**common_options(settings), acks="all")
+    producer = make_producer(settings)
     await producer.start()
     try:
         await producer.send_and_wait(topic, orjson.dumps(value), key=key.encode())
@@ -73,7 +72,7 @@ class EventFollower:
     def __init__(self, settings: Settings, from_beginning: bool = False):
         self.settings = settings
         self.from_beginning = from_beginning
-        self.consumer = AIOKafkaConsumer(**common_options(settings), group_id=None, enable_auto_commit=False)
+        self.consumer = make_consumer(settings, None)
 
     async def __aenter__(self) -> EventFollower:
         await self.consumer.start()
@@ -156,14 +155,14 @@ async def consumer_lag(
 
     The consumer never joins the group or commits, so reading lag changes nothing.
     """
-    consumer = AIOKafkaConsumer(**common_options(settings), group_id=group, enable_auto_commit=False)
+    consumer = make_consumer(settings, group)
     await consumer.start()
     try:
         tps = [TopicPartition(topic, p) for topic in topics for p in sorted(consumer.partitions_for_topic(topic) or [])]
         rows = await partition_lags(consumer, tps)
     finally:
         await consumer.stop()
-    admin = AIOKafkaAdminClient(**common_options(settings))
+    admin = make_admin(settings)
     try:
         await admin.start()
         members = await group_members(admin, group)

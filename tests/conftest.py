@@ -27,7 +27,7 @@ from consumer.dev.localstack import LocalStack, S3Ports, free_port, prepare_stac
 from consumer.service import Service
 from consumer.settings import Settings
 from consumer.storage import ObjectStore
-from consumer.transport.clients import common_options
+from consumer.transport.clients import make_consumer, make_producer
 from models.phantom import Phantom, generate_phantom, save_phantom
 
 FINAL = {"completed", "failed"}
@@ -150,7 +150,7 @@ class EventLog:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._consumer = AIOKafkaConsumer(**common_options(self.settings), group_id=None, enable_auto_commit=False)
+        self._consumer = make_consumer(self.settings, None)
         await self._consumer.start()
         partitions = self._consumer.partitions_for_topic(self.topic) or set()
         tps = [TopicPartition(self.topic, p) for p in partitions]
@@ -224,7 +224,7 @@ def isolated_settings(stack: LocalStack, prefix: str, **overrides: Any) -> Setti
 
 @pytest.fixture(scope="session")
 async def producer(settings: Settings) -> AsyncIterator[AIOKafkaProducer]:
-    client = AIOKafkaProducer(**common_options(settings), acks="all")
+    client = make_producer(settings)
     await client.start()
     yield client
     await client.stop()
@@ -282,7 +282,7 @@ async def committed_offset(
     settings: Settings, topic: str, partition: int, at_least: int, timeout: float = 10.0
 ) -> int | None:
     """The group's committed offset, polled until it reaches `at_least` (commits follow the final event)."""
-    consumer = AIOKafkaConsumer(**common_options(settings), group_id=settings.kafka_group_id, enable_auto_commit=False)
+    consumer = make_consumer(settings, settings.kafka_group_id)
     await consumer.start()
     try:
         deadline = time.monotonic() + timeout

@@ -17,7 +17,7 @@ import orjson
 from consumer.auth import verify_token
 from consumer.service import Service
 from consumer.storage import ObjectStore
-from consumer.transport.messages import upload_job_id
+from consumer.transport.dispatch import upload_job_id
 from models.evaluate import dice
 from models.phantom import Phantom
 from producer_tools.minio_events import minio_event

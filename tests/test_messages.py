@@ -6,7 +6,7 @@ import orjson
 import pytest
 
 from consumer.errors import InvalidMessage
-from consumer.transport.messages import decode_job_message, decode_minio_event, upload_job_id
+from consumer.transport.dispatch import decode_job_message, decode_minio_event, upload_job_id
 from producer_tools.minio_events import minio_event
 from schemas.errors import ErrorCode
 from schemas.jobs import Profile

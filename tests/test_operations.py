@@ -14,16 +14,15 @@ from typing import Any
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from consumer.dev.localstack import LocalStack
-from consumer.http.health import HealthChecks
 from consumer.observability.logs import ContextFilter, JsonFormatter, log_context
 from consumer.service import Service
 from consumer.settings import Settings
 from consumer.storage import ObjectStore
-from consumer.transport.clients import common_options, ensure_topics
+from consumer.transport.clients import ensure_topics, make_consumer
 from schemas.api_docs import TOPICS
 from schemas.export import document_path
 from tests.conftest import SECRET, EventLog, isolated_settings, job_id, send_json, upload_input
@@ -86,10 +85,10 @@ async def test_not_ready_until_model_loaded_and_group_joined(stack: LocalStack) 
     # A service that has not started: nothing loaded, no group joined.
     settings = isolated_settings(stack, "unready")
     service = Service(settings)
-    probe = HealthChecks(service).readiness()
+    probe = service.health.readiness()
     assert probe.status == "not_ready"
     assert any("model" in r for r in probe.reasons) and any("group" in r for r in probe.reasons)
-    report = await HealthChecks(service).report()
+    report = await service.health.report()
     assert report.status == "unhealthy" and report.checks["model"].status == "failing"
     assert report.checks["kafka"].status == "degraded"
 
@@ -193,7 +192,7 @@ async def test_lag_counts_what_was_produced_and_consumed(stack: LocalStack, prod
         await producer.send_and_wait(topic, b"{}", partition=1, key=f"m{n}".encode())
     # A group that has consumed and committed 4 of partition 0 and nothing of partition 1.
     group = "lag-check"
-    consumer = AIOKafkaConsumer(**common_options(settings), group_id=group, enable_auto_commit=False)
+    consumer = make_consumer(settings, group)
     await consumer.start()
     try:
         consumer.assign([TopicPartition(topic, 0)])

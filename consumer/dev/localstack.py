@@ -23,7 +23,7 @@ from pathlib import Path
 
 from consumer.errors import StorageUnavailable
 from consumer.settings import Settings
-from consumer.storage import ObjectStore, make_client
+from consumer.storage import ObjectStore
 from consumer.transport.clients import ensure_topics
 
 log = logging.getLogger(__name__)
@@ -228,7 +228,7 @@ class LocalStack:
 
 async def prepare_stack(settings: Settings) -> ObjectStore:
     """Bucket and topics on a fresh stack (idempotent); waits a little for the S3 server to answer."""
-    store = ObjectStore(make_client(settings), settings.minio_bucket)
+    store = ObjectStore.from_settings(settings)
     for attempt in range(50):
         try:
             await store.ensure_bucket()

@@ -1,26 +1,33 @@
 """The HTTP API: POST /infer (synchronous job, JWT), /health, /health/live, /health/ready,
-/metrics, /openapi.json."""
+/metrics, /openapi.json.
+
+Handlers find what they use under typed app keys (the job slots, the token check, the health
+checks, the metrics), set once by `build_app`.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from pydantic import BaseModel, ValidationError
 
-from consumer.auth import bearer_token, verify_token
-from consumer.errors import AuthError, InvalidMessage, ServiceError, ShuttingDown, validation_summary
+from consumer.auth import BearerAuth
+from consumer.errors import InvalidMessage, ServiceError, ShuttingDown, validation_summary
+from consumer.http.health import HealthChecks
+from consumer.jobs.runner import JobOutcome
+from consumer.jobs.slots import JobSlots
+from consumer.observability.metrics import ServiceMetrics
 from schemas.api_docs import openapi
 from schemas.errors import ErrorCode
 from schemas.events import JobStatus
 from schemas.http import ErrorBody, ErrorResponse, InferResponse, ProbeResponse
 from schemas.jobs import JobRequest, Source
 
-if TYPE_CHECKING:
-    from consumer.service import Service
-
-SERVICE: web.AppKey[Service] = web.AppKey("service")
+JOBS = web.AppKey("jobs", JobSlots)
+AUTH = web.AppKey("auth", BearerAuth)
+HEALTH = web.AppKey("health", HealthChecks)
+METRICS = web.AppKey("metrics", ServiceMetrics)
 MAX_BODY = web.AppKey("max_body", int)
 OPENAPI = orjson.dumps(openapi())
 
@@ -41,22 +48,6 @@ def refusal(error: ServiceError) -> web.Response:
     return error_response(error.http_status, error.code, error.message)
 
 
-def authenticate(request: web.Request) -> web.Response | None:
-    """None when the caller may run a job; the 401 answer otherwise. Checked before the body
-    is read, so an unauthenticated request costs nothing and starts nothing."""
-    settings = request.app[SERVICE].settings
-    secrets = settings.auth_secrets
-    if not secrets:
-        if settings.ml_allow_insecure:
-            return None
-        return refusal(AuthError("the service has no ML_SERVICE_TOKEN configured"))
-    try:
-        verify_token(bearer_token(request.headers.get("Authorization")), secrets)
-    except AuthError as error:
-        return refusal(error)
-    return None
-
-
 def decode_body(body: bytes) -> JobRequest:
     try:
         data = orjson.loads(body)
@@ -68,25 +59,7 @@ def decode_body(body: bytes) -> JobRequest:
         raise InvalidMessage(validation_summary(error, "body"), code=ErrorCode.INVALID_REQUEST) from error
 
 
-async def infer(request: web.Request) -> web.Response:
-    service = request.app[SERVICE]
-    unauthorized = authenticate(request)
-    if unauthorized is not None:
-        return unauthorized
-    try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        return error_response(413, ErrorCode.REQUEST_TOO_LARGE, f"the body is over {request.app[MAX_BODY]} bytes")
-    try:
-        job = decode_body(body)
-    except InvalidMessage as error:
-        return refusal(error)
-    if service.stopping:
-        return refusal(ShuttingDown("the service is shutting down"))
-    try:
-        outcome = await service.run_job(job, Source.HTTP)
-    except ServiceError as error:  # the job's events could not be published
-        return refusal(error)
+def infer_response(outcome: JobOutcome) -> web.Response:
     if outcome.status is not JobStatus.COMPLETED:
         assert outcome.error is not None
         return refusal(outcome.error)
@@ -104,8 +77,27 @@ async def infer(request: web.Request) -> web.Response:
     )
 
 
+async def infer(request: web.Request) -> web.Response:
+    jobs = request.app[JOBS]
+    try:
+        # Before the body is read: an unauthenticated request costs nothing and starts nothing.
+        request.app[AUTH].check(request.headers.get("Authorization"))
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return error_response(413, ErrorCode.REQUEST_TOO_LARGE, f"the body is over {request.app[MAX_BODY]} bytes")
+        job = decode_body(body)
+        if jobs.closed:
+            raise ShuttingDown("the service is shutting down")
+        # Raises only when the job's events could not be published.
+        outcome = await jobs.run(job, Source.HTTP)
+    except ServiceError as error:
+        return refusal(error)
+    return infer_response(outcome)
+
+
 async def health(request: web.Request) -> web.Response:
-    body = await request.app[SERVICE].health.report()
+    body = await request.app[HEALTH].report()
     return json_response(body, 200 if body.status != "unhealthy" else 503)
 
 
@@ -114,7 +106,7 @@ async def live(request: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
-    body = request.app[SERVICE].health.readiness()
+    body = request.app[HEALTH].readiness()
     return json_response(body, 200 if body.status == "ready" else 503)
 
 
@@ -123,12 +115,11 @@ async def openapi_document(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    service = request.app[SERVICE]
-    return web.Response(body=service.metrics.render(), content_type="text/plain", charset="utf-8")
+    return web.Response(body=request.app[METRICS].render(), content_type="text/plain", charset="utf-8")
 
 
 @web.middleware
-async def json_errors(request: web.Request, handler):  # type: ignore[no-untyped-def]
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """aiohttp's own errors (404, 405, 413) as JSON bodies with a code, like ours."""
     try:
         return await handler(request)
@@ -141,10 +132,14 @@ async def json_errors(request: web.Request, handler):  # type: ignore[no-untyped
         return error_response(error.status, code, error.reason)
 
 
-def build_app(service: Service) -> web.Application:
-    max_body = service.settings.http_max_body_bytes
+def build_app(
+    jobs: JobSlots, auth: BearerAuth, health_checks: HealthChecks, service_metrics: ServiceMetrics, max_body: int
+) -> web.Application:
     app = web.Application(client_max_size=max_body, middlewares=[json_errors])
-    app[SERVICE] = service
+    app[JOBS] = jobs
+    app[AUTH] = auth
+    app[HEALTH] = health_checks
+    app[METRICS] = service_metrics
     app[MAX_BODY] = max_body
     app.router.add_post("/infer", infer)
     app.router.add_get("/health", health)

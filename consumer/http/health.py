@@ -1,22 +1,33 @@
-"""What /health, /health/live and /health/ready report: one check per dependency."""
+"""What /health, /health/live and /health/ready report: one check per dependency.
+
+The checks get what they look at (the bucket, the group membership, the engine, the job slots),
+never the whole service.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import psutil
+from aiokafka import TopicPartition
 
+from consumer.jobs.slots import JobSlots
+from consumer.storage import ObjectStore
+from models.engine import InferenceEngine
 from schemas.api_docs import VERSION
 from schemas.http import CheckStatus, HealthCheck, HealthResponse, ProbeResponse
-
-if TYPE_CHECKING:
-    from consumer.service import Service
 
 # A health probe every few seconds must not become a storage load test.
 _STORAGE_CACHE_S = 5.0
 _STORAGE_TIMEOUT_S = 3.0
+
+
+class GroupMembership(Protocol):
+    """The partitions this replica holds (an AIOKafkaConsumer is one)."""
+
+    def assignment(self) -> set[TopicPartition]: ...
 
 
 def memory_usage() -> dict[str, float]:
@@ -31,17 +42,36 @@ def memory_usage() -> dict[str, float]:
 
 
 class HealthChecks:
-    def __init__(self, service: Service):
-        self.service = service
+    def __init__(
+        self,
+        *,
+        store: ObjectStore,
+        group: GroupMembership,
+        group_id: str,
+        engine: InferenceEngine,
+        jobs: JobSlots,
+        model_name: str,
+    ):
+        self.store = store
+        self.group = group
+        self.group_id = group_id
+        self.engine = engine
+        self.jobs = jobs
+        self.model_name = model_name  # what the settings name, until a bundle is loaded
+        self.started_monotonic = time.monotonic()
         self._storage: tuple[float, HealthCheck] | None = None
+
+    @property
+    def joined(self) -> bool:
+        return bool(self.group.assignment())
 
     async def storage(self) -> HealthCheck:
         now = time.monotonic()
         if self._storage is not None and now - self._storage[0] < _STORAGE_CACHE_S:
             return self._storage[1]
-        bucket = self.service.settings.minio_bucket
+        bucket = self.store.bucket
         try:
-            ok = await asyncio.wait_for(self.service.store.reachable(), _STORAGE_TIMEOUT_S)
+            ok = await asyncio.wait_for(self.store.reachable(), _STORAGE_TIMEOUT_S)
         except TimeoutError:
             ok = False
         check = (
@@ -53,64 +83,60 @@ class HealthChecks:
         return check
 
     def kafka(self) -> HealthCheck:
-        service = self.service
-        assigned = service.consumer.assignment()
-        if service.consumer_joined:
+        assigned = self.group.assignment()
+        if assigned:
             return HealthCheck(
-                status=CheckStatus.OK,
-                detail=f"group {service.settings.kafka_group_id}: {len(assigned)} partition(s) assigned",
+                status=CheckStatus.OK, detail=f"group {self.group_id}: {len(assigned)} partition(s) assigned"
             )
         return HealthCheck(
             status=CheckStatus.DEGRADED,
-            detail=f"group {service.settings.kafka_group_id}: no partitions assigned (joining, or more replicas "
-            "than partitions)",
+            detail=f"group {self.group_id}: no partitions assigned (joining, or more replicas than partitions)",
         )
 
     def model(self) -> HealthCheck:
-        engine = self.service.engine
+        engine = self.engine
         if engine.loaded and engine.bundle is not None:
             return HealthCheck(status=CheckStatus.OK, detail=f"{engine.bundle.name} {engine.bundle.version} loaded")
         return HealthCheck(status=CheckStatus.FAILING, detail="model not loaded")
 
     def device(self) -> HealthCheck:
-        engine = self.service.engine
+        engine = self.engine
         return HealthCheck(status=CheckStatus.OK, detail=f"{engine.device} ({engine.precision})")
 
     async def report(self) -> HealthResponse:
-        service = self.service
         checks = {
             "kafka": self.kafka(),
             "storage": await self.storage(),
             "model": self.model(),
             "device": self.device(),
         }
-        if checks["model"].status is not CheckStatus.OK or service.stopping:
+        if checks["model"].status is not CheckStatus.OK or self.jobs.closed:
             status = "unhealthy"
         elif any(check.status is not CheckStatus.OK for check in checks.values()):
             status = "degraded"
         else:
             status = "healthy"
-        engine = service.engine
+        engine = self.engine
         return HealthResponse(
             status=status,  # type: ignore[arg-type]
             checks=checks,
             model_loaded=engine.loaded,
             version=VERSION,
-            uptime=round(time.monotonic() - service.started_monotonic, 3),
+            uptime=round(time.monotonic() - self.started_monotonic, 3),
             memory_usage=memory_usage(),
-            model_name=engine.bundle.name if engine.bundle else service.settings.model_name,
+            model_name=engine.bundle.name if engine.bundle else self.model_name,
             model_version=engine.bundle.version if engine.bundle else None,
             device=str(engine.device),
-            jobs_in_flight=service.runner.in_flight,
+            jobs_in_flight=self.jobs.in_flight,
         )
 
     def readiness(self) -> ProbeResponse:
         """Ready to take work: the model is loaded and the consumer has joined its group."""
         reasons = []
-        if not self.service.engine.loaded:
+        if not self.engine.loaded:
             reasons.append("model not loaded")
-        if not self.service.consumer_joined:
+        if not self.joined:
             reasons.append("consumer has not joined its group (no partitions assigned)")
-        if self.service.stopping:
+        if self.jobs.closed:
             reasons.append("shutting down")
         return ProbeResponse(status="not_ready" if reasons else "ready", reasons=reasons)

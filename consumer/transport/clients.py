@@ -1,4 +1,8 @@
-"""Kafka clients built from the settings, with the security options passed through to aiokafka."""
+"""Kafka clients built from the settings, with the security options passed through to aiokafka.
+
+The one place a producer, a consumer or an admin client is made: the service, the operator
+tools, the benchmarks and the tests all take theirs from here.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from consumer.settings import Settings
 TOPIC_PARTITIONS = {"jobs": 4, "minio_events": 4, "job_events": 4, "dlq": 1}
 
 
-def common_options(settings: Settings) -> dict[str, Any]:
+def _options(settings: Settings) -> dict[str, Any]:
     options: dict[str, Any] = {
         "bootstrap_servers": settings.kafka_bootstrap_servers,
         "client_id": settings.kafka_client_id,
@@ -37,13 +41,16 @@ def common_options(settings: Settings) -> dict[str, Any]:
 def make_producer(settings: Settings) -> AIOKafkaProducer:
     # acks=all: an event is durable before the job's offset is committed. No idempotence:
     # the embedded broker cannot serve InitProducerId, and events are keyed and deduplicable.
-    return AIOKafkaProducer(**common_options(settings), acks="all", linger_ms=5, request_timeout_ms=30_000)
+    return AIOKafkaProducer(**_options(settings), acks="all", linger_ms=5, request_timeout_ms=30_000)
 
 
-def make_consumer(settings: Settings) -> AIOKafkaConsumer:
+def make_consumer(settings: Settings, group_id: str | None) -> AIOKafkaConsumer:
+    """A consumer that never commits by itself. With `group_id` it can join that group (the
+    service subscribes) or read the group's committed offsets (lag); without one it reads
+    partitions it assigns itself (following events)."""
     return AIOKafkaConsumer(
-        **common_options(settings),
-        group_id=settings.kafka_group_id,
+        **_options(settings),
+        group_id=group_id,
         enable_auto_commit=False,
         auto_offset_reset=settings.kafka_auto_offset_reset,
         session_timeout_ms=settings.kafka_session_timeout_ms,
@@ -63,9 +70,13 @@ def topic_specs(settings: Settings) -> dict[str, int]:
     }
 
 
+def make_admin(settings: Settings) -> AIOKafkaAdminClient:
+    return AIOKafkaAdminClient(**_options(settings))
+
+
 async def ensure_topics(settings: Settings, replication: int = 1) -> list[str]:
     """Create the service's topics that do not exist yet; returns the ones created."""
-    admin = AIOKafkaAdminClient(**common_options(settings))
+    admin = make_admin(settings)
     await admin.start()
     try:
         existing = set(await admin.list_topics())

@@ -1,19 +1,38 @@
-"""Turning Kafka records into job requests: job messages and MinIO upload notifications."""
+"""What a Kafka record becomes: one or more jobs, skipped MinIO notifications, or a dead letter
+with the reason it can never become a job. The one place that decides it.
+
+A job message (`ml.jobs`) is one job; a MinIO notification (`minio.events`) starts a job per
+new object under `uploads/` in the bucket and skips (and counts) anything else. A record that is
+neither is dead-lettered and its offset moves on. Running a job is the caller's: the dispatcher
+gets it as a function.
+"""
 
 from __future__ import annotations
 
+import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote_plus
 
 import orjson
+from aiokafka.structs import ConsumerRecord
 from pydantic import ValidationError
 
 from consumer.errors import InvalidMessage, validation_details, validation_summary
+from consumer.observability.logs import log_context
+from consumer.observability.metrics import ServiceMetrics
+from consumer.settings import Settings
+from consumer.transport.publisher import EventPublisher
 from schemas.errors import ErrorCode
-from schemas.jobs import JobRequest, Profile
+from schemas.jobs import JobRequest, Profile, Source
 from schemas.minio_event import EventRecord, MinioEvent
+
+log = logging.getLogger(__name__)
+
+# Runs one job to its final event (the job runner, behind its concurrency slots).
+RunJob = Callable[[JobRequest, Source], Awaitable[object]]
 
 UPLOADS_PREFIX = "uploads/"
 # MinIO's ObjectCreated events that mean new object content exists. PutRetention, PutLegalHold,
@@ -97,3 +116,47 @@ def _skip_reason(record: EventRecord, bucket: str) -> str | None:
     if key.endswith("/"):
         return "folder_marker"
     return None
+
+
+class RecordDispatcher:
+    """The Kafka loop's handler: decide, then run the jobs one after another or dead-letter the record.
+
+    Returns once every job of the record has its final event, so the loop may commit; raises
+    (EventPublishError) when an event or the dead letter could not be published.
+    """
+
+    def __init__(self, settings: Settings, run_job: RunJob, publisher: EventPublisher, metrics: ServiceMetrics):
+        self.settings = settings
+        self.run_job = run_job
+        self.publisher = publisher
+        self.metrics = metrics
+
+    async def __call__(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        with log_context(topic=record.topic, partition=record.partition, offset=record.offset):
+            try:
+                jobs, source = self.decide(record)
+            except InvalidMessage as error:
+                await self.dead_letter(record, error)
+                return
+            for job in jobs:
+                await self.run_job(job, source)
+
+    def decide(self, record: ConsumerRecord[bytes, bytes]) -> tuple[list[JobRequest], Source]:
+        """The jobs a record starts, and where they come from; InvalidMessage when it can start none."""
+        settings = self.settings
+        if record.topic != settings.kafka_minio_events_topic:
+            return [decode_job_message(record.value)], Source.KAFKA
+        decision = decode_minio_event(
+            record.value, settings.minio_bucket, settings.ml_default_profile, settings.ml_decision_threshold
+        )
+        for reason in decision.skipped:
+            self.metrics.skipped_events.labels(reason).inc()
+            log.info("minio event %s[%d]@%d skipped: %s", record.topic, record.partition, record.offset, reason)
+        return decision.jobs, Source.MINIO
+
+    async def dead_letter(self, record: ConsumerRecord[bytes, bytes], error: InvalidMessage) -> None:
+        await self.publisher.dead_letter(record, error)
+        self.metrics.dead_letters.labels(record.topic, error.code.value).inc()
+        log.warning(
+            "dead-lettered %s[%d]@%d [%s]: %s", record.topic, record.partition, record.offset, error.code, error.message
+        )
