@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 from consumer.auth import BearerAuth
 from consumer.errors import InvalidMessage, ServiceError, ShuttingDown, validation_summary
 from consumer.http.health import HealthChecks
-from consumer.jobs.runner import JobOutcome
+from consumer.jobs.context import JobOutcome
 from consumer.jobs.slots import JobSlots
 from consumer.observability.metrics import ServiceMetrics
 from schemas.api_docs import openapi

@@ -1,7 +1,11 @@
-"""Output object keys (deterministic from the job) and the encoders of each output."""
+"""Output object keys (deterministic from the job), the encoders of each output, and their upload.
+
+Keys come from the job id alone, so running a job twice overwrites the same objects.
+"""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 import nibabel as nib
@@ -9,11 +13,21 @@ import numpy as np
 import orjson
 from isal import igzip
 
+from consumer.errors import InputError, JobError
+from consumer.jobs.report import build_report
+from consumer.storage import ObjectStore
+from schemas.errors import ErrorCode
 from schemas.jobs import JobRequest
 from schemas.results import AnalysisResult
 
 RESULTS_PREFIX = "results/"
 _MASK_SUFFIXES = (".nii.gz", ".nii")
+CONTENT_TYPES = {
+    "nifti": "application/gzip",
+    "json": "application/json",
+    "xlsx": "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+    "dicom": "application/dicom",
+}
 
 
 @dataclass(frozen=True)
@@ -58,3 +72,34 @@ def encode_mask(mask: np.ndarray, affine: np.ndarray, source: nib.Nifti1Header |
 
 def encode_result(result: AnalysisResult) -> bytes:
     return orjson.dumps(result.model_dump(mode="json"), option=orjson.OPT_INDENT_2)
+
+
+async def upload_outputs(
+    store: ObjectStore,
+    keys: OutputKeys,
+    mask: np.ndarray,
+    affine: np.ndarray,
+    header: nib.Nifti1Header | None,
+    result: AnalysisResult,
+    seg: bytes | None,
+) -> int:
+    """Encode (in threads) and upload every output; returns the mask's size in bytes.
+
+    The JSON goes last: when it exists, everything it lists exists.
+    """
+    mask_bytes, report_bytes = await asyncio.gather(
+        asyncio.to_thread(encode_mask, mask, affine, header, keys.mask.endswith(".gz")),
+        asyncio.to_thread(build_report, result),
+    )
+    uploads = [
+        store.put_bytes(keys.mask, mask_bytes, CONTENT_TYPES["nifti"]),
+        store.put_bytes(keys.report, report_bytes, CONTENT_TYPES["xlsx"]),
+    ]
+    if seg is not None:
+        uploads.append(store.put_bytes(keys.seg, seg, CONTENT_TYPES["dicom"]))
+    try:
+        await asyncio.gather(*uploads)
+        await store.put_bytes(keys.results, encode_result(result), CONTENT_TYPES["json"])
+    except InputError as error:
+        raise JobError(f"could not write outputs: {error.message}", code=ErrorCode.OUTPUT_WRITE_FAILED) from error
+    return len(mask_bytes)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from consumer.jobs.runner import JobOutcome, JobRunner
+from consumer.jobs.context import JobOutcome
+from consumer.jobs.runner import JobRunner
 from schemas.jobs import JobRequest, Source
 
 

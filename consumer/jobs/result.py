@@ -1,0 +1,75 @@
+"""The result JSON of a job, built from what its steps found: a pure function of its inputs."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from consumer.imaging.analysis import Analysis
+from consumer.imaging.scans import Scan
+from consumer.jobs.context import JobContext
+from models.engine import InferenceEngine
+from schemas.results import AnalysisResult, InputInfo, Metric, ModelInfo, Segmentation, Summary
+
+
+def model_info(engine: InferenceEngine, configured_name: str) -> ModelInfo:
+    """The loaded bundle's name and version (the configured name until one is loaded)."""
+    bundle = engine.bundle
+    return ModelInfo(
+        name=bundle.name if bundle else configured_name,
+        version=bundle.version if bundle else "unknown",
+        device=str(engine.device),
+        precision=engine.precision,
+    )
+
+
+def build_result(
+    ctx: JobContext,
+    scan: Scan,
+    input_size: int,
+    analysis: Analysis,
+    metrics: list[Metric],
+    *,
+    warnings: list[str],
+    with_seg: bool,
+    processing_time: float,
+    created_at: datetime,
+) -> AnalysisResult:
+    """`with_seg`: a DICOM SEG is written beside the mask; `warnings`: the reader's and the writer's."""
+    keys = ctx.keys
+    outputs = {"mask": keys.mask, "results": keys.results, "report": keys.report}
+    if with_seg:
+        outputs["dicom_seg"] = keys.seg
+    return AnalysisResult(
+        job_uuid=ctx.job_uuid,
+        profile=ctx.profile,
+        threshold=ctx.threshold,
+        input=InputInfo(
+            object=ctx.request.input_object,
+            format=scan.format.value,
+            size_bytes=input_size,
+            series=scan.dicom.selection if scan.dicom else None,
+            warnings=warnings,
+        ),
+        model=ctx.model,
+        summary=Summary(
+            total_volume=analysis.total_volume_mm3,
+            lesions_count=len(analysis.findings),
+            confidence=analysis.confidence,
+            processing_time=round(processing_time, 3),
+        ),
+        findings=analysis.findings,
+        metrics=metrics,
+        segmentation=Segmentation(
+            file_path=keys.mask,
+            format="nifti",
+            dimensions=list(analysis.mask.shape),
+            spacing=[round(s, 6) for s in scan.spacing],
+            affine=[[round(float(v), 6) for v in row] for row in scan.affine],
+            orientation=scan.orientation,
+            threshold=ctx.threshold,
+            dicom_seg=keys.seg if with_seg else None,
+        ),
+        outputs=outputs,
+        timings=dict(ctx.timings),
+        created_at=created_at.isoformat(),
+    )
