@@ -45,7 +45,8 @@ def build_zip(shape: tuple[int, int, int], syntax: str) -> Path:
 
 def measure(archive: Path, threads: int) -> tuple[float, float]:
     """In this (child) process: seconds to read, and peak RSS in MiB."""
-    from consumer.imaging.scans import ReadLimits, read_scan
+    from consumer.imaging.limits import ReadLimits
+    from consumer.imaging.scans import read_scan
 
     with tempfile.TemporaryDirectory() as work:
         started = time.perf_counter()

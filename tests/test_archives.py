@@ -10,8 +10,9 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from consumer.errors import InputError
-from consumer.imaging.archives import ArchiveLimits, extract_members
-from consumer.imaging.scans import ReadLimits, read_scan
+from consumer.imaging.archives import extract_members
+from consumer.imaging.limits import ArchiveLimits, ReadLimits
+from consumer.imaging.scans import read_scan
 from schemas.errors import ErrorCode
 
 CT = Path(get_testdata_file("CT_small.dcm")).read_bytes()

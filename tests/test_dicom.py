@@ -26,7 +26,8 @@ from pydicom.uid import (
 
 from consumer.errors import InputError
 from consumer.imaging.dicom.seg import SEGMENT_LABEL, build_seg
-from consumer.imaging.scans import ReadLimits, Scan, ScanFormat, read_scan
+from consumer.imaging.limits import ReadLimits
+from consumer.imaging.scans import Scan, ScanFormat, read_scan
 from models.dicom_export import SeriesOptions, series_datasets, zip_series
 from models.phantom import Phantom, generate_phantom
 from schemas.errors import ErrorCode

@@ -15,7 +15,8 @@ from nibabel.testing import data_path
 from pydicom.data import get_testdata_file
 
 from consumer.errors import InputError
-from consumer.imaging.scans import ReadLimits, ScanFormat, read_scan
+from consumer.imaging.limits import ReadLimits
+from consumer.imaging.scans import ScanFormat, read_scan
 from schemas.errors import ErrorCode
 
 LIMITS = ReadLimits(max_voxels=512**3)

@@ -16,19 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from consumer.errors import InputError
+from consumer.imaging.limits import ArchiveLimits
 from schemas.errors import ErrorCode
 
 _CHUNK = 1024 * 1024
 # Below this, a member's compression ratio says nothing (a 200-byte header compresses well).
 _RATIO_FLOOR_BYTES = 1024 * 1024
 _ARCHIVE_MAGICS = (b"PK\x03\x04", b"\x1f\x8b", b"7z\xbc\xaf", b"Rar!", b"BZh")
-
-
-@dataclass(frozen=True)
-class ArchiveLimits:
-    max_total_bytes: int = 8 * 1024**3
-    max_members: int = 50_000
-    max_ratio: float = 200.0
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ from typing import TypeVar
 from consumer.backoff import compute_backoff
 from consumer.errors import EventPublishError, JobError, JobTimeout, TransientError
 from consumer.imaging.analysis import Analysis
-from consumer.imaging.scans import ReadLimits, Scan
+from consumer.imaging.limits import ReadLimits
+from consumer.imaging.scans import Scan
 from consumer.jobs import steps
 from consumer.jobs.callback import BackendNotifier
 from consumer.jobs.context import JobContext, JobOutcome, Written

@@ -16,7 +16,8 @@ import numpy as np
 from consumer.errors import InputError, InputTooLarge, JobError, ModelNotLoaded
 from consumer.imaging.analysis import Analysis, analyse, reference_metrics
 from consumer.imaging.dicom.seg import SegUnavailable, build_seg
-from consumer.imaging.scans import ReadLimits, Scan, read_scan
+from consumer.imaging.limits import ReadLimits
+from consumer.imaging.scans import Scan, read_scan
 from consumer.storage import ObjectStore
 from models.engine import InferenceEngine, Prediction
 from schemas.errors import ErrorCode
