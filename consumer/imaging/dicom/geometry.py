@@ -94,22 +94,80 @@ def stack_geometry(planes: list[SlicePlane], single_slice_step: float = 1.0) -> 
     if not planes:
         raise InputError("the series has no image slices", code=ErrorCode.NO_IMAGE_SERIES)
     _check_consistent(planes)
-    first = planes[0]
-    row_dir = _unit(np.asarray(first.orientation[:3], dtype=np.float64))
-    col_dir = _unit(np.asarray(first.orientation[3:], dtype=np.float64))
-    if abs(float(row_dir @ col_dir)) > 1e-2:
-        raise InputError(
-            "ImageOrientationPatient row and column vectors are not orthogonal", code=ErrorCode.DICOM_MISSING_GEOMETRY
-        )
-    normal = np.cross(row_dir, col_dir)
-    row_spacing, col_spacing = (float(v) for v in first.pixel_spacing)
-    if not (row_spacing > 0 and col_spacing > 0):
-        raise InputError(f"PixelSpacing {first.pixel_spacing} is not positive", code=ErrorCode.DICOM_MISSING_GEOMETRY)
-
+    axes = _Axes.of(planes[0])
     positions = np.array([p.position for p in planes], dtype=np.float64)
     if not np.all(np.isfinite(positions)):
         raise InputError("ImagePositionPatient is not finite", code=ErrorCode.DICOM_MISSING_GEOMETRY)
-    depth = positions @ normal
+    depth = positions @ axes.normal
+    stack = _deduplicate(planes, depth)
+    depths = depth[stack.kept]
+    step, spacing_warning = _slice_step(depths, single_slice_step)
+    shifts, tilt_deg = _tilt(positions[stack.kept], depths, axes)
+    warnings = [
+        warning
+        for warning in (stack.warning, spacing_warning, _tilt_warning(tilt_deg) if shifts is not None else None)
+        if warning
+    ]
+    first = planes[0]
+    return StackGeometry(
+        order=stack.kept,
+        shape=(first.columns, first.rows, len(stack.kept)),
+        affine=axes.affine(step, positions[stack.kept[0]]),
+        step_mm=step,
+        tilt_deg=tilt_deg if shifts is not None else 0.0,
+        shifts=shifts,
+        slice_of_plane=stack.slice_of_plane,
+        dropped_duplicates=stack.dropped,
+        warnings=warnings,
+    )
+
+
+@dataclass(frozen=True)
+class _Axes:
+    """The series' in-plane directions (unit vectors, LPS), their normal, and the pixel spacing."""
+
+    row_dir: np.ndarray
+    col_dir: np.ndarray
+    normal: np.ndarray
+    row_spacing: float  # between rows (along col_dir)
+    col_spacing: float  # between columns (along row_dir)
+
+    @classmethod
+    def of(cls, plane: SlicePlane) -> _Axes:
+        row_dir = _unit(np.asarray(plane.orientation[:3], dtype=np.float64))
+        col_dir = _unit(np.asarray(plane.orientation[3:], dtype=np.float64))
+        if abs(float(row_dir @ col_dir)) > 1e-2:
+            raise InputError(
+                "ImageOrientationPatient row and column vectors are not orthogonal",
+                code=ErrorCode.DICOM_MISSING_GEOMETRY,
+            )
+        row_spacing, col_spacing = (float(v) for v in plane.pixel_spacing)
+        if not (row_spacing > 0 and col_spacing > 0):
+            raise InputError(
+                f"PixelSpacing {plane.pixel_spacing} is not positive", code=ErrorCode.DICOM_MISSING_GEOMETRY
+            )
+        return cls(row_dir, col_dir, np.cross(row_dir, col_dir), row_spacing, col_spacing)
+
+    def affine(self, step: float, origin: np.ndarray) -> np.ndarray:
+        """RAS affine of the grid: voxel (i, j, k) is column i, row j of slice k."""
+        lps = np.eye(4)
+        lps[:3, 0] = self.row_dir * self.col_spacing
+        lps[:3, 1] = self.col_dir * self.row_spacing
+        lps[:3, 2] = self.normal * step
+        lps[:3, 3] = origin
+        return _LPS_TO_RAS @ lps
+
+
+@dataclass(frozen=True)
+class _Deduplicated:
+    kept: list[int]  # plane indices, in stack order
+    dropped: list[int]
+    slice_of_plane: list[int]
+    warning: str | None
+
+
+def _deduplicate(planes: list[SlicePlane], depth: np.ndarray) -> _Deduplicated:
+    """One plane per position (the lowest keep-priority); several volumes in one series are refused."""
     # Sort by depth, then by the keep-priority so the first of each duplicate group is kept.
     order = sorted(range(len(planes)), key=lambda i: (round(float(depth[i]) / _DUPLICATE_TOL_MM), planes[i].priority))
     kept: list[int] = []
@@ -121,76 +179,66 @@ def stack_geometry(planes: list[SlicePlane], single_slice_step: float = 1.0) -> 
         else:
             kept.append(index)
         slice_of_plane[index] = len(kept) - 1
-    warnings: list[str] = []
-    if dropped and len(kept) > 1:
-        per_position = np.bincount([slice_of_plane[i] for i in range(len(planes))])
-        if per_position.min() == per_position.max():
-            # Every position holds the same number of images: several volumes (echoes, phases,
-            # time points) in one series, not stray duplicates. Picking one per position would mix them.
-            raise InputError(
-                f"the series holds {per_position[0]} images at each of its {len(kept)} positions (a multi-echo, "
-                "dynamic or cardiac series): one 3-D volume is needed; export one volume as its own series",
-                code=ErrorCode.INVALID_IMAGE_DIMENSIONS,
-            )
-    if dropped:
-        warnings.append(
-            f"{len(dropped)} slice(s) duplicate the position of another; at each position the instance with the "
-            "lowest InstanceNumber (then SOPInstanceUID) was kept"
+    if not dropped:
+        return _Deduplicated(kept, dropped, slice_of_plane, None)
+    per_position = np.bincount(slice_of_plane)
+    if len(kept) > 1 and per_position.min() == per_position.max():
+        # Every position holds the same number of images: several volumes (echoes, phases,
+        # time points) in one series, not stray duplicates. Picking one per position would mix them.
+        raise InputError(
+            f"the series holds {per_position[0]} images at each of its {len(kept)} positions (a multi-echo, "
+            "dynamic or cardiac series): one 3-D volume is needed; export one volume as its own series",
+            code=ErrorCode.INVALID_IMAGE_DIMENSIONS,
         )
+    warning = (
+        f"{len(dropped)} slice(s) duplicate the position of another; at each position the instance with the "
+        "lowest InstanceNumber (then SOPInstanceUID) was kept"
+    )
+    return _Deduplicated(kept, dropped, slice_of_plane, warning)
 
-    depths = depth[kept]
-    if len(kept) == 1:
-        step = float(single_slice_step) if single_slice_step > 0 else 1.0
-    else:
-        steps = np.diff(depths)
-        step = float(np.median(steps))
-        gaps = np.flatnonzero(steps > GAP_FACTOR * step)
-        if gaps.size:
-            at = int(gaps[0])
-            missing = round(float(steps[at]) / step) - 1
-            raise InputError(
-                f"{gaps.size} gap(s) in the slice positions: the first between slices {at} and {at + 1} "
-                f"(at {depths[at]:.2f} and {depths[at + 1]:.2f} mm along the slice normal): {steps[at]:.2f} mm "
-                f"against a median step of {step:.2f} mm, about {missing} slice(s) missing",
-                code=ErrorCode.DICOM_MISSING_SLICES,
-            )
-        spread = float(np.max(np.abs(steps - step)))
-        if spread > 0.05 * step:
-            warnings.append(
-                f"slice spacing varies from {steps.min():.3f} to {steps.max():.3f} mm; the median {step:.3f} mm is used"
-            )
 
-    origin = positions[kept[0]]
-    # In-plane offset of every slice from where a stack along the normal would put it.
-    offsets = positions[kept] - origin - np.outer(depths - depths[0], normal)
-    shift_cols = offsets @ row_dir / col_spacing
-    shift_rows = offsets @ col_dir / row_spacing
+def _slice_step(depths: np.ndarray, single_slice_step: float) -> tuple[float, str | None]:
+    """The median step between slice positions; a gap (missing slices) is refused, uneven steps noted."""
+    if len(depths) == 1:
+        return (float(single_slice_step) if single_slice_step > 0 else 1.0), None
+    steps = np.diff(depths)
+    step = float(np.median(steps))
+    gaps = np.flatnonzero(steps > GAP_FACTOR * step)
+    if gaps.size:
+        at = int(gaps[0])
+        missing = round(float(steps[at]) / step) - 1
+        raise InputError(
+            f"{gaps.size} gap(s) in the slice positions: the first between slices {at} and {at + 1} "
+            f"(at {depths[at]:.2f} and {depths[at + 1]:.2f} mm along the slice normal): {steps[at]:.2f} mm "
+            f"against a median step of {step:.2f} mm, about {missing} slice(s) missing",
+            code=ErrorCode.DICOM_MISSING_SLICES,
+        )
+    if float(np.max(np.abs(steps - step))) > 0.05 * step:
+        return (
+            step,
+            f"slice spacing varies from {steps.min():.3f} to {steps.max():.3f} mm; the median {step:.3f} mm is used",
+        )
+    return step, None
+
+
+def _tilt(positions: np.ndarray, depths: np.ndarray, axes: _Axes) -> tuple[np.ndarray | None, float]:
+    """Per slice, its in-plane offset (columns, rows) in pixels from a stack along the normal, or
+    None when there is none worth resampling; and the angle of the stack to its normal."""
+    offsets = positions - positions[0] - np.outer(depths - depths[0], axes.normal)
+    shift_cols = offsets @ axes.row_dir / axes.col_spacing
+    shift_rows = offsets @ axes.col_dir / axes.row_spacing
     drift_mm = float(np.max(np.linalg.norm(offsets, axis=1)))
     extent = float(depths[-1] - depths[0])
     tilt_deg = float(np.degrees(np.arctan2(drift_mm, extent))) if extent > 0 else 0.0
-    shifts: np.ndarray | None = None
     if tilt_deg > _TILT_MIN_DEG and max(np.abs(shift_cols).max(), np.abs(shift_rows).max()) > 0.01:
-        shifts = np.stack([shift_cols, shift_rows], axis=1)
-        warnings.append(
-            f"the slices are stacked at {tilt_deg:.2f} degrees to their normal (gantry tilt); the volume was "
-            "resampled onto a grid along the slice normal"
-        )
+        return np.stack([shift_cols, shift_rows], axis=1), tilt_deg
+    return None, tilt_deg
 
-    lps = np.eye(4)
-    lps[:3, 0] = row_dir * col_spacing
-    lps[:3, 1] = col_dir * row_spacing
-    lps[:3, 2] = normal * step
-    lps[:3, 3] = origin
-    return StackGeometry(
-        order=kept,
-        shape=(first.columns, first.rows, len(kept)),
-        affine=_LPS_TO_RAS @ lps,
-        step_mm=step,
-        tilt_deg=tilt_deg if shifts is not None else 0.0,
-        shifts=shifts,
-        slice_of_plane=slice_of_plane,
-        dropped_duplicates=dropped,
-        warnings=warnings,
+
+def _tilt_warning(tilt_deg: float) -> str:
+    return (
+        f"the slices are stacked at {tilt_deg:.2f} degrees to their normal (gantry tilt); the volume was "
+        "resampled onto a grid along the slice normal"
     )
 
 
