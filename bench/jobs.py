@@ -21,15 +21,17 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import orjson
+from aiokafka import AIOKafkaProducer
 
 from consumer.dev.localstack import LocalStack, S3Ports, free_port, prepare_stack
 from consumer.observability.logs import configure_logging
 from consumer.service import Service
 from consumer.settings import Settings
+from consumer.storage import ObjectStore
 from consumer.transport.clients import make_producer
 from models.dicom_export import SeriesOptions, series_datasets, zip_series
 from models.evaluate import dice
-from models.phantom import generate_phantom, save_phantom
+from models.phantom import Phantom, generate_phantom, save_phantom
 from producer_tools.commands import EventFollower
 from schemas.jobs import Profile
 
@@ -46,11 +48,7 @@ async def bench(
     input_format: str = "nifti",
 ) -> None:
     phantom = generate_phantom(2024, shape, spacing)
-    if input_format == "dicom-zip":
-        scan = zip_series(series_datasets(phantom.image, phantom.affine, SeriesOptions()), workdir / "phantom.zip")
-    else:
-        scan = workdir / "phantom.nii.gz"
-        save_phantom(phantom, scan)
+    scan = _scan_file(phantom, input_format, workdir)
     stack = LocalStack(workdir / "stack", free_port(), S3Ports.free())
     stack.start()
     try:
@@ -80,33 +78,44 @@ async def bench(
         try:
             for profile in (Profile.FAST_DEBUG, Profile.PRODUCTION, Profile.RESEARCH):
                 for run in range(repeat + 1):
-                    job = f"bench-{profile.value}-{uuid.uuid4().hex[:8]}"
-                    async with EventFollower(settings) as follower:
-                        started = time.perf_counter()
-                        message = {"job_uuid": job, "input_object": key, "profile": profile.value}
-                        await producer.send_and_wait(settings.kafka_jobs_topic, orjson.dumps(message), key=job.encode())
-                        final = await follower.wait_final(job, 900)
-                        wall = time.perf_counter() - started
-                    if final is None or final["status"] != "completed":
-                        raise SystemExit(f"job {job} did not complete: {final}")
-                    if run == 0:
-                        continue  # warm-up
-                    result = orjson.loads(await store.get_bytes(final["results_object"]))
-                    mask = np.asanyarray(
-                        nib.Nifti1Image.from_bytes(
-                            gzip.decompress(await store.get_bytes(final["output_object"]))
-                        ).dataobj
-                    )
-                    score = dice(mask > 0, phantom.lesion_mask)
-                    steps = " ".join(f"{result['timings'].get(s, 0.0):>8.3f}" for s in STEPS)
-                    print(
-                        f"{profile.value:<11} {wall:>7.2f} {steps} {result['summary']['lesions_count']:>8} {score:>6.3f}"
-                    )
+                    line = await _one_job(settings, store, producer, key, profile, phantom)
+                    if run > 0:  # the first is a warm-up
+                        print(line)
         finally:
             await producer.stop()
             await service.stop()
     finally:
         stack.stop()
+
+
+def _scan_file(phantom: Phantom, input_format: str, workdir: Path) -> Path:
+    if input_format == "dicom-zip":
+        return zip_series(series_datasets(phantom.image, phantom.affine, SeriesOptions()), workdir / "phantom.zip")
+    path = workdir / "phantom.nii.gz"
+    save_phantom(phantom, path)
+    return path
+
+
+async def _one_job(
+    settings: Settings, store: ObjectStore, producer: AIOKafkaProducer, key: str, profile: Profile, phantom: Phantom
+) -> str:
+    """Publish one job and wait for its final event; the table row of its times and score."""
+    job = f"bench-{profile.value}-{uuid.uuid4().hex[:8]}"
+    async with EventFollower(settings) as follower:
+        started = time.perf_counter()
+        message = {"job_uuid": job, "input_object": key, "profile": profile.value}
+        await producer.send_and_wait(settings.kafka_jobs_topic, orjson.dumps(message), key=job.encode())
+        final = await follower.wait_final(job, 900)
+        wall = time.perf_counter() - started
+    if final is None or final["status"] != "completed":
+        raise SystemExit(f"job {job} did not complete: {final}")
+    result = orjson.loads(await store.get_bytes(final["results_object"]))
+    mask = np.asanyarray(
+        nib.Nifti1Image.from_bytes(gzip.decompress(await store.get_bytes(final["output_object"]))).dataobj
+    )
+    score = dice(mask > 0, phantom.lesion_mask)
+    steps = " ".join(f"{result['timings'].get(s, 0.0):>8.3f}" for s in STEPS)
+    return f"{profile.value:<11} {wall:>7.2f} {steps} {result['summary']['lesions_count']:>8} {score:>6.3f}"
 
 
 def main() -> None:

@@ -65,7 +65,7 @@ async def _dev(settings: Settings) -> None:
     await _serve(settings)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m consumer", description="The ML analysis service.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run against the configured Kafka and MinIO (environment variables)")
@@ -77,33 +77,37 @@ def main(argv: list[str] | None = None) -> int:
     dev.add_argument("--s3-port", type=int, default=9000)
     dev.add_argument("--http-port", type=int, default=None, help="default: HTTP_PORT or 8080")
     dev.add_argument("--data-dir", type=Path, default=Path(".dev"), help="S3 data and the stack's logs")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     if args.command == "token":
-        secret = _settings().ml_service_token.get_secret_value()
-        if not secret:
-            print("error: ML_SERVICE_TOKEN is not set", file=sys.stderr)
-            return 1
-        print(issue_token(secret, ttl_s=args.ttl, subject=args.subject))
-        return 0
-
+        return _token(args)
     if args.command == "serve":
-        settings = _settings()
-        configure_logging(settings.log_level, settings.log_format)
-        _check_security(settings)
-        asyncio.run(_serve(settings))
-        return 0
+        return _serve_command()
+    return _dev_command(args)
 
-    overrides: dict[str, object] = {
-        "kafka_bootstrap_servers": f"127.0.0.1:{args.kafka_port}",
-        "minio_endpoint": f"127.0.0.1:{args.s3_port}",
-        "minio_secure": False,
-        # A local trial on loopback: no secret needed (said in the log at start).
-        "ml_allow_insecure": True,
-    }
-    if args.http_port is not None:
-        overrides["http_port"] = args.http_port
-    settings = _settings(**overrides)
+
+def _token(args: argparse.Namespace) -> int:
+    secret = _settings().ml_service_token.get_secret_value()
+    if not secret:
+        print("error: ML_SERVICE_TOKEN is not set", file=sys.stderr)
+        return 1
+    print(issue_token(secret, ttl_s=args.ttl, subject=args.subject))
+    return 0
+
+
+def _serve_command() -> int:
+    settings = _settings()
+    configure_logging(settings.log_level, settings.log_format)
+    _check_security(settings)
+    asyncio.run(_serve(settings))
+    return 0
+
+
+def _dev_command(args: argparse.Namespace) -> int:
+    settings = _dev_settings(args)
     # Text for people by default in dev; LOG_FORMAT=json still wins when set.
     configure_logging(settings.log_level, settings.log_format if "LOG_FORMAT" in os.environ else "text")
     _check_security(settings)
@@ -133,3 +137,16 @@ def main(argv: list[str] | None = None) -> int:
         stack.stop()
         log.info("embedded stack stopped")
     return 0
+
+
+def _dev_settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, object] = {
+        "kafka_bootstrap_servers": f"127.0.0.1:{args.kafka_port}",
+        "minio_endpoint": f"127.0.0.1:{args.s3_port}",
+        "minio_secure": False,
+        # A local trial on loopback: no secret needed (said in the log at start).
+        "ml_allow_insecure": True,
+    }
+    if args.http_port is not None:
+        overrides["http_port"] = args.http_port
+    return _settings(**overrides)
