@@ -101,7 +101,7 @@ def _is_bare_dicom(path: Path, head: bytes) -> bool:
         return False
     try:
         read_header(path)
-    except Exception:
+    except Exception:  # noqa: BLE001 - whatever pydicom raises, the bytes are not a DICOM dataset
         return False
     return True
 

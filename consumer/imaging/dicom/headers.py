@@ -60,7 +60,7 @@ def read_header(path: Path) -> Dataset:
 def _header_or_none(path: Path) -> Dataset | None:
     try:
         return read_header(path)
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - pydicom raises many kinds for a damaged or foreign file: skip it
         log.debug("%s is not a readable DICOM file: %s", path.name, error)
         return None
 
