@@ -11,7 +11,7 @@ import contextlib
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ import orjson
 import pytest
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
 
 from consumer.auth import issue_token
 from consumer.dev.localstack import LocalStack, S3Ports, free_port, prepare_stack
@@ -48,6 +49,7 @@ class Backend:
     port: int
     calls: list[tuple[str, dict[str, str], dict[str, Any]]] = field(default_factory=list)
     runner: web.AppRunner | None = None
+    arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     @property
     def url(self) -> str:
@@ -56,6 +58,8 @@ class Backend:
     async def start(self) -> None:
         async def completion(request: web.Request) -> web.Response:
             self.calls.append((request.match_info["job"], dict(request.headers), await request.json()))
+            async with self.arrived:
+                self.arrived.notify_all()
             return web.json_response({"ok": True})
 
         app = web.Application()
@@ -71,6 +75,12 @@ class Backend:
 
     def calls_for(self, job: str) -> list[dict[str, Any]]:
         return [payload for job_id, _, payload in self.calls if job_id == job]
+
+    async def wait_for_call(self, job: str, timeout: float = 20.0) -> dict[str, Any]:
+        """The first callback for `job`, once it has arrived."""
+        async with asyncio.timeout(timeout), self.arrived:
+            await self.arrived.wait_for(lambda: bool(self.calls_for(job)))
+        return self.calls_for(job)[0]
 
 
 @pytest.fixture(scope="session")
@@ -148,26 +158,34 @@ class EventLog:
         self.by_job: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
+        self._partitions: list[TopicPartition] = []
+        self._read_to: dict[TopicPartition, int] = {}  # the offset after the last record read
+        self._arrived = asyncio.Condition()
 
     async def start(self) -> None:
         self._consumer = make_consumer(self.settings, None)
         await self._consumer.start()
         partitions = self._consumer.partitions_for_topic(self.topic) or set()
-        tps = [TopicPartition(self.topic, p) for p in partitions]
-        self._consumer.assign(tps)
-        await self._consumer.seek_to_beginning(*tps)
+        self._partitions = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+        self._consumer.assign(self._partitions)
+        await self._consumer.seek_to_beginning(*self._partitions)
         self._task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
         assert self._consumer is not None
         while True:
             batches = await self._consumer.getmany(timeout_ms=200)
-            for records in batches.values():
+            for tp, records in batches.items():
                 for record in records:
                     value = orjson.loads(record.value)
                     self.records.append(value)
                     if "job_uuid" in value:
                         self.by_job[value["job_uuid"]].append(value)
+                if records:
+                    self._read_to[tp] = records[-1].offset + 1
+            if batches:
+                async with self._arrived:
+                    self._arrived.notify_all()
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -175,14 +193,31 @@ class EventLog:
         if self._consumer is not None:
             await self._consumer.stop()
 
-    async def wait_for(self, predicate: Any, timeout: float = 120.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for record in self.records:
-                if predicate(record):
-                    return record
-            await asyncio.sleep(0.1)
-        raise AssertionError(f"nothing matched on {self.topic} within {timeout} s")
+    async def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 120.0) -> dict[str, Any]:
+        """The first record that matches, once it has arrived."""
+
+        def match() -> dict[str, Any] | None:
+            return next((record for record in self.records if predicate(record)), None)
+
+        try:
+            async with asyncio.timeout(timeout), self._arrived:
+                found = await self._arrived.wait_for(match)
+        except TimeoutError:
+            raise AssertionError(f"nothing matched on {self.topic} within {timeout} s") from None
+        assert found is not None
+        return found
+
+    async def caught_up(self, timeout: float = 30.0) -> None:
+        """Returns once every record on the topic at the time of the call has been read."""
+        assert self._consumer is not None
+        starts = await self._consumer.beginning_offsets(self._partitions)
+        ends = await self._consumer.end_offsets(self._partitions)
+
+        def done() -> bool:
+            return all(self._read_to.get(tp, starts[tp]) >= ends[tp] for tp in self._partitions)
+
+        async with asyncio.timeout(timeout), self._arrived:
+            await self._arrived.wait_for(done)
 
     async def final(self, job_uuid: str, timeout: float = 120.0) -> dict[str, Any]:
         return await self.wait_for(lambda e: e.get("job_uuid") == job_uuid and e.get("status") in FINAL, timeout)
@@ -257,6 +292,28 @@ def phantom_file(phantom: Phantom, tmp_path_factory: pytest.TempPathFactory) -> 
     path = tmp_path_factory.mktemp("phantom") / "phantom.nii.gz"
     save_phantom(phantom, path)
     return path
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of a Prometheus text page, by name and labels."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return out
+
+
+def value(metrics: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
+    return metrics.get((name, frozenset(labels.items())), 0.0)
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 30.0, what: str = "the condition") -> None:
+    """Wait for a condition nothing announces (a counter of the service under test)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not hold within {timeout} s")
+        await asyncio.sleep(0.05)
 
 
 def job_id() -> str:

@@ -34,6 +34,14 @@ def wait_healthy(port: int, process: subprocess.Popen[bytes], timeout: float = 9
     raise AssertionError("the dev service never became healthy")
 
 
+def lingers(process: psutil.Process) -> bool:
+    """Still running; a zombie has ended (nothing in a container may reap it)."""
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def test_dev_and_submit_wait(tmp_path: Path, phantom_file: Path) -> None:
     kafka, s3, http = free_port(), free_port(), free_port()
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{kafka}", "MINIO_ENDPOINT": f"127.0.0.1:{s3}"}
@@ -81,10 +89,8 @@ def test_dev_and_submit_wait(tmp_path: Path, phantom_file: Path) -> None:
 
         dev.send_signal(signal.SIGTERM)
         assert dev.wait(60) == 0
-        time.sleep(0.5)
-        assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE], (
-            "children left behind"
-        )
+        _, alive = psutil.wait_procs(children, timeout=10)
+        assert not [c for c in alive if lingers(c)], "children left behind"
     finally:
         if dev.poll() is None:
             dev.kill()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from models.bundle import Bundle, BundleError
 from models.engine import InferenceEngine, choose_device
@@ -46,7 +47,12 @@ def test_bundle_without_weights_is_refused(tmp_path: Path) -> None:
         Bundle.load(tmp_path)
 
 
-def test_device_is_cpu_without_cuda() -> None:
+def test_device_is_cpu_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ "auto" follows what torch finds, on any machine; "cpu" is the CPU even with a GPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert choose_device("auto").type == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert choose_device("auto").type == "cuda"
     assert choose_device("cpu").type == "cpu"
 
 

@@ -6,13 +6,15 @@ import json
 from pathlib import Path
 
 import jsonschema
+import nibabel as nib
+import numpy as np
 import orjson
 
 from consumer.service import Service
 from consumer.storage import ObjectStore
-from models.phantom import Phantom
+from models.phantom import Phantom, save_phantom
 from schemas.export import schema_path
-from tests.conftest import EventLog, job_id, upload_input
+from tests.conftest import EventLog, job_id, samples, upload_input, value
 
 
 def schema(name: str) -> dict:
@@ -113,11 +115,43 @@ async def test_health_reports_real_values(service: Service, http) -> None:
     assert body["model_name"] == "medical_segmentation_v1"
 
 
-async def test_metrics_count_jobs(service: Service, http) -> None:
+async def test_metrics_count_jobs(service: Service, store: ObjectStore, http, phantom_file: Path) -> None:
+    def completed(text: str) -> float:
+        return value(samples(text), "ml_jobs_total", status="completed", source="http", profile="fast_debug")
+
+    before = completed(await (await http.get("/metrics")).text())
+    job, key = await upload_input(store, phantom_file, "scan.nii.gz", "application/gzip")
+    assert (await http.post("/infer", json={"job_uuid": job, "input_object": key})).status == 200
     response = await http.get("/metrics")
     assert response.status == 200
     text = await response.text()
-    assert "ml_jobs_total" in text and "ml_model_loaded 1.0" in text
+    assert completed(text) == before + 1
+    assert value(samples(text), "ml_model_loaded") == 1
+
+
+async def test_infer_scores_against_a_reference_mask(
+    service: Service, store: ObjectStore, http, phantom: Phantom, phantom_file: Path, tmp_path: Path
+) -> None:
+    truth = tmp_path / "truth.nii.gz"
+    save_phantom(phantom, tmp_path / "image.nii.gz", truth)
+    job, key = await upload_input(store, phantom_file, "scan.nii.gz", "application/gzip")
+    reference = f"uploads/{job}/truth.nii.gz"
+    await store.put_file(reference, truth, "application/gzip")
+    response = await http.post("/infer", json={"job_uuid": job, "input_object": key, "reference_object": reference})
+    assert response.status == 200, await response.text()
+    result = orjson.loads(await store.get_bytes((await response.json())["results_object"]))
+    metrics = {m["name"]: m["value"] for m in result["metrics"]}
+    assert set(metrics) == {"dice_score", "sensitivity", "specificity", "volume_difference"}
+    assert metrics["dice_score"] >= 0.7 and "reference" in result["timings"]
+
+    # A reference on another grid is refused with its own code.
+    small = tmp_path / "small.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), dtype=np.uint8), np.eye(4)), small)
+    other = f"uploads/{job}/other.nii.gz"
+    await store.put_file(other, small, "application/gzip")
+    response = await http.post("/infer", json={"job_uuid": job_id(), "input_object": key, "reference_object": other})
+    assert response.status == 422
+    assert (await response.json())["error"]["code"] == "reference_mismatch"
 
 
 async def test_unknown_route_is_json_404(service: Service, http) -> None:

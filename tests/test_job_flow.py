@@ -13,16 +13,31 @@ import nibabel as nib
 import numpy as np
 import openpyxl
 import orjson
+from aiokafka.errors import CommitFailedError
 
 from consumer.auth import verify_token
+from consumer.dev.localstack import LocalStack
 from consumer.service import Service
 from consumer.storage import ObjectStore
+from consumer.transport.clients import ensure_topics
 from consumer.transport.dispatch import upload_job_id
 from models.evaluate import dice
 from models.phantom import Phantom
 from producer_tools.minio_events import minio_event
 from schemas.export import schema_path
-from tests.conftest import SECRET, Backend, EventLog, committed_offset, job_id, send_json, upload_input
+from tests.conftest import (
+    SECRET,
+    Backend,
+    EventLog,
+    committed_offset,
+    event_log,
+    eventually,
+    isolated_settings,
+    job_id,
+    send_json,
+    start_service,
+    upload_input,
+)
 
 
 def load_nifti(data: bytes) -> nib.Nifti1Image:
@@ -79,8 +94,8 @@ async def test_kafka_job_completes_with_outputs(
     assert [r[volume_col] for r in rows[1:]] == [f["volume"] for f in result["findings"]]
 
     # The backend heard about it, with the seed's payload.
-    await job_events.wait_for(lambda _: bool(backend.calls_for(job)), timeout=20)
-    _, headers, payload = next(c for c in backend.calls if c[0] == job)
+    payload = await backend.wait_for_call(job)
+    _, headers, _ = next(c for c in backend.calls if c[0] == job)
     # The callback carries a JWT signed with the shared secret, for this service's audience.
     scheme, token = headers["Authorization"].split(" ", 1)
     claims = verify_token(token, [SECRET])
@@ -92,18 +107,49 @@ async def test_kafka_job_completes_with_outputs(
 
 
 async def test_redelivered_job_overwrites_its_own_outputs(
-    service: Service, store: ObjectStore, producer, job_events: EventLog, phantom_file: Path
+    stack: LocalStack, store: ObjectStore, producer, phantom_file: Path
 ) -> None:
+    """A member runs a job but its commit never reaches the broker (as when the process dies
+    between the final event and the commit); the group's next member gets the same record, runs
+    the job again and overwrites the same objects."""
+    settings = isolated_settings(stack, f"redeliver-{job_id()[:8]}")
+    await ensure_topics(settings)
+    topic = settings.kafka_jobs_topic
     job, key = await upload_input(store, phantom_file, "scan.nii.gz", "application/gzip")
-    message = {"job_uuid": job, "input_object": key}
-    await send_json(producer, service.settings.kafka_jobs_topic, message, key=job)
-    first = await job_events.final(job)
-    await send_json(producer, service.settings.kafka_jobs_topic, message, key=job)
-    await job_events.wait_for(lambda e: e.get("job_uuid") == job and e["status"] == "completed" and e is not first)
-    finals = [e for e in job_events.by_job[job] if e["status"] == "completed"]
-    assert len(finals) == 2
-    assert finals[0]["output_object"] == finals[1]["output_object"]
-    assert finals[0]["summary"]["lesions_count"] == finals[1]["summary"]["lesions_count"]
+    async with event_log(settings, settings.kafka_job_events_topic) as events:
+        first = await start_service(settings)
+        try:
+
+            async def commit_lost(*args: object, **kwargs: object) -> None:
+                raise CommitFailedError("the commit was lost")
+
+            first.consumer.commit = commit_lost  # type: ignore[method-assign]
+            sent = await send_json(producer, topic, {"job_uuid": job, "input_object": key}, key=job)
+            first_final = await events.final(job)
+        finally:
+            await first.stop()
+        assert await committed_offset(settings, topic, sent.partition, sent.offset + 1, timeout=0) is None
+        first_result = orjson.loads(await store.get_bytes(first_final["results_object"]))
+
+        second = await start_service(settings)
+        try:
+            second_final = await events.wait_for(
+                lambda e: e.get("job_uuid") == job and e["status"] == "completed" and e is not first_final
+            )
+            committed = await committed_offset(settings, topic, sent.partition, sent.offset + 1)
+        finally:
+            await second.stop()
+
+    assert committed == sent.offset + 1
+    statuses = [e["status"] for e in events.by_job[job]]
+    assert statuses.count("accepted") == 2 and statuses.count("completed") == 2, statuses
+    outputs = ("output_object", "results_object", "report_object")
+    assert [second_final[name] for name in outputs] == [first_final[name] for name in outputs]
+    # The same keys, written again: the result JSON is the second run's, and nothing else was added.
+    second_result = orjson.loads(await store.get_bytes(second_final["results_object"]))
+    assert second_result["created_at"] > first_result["created_at"]
+    written = {obj.object_name for obj in store.client.list_objects(store.bucket, prefix=f"results/analysis_{job}")}
+    assert written == {first_final[name] for name in outputs}
 
 
 async def test_minio_upload_event_starts_a_job(
@@ -223,8 +269,7 @@ async def test_bytes_that_are_not_an_image_fail_with_a_code(
         assert final["status"] == "failed", final
         assert final["error"]["code"] == code, final
         assert final["error"]["retryable"] is False
-        await job_events.wait_for(lambda _, j=job: bool(backend.calls_for(j)), timeout=20)
-        assert backend.calls_for(job)[0]["error"]["code"] == code
+        assert (await backend.wait_for_call(job))["error"]["code"] == code
     health = await http.get("/health")
     assert health.status == 200 and (await health.json())["model_loaded"] is True
 
@@ -248,7 +293,7 @@ async def test_backend_down_does_not_fail_the_job(
         await send_json(producer, service.settings.kafka_jobs_topic, {"job_uuid": job, "input_object": key}, key=job)
         final = await job_events.final(job)
         assert final["status"] == "completed"
-        await job_events.wait_for(lambda _: service.notifier.failed > failed_before, timeout=30)
+        await eventually(lambda: service.notifier.failed > failed_before, what="the callback giving up")
         assert backend.calls_for(job) == []
     finally:
         await backend.start()

@@ -15,7 +15,6 @@ from typing import Any
 import orjson
 import pytest
 from aiokafka import TopicPartition
-from prometheus_client.parser import text_string_to_metric_families
 
 from consumer.dev.localstack import LocalStack
 from consumer.observability.logs import ContextFilter, JsonFormatter, log_context
@@ -25,19 +24,17 @@ from consumer.storage import ObjectStore
 from consumer.transport.clients import ensure_topics, make_consumer
 from schemas.api_docs import TOPICS
 from schemas.export import document_path
-from tests.conftest import SECRET, EventLog, isolated_settings, job_id, send_json, upload_input
-
-
-def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return out
-
-
-def value(metrics: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
-    return metrics.get((name, frozenset(labels.items())), 0.0)
+from tests.conftest import (
+    SECRET,
+    EventLog,
+    committed_offset,
+    isolated_settings,
+    job_id,
+    samples,
+    send_json,
+    upload_input,
+    value,
+)
 
 
 def cli_env(settings: Settings) -> dict[str, str]:
@@ -102,16 +99,20 @@ async def test_metrics_after_real_jobs(
     before = samples(await (await http.get("/metrics")).text())
     job, key = await upload_input(store, phantom_file, "scan.nii.gz", "application/gzip")
     assert (await http.post("/infer", json={"job_uuid": job, "input_object": key})).status == 200
-    await send_json(producer, service.settings.kafka_jobs_topic, b"{not json", key="broken")
+    settings = service.settings
+    broken = await send_json(producer, settings.kafka_jobs_topic, b"{not json", key="broken")
     failed = job_id()
-    await send_json(
+    failing = await send_json(
         producer,
-        service.settings.kafka_jobs_topic,
+        settings.kafka_jobs_topic,
         {"job_uuid": failed, "input_object": f"uploads/{failed}/nothing.nii.gz"},
         key=failed,
     )
     await job_events.final(failed)
-    await asyncio.sleep(1.5)  # one lag refresh
+    # Lag is read from committed offsets: once both records are committed, a refresh shows none.
+    for sent in (broken, failing):
+        assert await committed_offset(settings, sent.topic, sent.partition, sent.offset + 1) == sent.offset + 1
+    await service.lag_monitor.refresh()
     after = samples(await (await http.get("/metrics")).text())
 
     def grew(name: str, **labels: str) -> float:
