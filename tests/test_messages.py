@@ -1,15 +1,19 @@
-"""Decoding Kafka records into jobs: job messages and MinIO notifications (pure logic)."""
+"""Decoding Kafka records into jobs (job messages and MinIO notifications), and what the
+dispatcher does with a record: pure logic, with a stub in place of the broker."""
 
 from __future__ import annotations
 
 import orjson
 import pytest
+from aiokafka.structs import ConsumerRecord
 
 from consumer.errors import InvalidMessage
-from consumer.transport.dispatch import decode_job_message, decode_minio_event, upload_job_id
+from consumer.observability.metrics import ServiceMetrics
+from consumer.settings import Settings
+from consumer.transport.dispatch import RecordDispatcher, decode_job_message, decode_minio_event, upload_job_id
 from producer_tools.minio_events import minio_event
 from schemas.errors import ErrorCode
-from schemas.jobs import Profile
+from schemas.jobs import JobRequest, Profile, Source
 
 BUCKET = "californiagold"
 
@@ -94,3 +98,41 @@ def test_job_message_errors_carry_codes_and_details() -> None:
     assert bad_profile.value.code is ErrorCode.INVALID_MESSAGE
     assert bad_profile.value.details[0]["loc"] == ["profile"]
     assert "profile" in bad_profile.value.message
+
+
+class StubPublisher:
+    """Keeps the dead letters instead of sending them."""
+
+    def __init__(self) -> None:
+        self.dead_letters: list[tuple[ConsumerRecord[bytes, bytes], InvalidMessage]] = []
+
+    async def dead_letter(self, record: ConsumerRecord[bytes, bytes], error: InvalidMessage) -> None:
+        self.dead_letters.append((record, error))
+
+
+def kafka_record(topic: str, value: bytes, offset: int = 0) -> ConsumerRecord[bytes, bytes]:
+    return ConsumerRecord(topic, 0, offset, 0, 0, None, value, None, 0, len(value), ())
+
+
+async def test_dispatcher_runs_jobs_skips_notifications_and_dead_letters_the_rest() -> None:
+    settings = Settings()
+    ran: list[tuple[str, Source]] = []
+
+    async def run_job(job: JobRequest, source: Source) -> None:
+        ran.append((job.job_uuid, source))
+
+    publisher = StubPublisher()
+    metrics = ServiceMetrics()
+    dispatch = RecordDispatcher(settings, run_job, publisher, metrics)  # type: ignore[arg-type]
+    upload = minio_event(settings.minio_bucket, "uploads/b.nii.gz", size=1, etag="e")
+    elsewhere = minio_event(settings.minio_bucket, "other/c.nii.gz", size=1, etag="e")
+    await dispatch(kafka_record(settings.kafka_jobs_topic, b'{"job_uuid": "a", "input_object": "uploads/a.nii"}'))
+    await dispatch(kafka_record(settings.kafka_minio_events_topic, orjson.dumps(upload)))
+    await dispatch(kafka_record(settings.kafka_minio_events_topic, orjson.dumps(elsewhere)))
+    await dispatch(kafka_record(settings.kafka_jobs_topic, b"not json", offset=3))
+
+    assert ran == [("a", Source.KAFKA), (upload_job_id(settings.minio_bucket, "uploads/b.nii.gz", "e"), Source.MINIO)]
+    ((record, error),) = publisher.dead_letters
+    assert record.offset == 3 and error.code is ErrorCode.INVALID_JSON
+    assert metrics.skipped_events.labels("outside_uploads")._value.get() == 1
+    assert metrics.dead_letters.labels(settings.kafka_jobs_topic, "invalid_json")._value.get() == 1
