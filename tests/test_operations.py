@@ -110,8 +110,9 @@ async def test_metrics_after_real_jobs(
     )
     await job_events.final(failed)
     # Lag is read from committed offsets: once both records are committed, a refresh shows none.
-    for sent in (broken, failing):
-        assert await committed_offset(settings, sent.topic, sent.partition, sent.offset + 1) == sent.offset + 1
+    for sent in (broken, failing):  # possibly on one partition: then the later commit covers both
+        committed = await committed_offset(settings, sent.topic, sent.partition, sent.offset + 1)
+        assert committed is not None and committed > sent.offset, (sent, committed)
     await service.lag_monitor.refresh()
     after = samples(await (await http.get("/metrics")).text())
 
