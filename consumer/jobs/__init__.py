@@ -1,1 +1,1 @@
-"""One job, step by step: the runner, its events and result, output keys and encoders, the report, the backend callback."""
+"""One job, step by step: where jobs enter, the runner and its steps, events, result, outputs and report, the callback."""
