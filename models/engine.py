@@ -13,22 +13,25 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
+from monai.inferers import SlidingWindowInferer
 from monai.transforms import Invertd
 
 from models.bundle import BundleError, BundleSpec, first_line
-from models.device import autocast, choose_device, choose_precision
+from models.device import choose_device, choose_precision
 from models.labels import is_discrete, to_label_maps
 from models.network import build_network, bundle_imports
 from models.passes import FLIPS, NetworkOutput, ProgressFn, run_passes
 from models.pipeline import Data, Pipeline, StageError, scan_image
+from models.runtime import RuntimeChoice, RuntimeRequest, choose_runtime
 from schemas.jobs import Profile
 
 log = logging.getLogger(__name__)
@@ -67,17 +70,36 @@ class ProfileRun:
     flips: tuple[tuple[int, ...], ...]
 
 
+@dataclass(frozen=True)
+class EngineOptions:
+    """How engines run on this machine (ML_DEVICE, ML_PRECISION, ML_TORCH_THREADS, ML_RUNTIME)."""
+
+    device: str = "auto"
+    precision: str = "auto"
+    threads: int | None = None
+    runtime: str = "torch"
+    export_cache: Path = field(default_factory=lambda: Path.home() / ".cache" / "ml-service" / "exports")
+
+
 class InferenceEngine:
-    def __init__(self, spec: BundleSpec, device: str = "auto", precision: str = "auto", threads: int | None = None):
+    def __init__(self, spec: BundleSpec, options: EngineOptions | None = None):
         self.spec = spec
-        self.device = choose_device(device)
-        self.precision = choose_precision(self.device, precision)
-        self.runtime = "torch"
-        self._threads = threads
+        self.options = options or EngineOptions()
+        self.device = choose_device(self.options.device)
+        self._precision = choose_precision(self.device, self.options.precision)
+        self.choice: RuntimeChoice | None = None
         self._lock = threading.Lock()
         self._network: torch.nn.Module | None = None
         self._pipelines: OrderedDict[tuple[Profile, float | None], Pipeline] = OrderedDict()
         self.load_seconds = 0.0
+
+    @property
+    def runtime(self) -> str:
+        return self.choice.name if self.choice else "torch"
+
+    @property
+    def precision(self) -> str:
+        return self.choice.precision if self.choice else self._precision
 
     @property
     def name(self) -> str:
@@ -90,27 +112,45 @@ class InferenceEngine:
     def load(self) -> None:
         """Blocking: build the network on the device and every profile's pipeline."""
         started = time.perf_counter()
-        if self._threads:
-            torch.set_num_threads(self._threads)
+        if self.options.threads:
+            torch.set_num_threads(self.options.threads)
         with bundle_imports(self.spec.path):
             network = build_network(self.spec, self.spec.parser(self._base_overrides()), self.device)
         with self._lock:
             self._network = network
             for profile in Profile:
                 self._pipeline(profile, None)
+            self.choice = choose_runtime(network, self._runtime_request())
         self.load_seconds = time.perf_counter() - started
         log.info(
-            "model %s %s loaded on %s (%s) in %.2f s",
+            "model %s %s loaded on %s (%s, %s) in %.2f s",
             self.spec.name,
             self.spec.version,
             self.device,
+            self.runtime,
             self.precision,
             self.load_seconds,
+        )
+
+    def _runtime_request(self) -> RuntimeRequest:
+        inferer = self._pipeline(Profile.PRODUCTION, None).inferer
+        window = None
+        if isinstance(inferer, SlidingWindowInferer) and all(int(r) > 0 for r in inferer.roi_size):
+            window = (1, *(int(r) for r in inferer.roi_size))
+        return RuntimeRequest(
+            requested=self.options.runtime,
+            device=self.device,
+            precision=self._precision,
+            threads=torch.get_num_threads(),
+            cache_dir=self.options.export_cache,
+            weights_sha256=self.spec.weights.sha256,
+            input_shape=window,
         )
 
     def unload(self) -> None:
         with self._lock:
             self._network = None
+            self.choice = None
             self._pipelines.clear()
 
     def profile_run(self, profile: Profile, threshold: float | None) -> ProfileRun:
@@ -180,16 +220,14 @@ class InferenceEngine:
         progress: ProgressFn | None,
         timings: dict[str, float],
     ) -> Prediction:
-        assert self._network is not None
+        assert self.choice is not None
         pipeline = self._pipeline(profile, threshold)
         run = self.profile_run(profile, threshold)
         with _timer(timings, "preprocess"):
             batch = pipeline.batch(pipeline.preprocess(scan_image(volume, affine, header), "scan.nii.gz"))
             inputs = batch[pipeline.image_key].to(self.device)
         with _timer(timings, "network"):
-            output = run_passes(
-                pipeline, self._network, inputs, run.flips, progress, lambda: autocast(self.device, self.precision)
-            )
+            output = run_passes(pipeline, self.choice.predictor, inputs, run.flips, progress)
         with _timer(timings, "postprocess"):
             data, captured = self._postprocess(pipeline, batch, output, volume.shape)
             maps = to_label_maps(data["pred"], data.get("prob", captured), threshold)
@@ -257,7 +295,3 @@ def _timer(timings: dict[str, float], name: str) -> Iterator[None]:
         yield
     finally:
         timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - started, 4)
-
-
-def engine_factory(device: str, precision: str, threads: int | None) -> Callable[[BundleSpec], InferenceEngine]:
-    return lambda spec: InferenceEngine(spec, device, precision, threads)

@@ -76,7 +76,6 @@ def run_passes(
     inputs: torch.Tensor,
     flips: Sequence[tuple[int, ...]],
     progress: ProgressFn | None,
-    autocast: Callable[[], object],
 ) -> NetworkOutput:
     calls = expected_calls(pipeline.inferer, inputs.shape[2:])
 
@@ -89,8 +88,7 @@ def run_passes(
     moments: tuple[torch.Tensor, torch.Tensor] | None = None
     for index, dims in enumerate(flips):
         counter = _Counter(network, report_pass(index), calls)
-        with autocast():  # type: ignore[attr-defined]
-            out = pipeline.infer(torch.flip(inputs, dims) if dims else inputs, counter)
+        out = pipeline.infer(torch.flip(inputs, dims) if dims else inputs, counter)
         out = (torch.flip(out, dims) if dims else out).float()
         total = out if total is None else total.add_(out)
         if len(flips) > 1:

@@ -3,6 +3,7 @@ the tests with known answers, bad bundles, and the registry of several bundles."
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import warnings
@@ -15,11 +16,12 @@ import torch
 
 from models.bundle import BundleError, BundleSpec, label_names
 from models.device import choose_device, choose_precision
-from models.engine import InferenceEngine, InferenceFailed
+from models.engine import EngineOptions, InferenceEngine, InferenceFailed
 from models.evaluate import DEFAULT_BUNDLE
 from models.network import unwrap_state
 from models.phantom import generate_phantom
 from models.registry import ModelNotFound, ModelRegistry, parse_routes
+from models.runtime import RuntimeRequest, check_input, choose_runtime
 from schemas.jobs import Profile
 from tests.bundle_factory import (
     expected_labels,
@@ -32,7 +34,7 @@ from tests.bundle_factory import (
 
 
 def make_engine(path: Path) -> InferenceEngine:
-    engine = InferenceEngine(BundleSpec.load(path), device="cpu", precision="fp32", threads=2)
+    engine = InferenceEngine(BundleSpec.load(path), EngineOptions(device="cpu", precision="fp32", threads=2))
     engine.load()
     return engine
 
@@ -90,7 +92,7 @@ def test_prediction_is_in_the_input_grid(engine: InferenceEngine, small_phantom)
     prediction = engine.predict(small_phantom.image, small_phantom.affine, Profile.FAST_DEBUG, 0.55)
     assert prediction.labels.shape == small_phantom.image.shape and prediction.labels.dtype == np.uint8
     assert prediction.probability is not None and prediction.probability.dtype == np.float32
-    assert 0.0 <= prediction.probability.min() and prediction.probability.max() <= 1.0
+    assert prediction.probability.min() >= 0.0 and prediction.probability.max() <= 1.0
     assert prediction.label_names == {0: "background", 1: "lesion"}
     assert set(prediction.timings) == {"preprocess", "network", "postprocess"}
 
@@ -249,7 +251,7 @@ def test_registry_routes_and_bounds_loaded_models(tmp_path: Path) -> None:
     registry = ModelRegistry(
         tmp_path,
         ["ct_model", "mr_model"],
-        lambda spec: InferenceEngine(spec, "cpu", "fp32", 2),
+        lambda spec: InferenceEngine(spec, EngineOptions("cpu", "fp32", 2)),
         max_loaded=1,
         routes=parse_routes("mr:mr_model"),
     )
@@ -281,3 +283,61 @@ def test_bundle_without_any_weights_is_refused(tmp_path: Path) -> None:
 def test_phantom_refuses_a_field_of_view_too_small_for_an_abdomen() -> None:
     with pytest.raises(ValueError, match="field of view"):
         generate_phantom(7, (96, 80, 24), (0.9, 0.9, 2.5))
+
+
+class _BranchesOnTheInput(torch.nn.Module):
+    """Data-dependent control flow: a traced export keeps the branch of its example input only."""
+
+    def __init__(self, threshold: float) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 2, kernel_size=1)
+        self.threshold = threshold
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) if float(x.mean()) > self.threshold else -self.conv(x)
+
+
+def _runtime_request(tmp_path: Path, requested: str, network: torch.nn.Module) -> RuntimeRequest:
+    digest = hashlib.sha256(type(network).__name__.encode()).hexdigest()
+    return RuntimeRequest(requested, torch.device("cpu"), "fp32", 2, tmp_path, digest, (1, 32, 32, 32))
+
+
+def test_an_exported_runtime_must_agree_with_torch_and_is_cached(tmp_path: Path, engine: InferenceEngine) -> None:
+    network = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(4, 2, 1))
+    choice = choose_runtime(network, _runtime_request(tmp_path, "openvino", network))
+    assert choice.name == "openvino" and choice.agreement is not None and choice.agreement >= 0.999
+    x = torch.rand(3, 1, 32, 32, 32)  # any number of windows a call
+    with torch.inference_mode():
+        assert torch.allclose(choice.predictor(x), network(x), atol=1e-4)
+    assert list(tmp_path.glob("*openvino*.xml"))
+    # The second load reads the export from the cache instead of converting again.
+    import openvino
+
+    original = openvino.convert_model
+    openvino.convert_model = lambda *a, **k: (_ for _ in ()).throw(AssertionError("converted again"))
+    try:
+        again = choose_runtime(network, _runtime_request(tmp_path, "openvino", network))
+    finally:
+        openvino.convert_model = original
+    assert again.name == "openvino"
+
+
+def test_a_network_that_does_not_export_right_falls_back_to_torch(tmp_path: Path) -> None:
+    # The export traces one input, the agreement check runs another: between their means the
+    # branch taken differs, so the export disagrees with torch everywhere.
+    means = [float(check_input((1, 32, 32, 32), seed).mean()) for seed in (0, 1)]
+    network = _BranchesOnTheInput(sum(means) / 2)
+    for requested in ("openvino", "onnxruntime", "auto"):
+        choice = choose_runtime(network, _runtime_request(tmp_path / requested, requested, network))
+        assert choice.name == "torch", requested
+
+
+def test_engine_with_auto_runtime_gives_the_known_answer(bundles: Path, tmp_path: Path) -> None:
+    options = EngineOptions(device="cpu", precision="fp32", threads=2, runtime="auto", export_cache=tmp_path)
+    engine = InferenceEngine(BundleSpec.load(bundles / "intensity_labels"), options)
+    engine.load()
+    assert engine.runtime in ("torch", "openvino", "onnxruntime")
+    volume = intensity_volume()
+    assert np.array_equal(
+        engine.predict(volume, flipped_affine(), Profile.PRODUCTION, 0.5).labels, expected_labels(volume)
+    )
