@@ -71,7 +71,7 @@ class Finding(BaseModel):
 
 class Metric(BaseModel):
     name: str
-    value: float
+    value: float | None = Field(description="null when undefined (e.g. a surface distance to an empty mask)")
     description: str
 
 
