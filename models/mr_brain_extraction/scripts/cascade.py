@@ -11,6 +11,8 @@ service.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from monai.transforms.utils import get_largest_connected_component_mask
@@ -35,9 +37,8 @@ class DeepBetCascade(nn.Module):
         bbox_margin: float = 0.1,
     ) -> None:
         super().__init__()
-        # Loaded on the CPU whatever device they were saved from; the bundle's `network` moves them.
-        self.bbox_model = torch.jit.load(bbox_model_path, map_location="cpu").eval()
-        self.model = torch.jit.load(model_path, map_location="cpu").eval()
+        self.bbox_model = _load_torchscript(bbox_model_path)
+        self.model = _load_torchscript(model_path)
         self.coarse_shape = tuple(coarse_shape)
         self.fine_shape = tuple(fine_shape)
         self.bbox_margin = bbox_margin
@@ -56,6 +57,14 @@ class DeepBetCascade(nn.Module):
         brain = torch.zeros_like(volume)
         brain[box] = _resize(fine, brain[box].shape)
         return torch.stack((1.0 - brain, brain))[None].to(image.device)
+
+
+def _load_torchscript(path: str) -> torch.jit.ScriptModule:
+    """A TorchScript file on the CPU, whatever device it was saved from (the bundle's `network` moves it)."""
+    with warnings.catch_warnings():
+        # torch deprecates TorchScript, but these networks are published in no other form: nothing to act on.
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.* is deprecated", category=DeprecationWarning)
+        return torch.jit.load(path, map_location="cpu").eval()
 
 
 def _resize(volume: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
