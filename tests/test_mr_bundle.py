@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 import zipfile
 from pathlib import Path
 
@@ -150,7 +151,10 @@ def template() -> nib.Nifti1Image:
 
 @pytest.fixture(scope="module")
 def bundle_run(template: nib.Nifti1Image) -> BundleRun:
-    return BundleRun.load(BUNDLE_DIR)
+    run = BundleRun.load(BUNDLE_DIR)
+    # Its `scripts` package is the bundle's own: gone from sys.modules once the network is built.
+    assert not [name for name in sys.modules if name.split(".")[0] == "scripts"]
+    return run
 
 
 @pytest.mark.parametrize("grid", ["as shipped", "1.5 mm, axes permuted and flipped"])
