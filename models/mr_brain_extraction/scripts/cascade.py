@@ -81,7 +81,7 @@ def _bounding_box(coarse_mask: torch.Tensor, shape: torch.Size, margin: float) -
     """The box around the coarse brain, scaled to the full grid and widened by `margin` on each side.
 
     As deepbet does: the largest connected component only, and along each axis the slices of which
-    more than 2 % is brain, so that a stray bright rim does not stretch the box.
+    more than 2 % is brain, so that a few stray voxels do not stretch the box.
     """
     brain = get_largest_connected_component_mask(coarse_mask).float()
     box = []
