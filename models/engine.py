@@ -86,7 +86,11 @@ class InferenceEngine:
         self.spec = spec
         self.options = options or EngineOptions()
         self.device = choose_device(self.options.device)
-        self._precision = choose_precision(self.device, self.options.precision)
+        # A bundle that says `"amp": false` (the Model Zoo's key) was validated in fp32 only.
+        requested = (
+            "fp32" if spec.config.get("amp") is False and self.options.precision == "auto" else self.options.precision
+        )
+        self._precision = choose_precision(self.device, requested)
         self.choice: RuntimeChoice | None = None
         self._lock = threading.Lock()
         self._network: torch.nn.Module | None = None
