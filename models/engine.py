@@ -1,7 +1,9 @@
-"""The inference engine: loads a bundle once, chooses the device once, predicts lesion probability.
+"""The inference engine: one MONAI bundle loaded on one device, run on scans.
 
-`predict` is blocking and CPU/GPU bound: callers run it in a worker thread. One prediction
-runs at a time (a lock), because two would only fight over the same cores or GPU memory.
+`load` builds the network with its weights and instantiates the bundle's pipeline for every
+profile, so a broken bundle fails at start. `predict` is blocking and CPU/GPU bound: callers run
+it in a worker thread; one prediction runs at a time (a lock), because two would only fight over
+the same cores or GPU memory.
 """
 
 from __future__ import annotations
@@ -10,113 +12,284 @@ import contextlib
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
+from monai.data import MetaTensor
+from monai.inferers import SlidingWindowInferer
+from monai.transforms import Invertd
 
-from models.bundle import Bundle, ProfileConfig
-from models.geometry import ModelGrid, normalise_intensity
+from models.bundle import BundleError, BundleSpec, first_line
+from models.device import choose_device, choose_precision
+from models.labels import is_discrete, to_label_maps
+from models.network import build_network, bundle_imports
+from models.passes import FLIPS, NetworkOutput, ProgressFn, run_passes
+from models.pipeline import Data, Pipeline, StageError, scan_image
+from models.runtime import RuntimeChoice, RuntimeRequest, choose_runtime
 from schemas.jobs import Profile
 
 log = logging.getLogger(__name__)
 
+# What each profile asks of a sliding-window inferer, before the bundle's own profile overrides.
+PROFILE_INFERER: dict[Profile, dict[str, Any]] = {
+    Profile.FAST_DEBUG: {"overlap": 0.0, "mode": "constant"},
+    Profile.PRODUCTION: {"overlap": 0.25, "mode": "gaussian"},
+    Profile.RESEARCH: {"overlap": 0.5, "mode": "gaussian"},
+}
+TTA_PROFILES = frozenset({Profile.RESEARCH})
+# Keys of configs/profiles.json that the engine reads itself instead of passing to the config.
+ENGINE_KEYS = frozenset({"tta"})
+_PIPELINE_CACHE = 8
+
+
+class InferenceFailed(RuntimeError):
+    """A bundle failed on one scan; the message names the bundle and the stage."""
+
 
 @dataclass(frozen=True)
 class Prediction:
-    probability: np.ndarray  # float32 lesion probability, in the input array's own grid
-    profile: ProfileConfig
-    model_grid: tuple[int, int, int]  # the grid the network saw
-    timings: dict[str, float]
+    labels: np.ndarray  # uint8/uint16 label map on the input grid
+    probability: np.ndarray | None  # float32: of each voxel's label (foreground for background voxels)
+    uncertainty: np.ndarray | None  # float32 variance across test-time flips (research)
+    label_names: dict[int, str]
+    min_volume_mm3: float
+    timings: dict[str, float] = field(default_factory=dict)
 
 
-def choose_device(requested: str = "auto") -> torch.device:
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
+@dataclass(frozen=True)
+class ProfileRun:
+    """How one profile runs one bundle: config overrides and test-time flips."""
+
+    overrides: dict[str, Any]
+    flips: tuple[tuple[int, ...], ...]
 
 
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matmuls run in hardware instead of being emulated (slower than fp32)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags for flag in (" avx512_bf16", " amx_bf16"))
+@dataclass(frozen=True)
+class EngineOptions:
+    """How engines run on this machine (ML_DEVICE, ML_PRECISION, ML_TORCH_THREADS, ML_RUNTIME)."""
 
-
-def choose_precision(device: torch.device, requested: str = "auto") -> str:
-    if requested != "auto":
-        return requested
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_native_bf16() else "fp32"
+    device: str = "auto"
+    precision: str = "auto"
+    threads: int | None = None
+    runtime: str = "torch"
+    export_cache: Path = field(default_factory=lambda: Path.home() / ".cache" / "ml-service" / "exports")
 
 
 class InferenceEngine:
-    def __init__(self, bundle_dir: Path, device: str = "auto", precision: str = "auto", threads: int | None = None):
-        self.bundle_dir = bundle_dir
-        self.device = choose_device(device)
-        self.precision = choose_precision(self.device, precision)
-        self._threads = threads
+    def __init__(self, spec: BundleSpec, options: EngineOptions | None = None):
+        self.spec = spec
+        self.options = options or EngineOptions()
+        self.device = choose_device(self.options.device)
+        # A bundle that says `"amp": false` (the Model Zoo's key) was validated in fp32 only.
+        requested = (
+            "fp32" if spec.config.get("amp") is False and self.options.precision == "auto" else self.options.precision
+        )
+        self._precision = choose_precision(self.device, requested)
+        self.choice: RuntimeChoice | None = None
         self._lock = threading.Lock()
         self._network: torch.nn.Module | None = None
-        self.bundle: Bundle | None = None
+        self._pipelines: OrderedDict[tuple[Profile, float | None], Pipeline] = OrderedDict()
+        self.load_seconds = 0.0
+
+    @property
+    def runtime(self) -> str:
+        return self.choice.name if self.choice else "torch"
+
+    @property
+    def precision(self) -> str:
+        return self.choice.precision if self.choice else self._precision
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
     @property
     def loaded(self) -> bool:
         return self._network is not None
 
     def load(self) -> None:
-        """Blocking: read the bundle and put the network on the device."""
+        """Blocking: build the network on the device and every profile's pipeline."""
         started = time.perf_counter()
-        if self._threads:
-            torch.set_num_threads(self._threads)
-        bundle = Bundle.load(self.bundle_dir)
-        network = bundle.build_network().to(self.device).eval()
-        self.bundle, self._network = bundle, network
+        if self.options.threads:
+            torch.set_num_threads(self.options.threads)
+        with bundle_imports(self.spec.path):
+            network = build_network(self.spec, self.spec.parser(self._base_overrides()), self.device)
+        with self._lock:
+            self._network = network
+            for profile in Profile:
+                self._pipeline(profile, None)
+            self.choice = choose_runtime(network, self._runtime_request())
+        self.load_seconds = time.perf_counter() - started
         log.info(
-            "model %s %s loaded on %s (%s) in %.2f s",
-            bundle.name,
-            bundle.version,
+            "model %s %s loaded on %s (%s, %s) in %.2f s",
+            self.spec.name,
+            self.spec.version,
             self.device,
+            self.runtime,
             self.precision,
-            time.perf_counter() - started,
+            self.load_seconds,
         )
 
-    def _autocast(self) -> contextlib.AbstractContextManager[object]:
-        dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-        if self.precision not in dtypes:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=dtypes[self.precision])
+    def _runtime_request(self) -> RuntimeRequest:
+        inferer = self._pipeline(Profile.PRODUCTION, None).inferer
+        window = None
+        if isinstance(inferer, SlidingWindowInferer) and all(int(r) > 0 for r in inferer.roi_size):
+            window = (1, *(int(r) for r in inferer.roi_size))
+        return RuntimeRequest(
+            requested=self.options.runtime,
+            device=self.device,
+            precision=self._precision,
+            threads=torch.get_num_threads(),
+            cache_dir=self.options.export_cache,
+            weights_sha256=self.spec.weights.sha256,
+            input_shape=window,
+        )
 
-    def predict(self, volume: np.ndarray, affine: np.ndarray, profile: Profile) -> Prediction:
-        """Lesion probability for a 3-D volume (any orientation, any spacing)."""
-        if self._network is None or self.bundle is None:
-            raise RuntimeError("model not loaded")
-        config = self.bundle.profile(profile)
+    def unload(self) -> None:
+        with self._lock:
+            self._network = None
+            self.choice = None
+            self._pipelines.clear()
+
+    def profile_run(self, profile: Profile, threshold: float | None) -> ProfileRun:
+        overrides = self._base_overrides()
+        if str(self.spec.parser().get("inferer#_target_", "")).endswith("SlidingWindowInferer"):
+            overrides.update({f"inferer#{k}": v for k, v in PROFILE_INFERER[profile].items()})
+        own = self.spec.profiles.get(profile.value, {})
+        overrides.update({k: v for k, v in own.items() if k not in ENGINE_KEYS})
+        if threshold is not None and self._uses_threshold:
+            overrides["threshold"] = threshold
+        tta = bool(own.get("tta", profile in TTA_PROFILES))
+        return ProfileRun(overrides, FLIPS if tta else ((),))
+
+    @property
+    def _uses_threshold(self) -> bool:
+        return self.spec.has_id("threshold")
+
+    def _base_overrides(self) -> dict[str, Any]:
+        return {"device": self.device}
+
+    def _pipeline(self, profile: Profile, threshold: float | None) -> Pipeline:
+        key = (profile, threshold if self._uses_threshold else None)
+        pipeline = self._pipelines.get(key)
+        if pipeline is None:
+            parser = self.spec.parser(self.profile_run(profile, threshold).overrides)
+            with bundle_imports(self.spec.path):
+                try:
+                    pipeline = Pipeline.build(parser)
+                except Exception as error:
+                    raise BundleError(self.spec.name, f"{profile.value}: {first_line(error)}") from error
+            self._pipelines[key] = pipeline
+            while len(self._pipelines) > _PIPELINE_CACHE:
+                self._pipelines.popitem(last=False)
+        self._pipelines.move_to_end(key)
+        return pipeline
+
+    def min_volume_mm3(self, profile: Profile) -> float:
+        parser = self.spec.parser(self.profile_run(profile, None).overrides)
+        return float(parser.get("min_volume_mm3", 0.0) or 0.0)
+
+    def predict(
+        self,
+        volume: np.ndarray,
+        affine: np.ndarray,
+        profile: Profile,
+        threshold: float,
+        header: nib.Nifti1Header | None = None,
+        progress: ProgressFn | None = None,
+    ) -> Prediction:
+        """Labels (and probabilities) for a 3-D volume in any orientation and spacing."""
+        if self._network is None:
+            raise RuntimeError(f"model {self.spec.name} is not loaded")
         timings: dict[str, float] = {}
         with self._lock, torch.inference_mode():
-            with _timer(timings, "preprocess"):
-                grid = ModelGrid.for_input(volume.shape, affine, config.spacing_mm)
-                image = normalise_intensity(grid.to_model(volume, self.device), *self.bundle.intensity_window)
-            with _timer(timings, "network"), self._autocast():
-                logits = sliding_window_inference(
-                    image,
-                    roi_size=self.bundle.roi_size,
-                    sw_batch_size=config.sw_batch_size,
-                    predictor=self._network,
-                    overlap=config.overlap,
-                    mode=config.blend,
-                )
-            with _timer(timings, "postprocess"):
-                assert isinstance(logits, torch.Tensor)
-                probability = torch.sigmoid(logits.float())
-                result = grid.from_model(probability)
-        return Prediction(np.ascontiguousarray(result, dtype=np.float32), config, grid.size, timings)
+            try:
+                return self._predict(volume, affine, header, profile, threshold, progress, timings)
+            except StageError as error:
+                raise InferenceFailed(f"bundle {self.spec.name}: {error}") from error
+
+    def _predict(
+        self,
+        volume: np.ndarray,
+        affine: np.ndarray,
+        header: nib.Nifti1Header | None,
+        profile: Profile,
+        threshold: float,
+        progress: ProgressFn | None,
+        timings: dict[str, float],
+    ) -> Prediction:
+        assert self.choice is not None
+        pipeline = self._pipeline(profile, threshold)
+        run = self.profile_run(profile, threshold)
+        with _timer(timings, "preprocess"):
+            batch = pipeline.batch(pipeline.preprocess(scan_image(volume, affine, header), "scan.nii.gz"))
+            inputs = batch[pipeline.image_key].to(self.device)
+        with _timer(timings, "network"):
+            output = run_passes(pipeline, self.choice.predictor, inputs, run.flips, progress)
+        with _timer(timings, "postprocess"):
+            data, captured = self._postprocess(pipeline, batch, output, volume.shape)
+            maps = to_label_maps(data["pred"], data.get("prob", captured), threshold)
+            uncertainty = _inverted_uncertainty(pipeline, data)
+        if maps.labels.shape != volume.shape:
+            raise StageError(
+                "postprocessing",
+                ValueError(f"pred has shape {maps.labels.shape}, not the input's {volume.shape} (no Invertd?)"),
+            )
+        return Prediction(
+            labels=maps.labels,
+            probability=maps.probability,
+            uncertainty=uncertainty,
+            label_names=self.spec.labels,
+            min_volume_mm3=self.min_volume_mm3(profile),
+            timings=timings,
+        )
+
+    def _postprocess(
+        self, pipeline: Pipeline, batch: Data, output: NetworkOutput, shape: tuple[int, ...]
+    ) -> tuple[Data, Any]:
+        """Run the bundle's post-processing; also returns the last float `pred` seen on the input grid."""
+        batch["pred"] = output.logits
+        if output.uncertainty is not None:
+            batch["uncertainty"] = _like(output.logits, output.uncertainty)
+        captured: list[Any] = [None]
+
+        def watch(data: Data) -> None:
+            pred = data.get("pred")
+            on_grid = isinstance(pred, torch.Tensor) and tuple(pred.shape[1:]) == shape
+            if on_grid and not is_discrete(pred):
+                captured[0] = pred
+
+        data = pipeline.postprocess(batch, watch)
+        return data, captured[0]
+
+
+def _like(reference: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """`values` with the meta of `reference` (affine, batch), so MONAI's Invertd can invert it."""
+    if isinstance(reference, MetaTensor):
+        out = reference[:, :1].clone()
+        out.copy_(values)
+        return out
+    return values
+
+
+def _inverted_uncertainty(pipeline: Pipeline, data: Data) -> np.ndarray | None:
+    if "uncertainty" not in data:
+        return None
+    try:
+        inverted = Invertd(
+            keys="uncertainty", transform=pipeline.preprocessing, orig_keys=pipeline.image_key, nearest_interp=False
+        )(data)["uncertainty"]
+    except Exception as error:  # noqa: BLE001 - an uncertainty map is extra; the job goes on without it
+        log.warning("no uncertainty map: %s", first_line(error))
+        return None
+    plain = inverted.as_tensor() if isinstance(inverted, MetaTensor) else inverted
+    return np.asarray(plain[0].float().cpu().numpy(), dtype=np.float32)
 
 
 @contextlib.contextmanager
@@ -125,4 +298,4 @@ def _timer(timings: dict[str, float], name: str) -> Iterator[None]:
     try:
         yield
     finally:
-        timings[name] = timings.get(name, 0.0) + time.perf_counter() - started
+        timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - started, 4)

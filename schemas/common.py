@@ -57,3 +57,10 @@ SeriesUid = Annotated[
         max_length=64,
     ),
 ]
+ModelName = Annotated[
+    str,
+    Field(
+        description="A hosted model (bundle) name: 1-64 characters of [A-Za-z0-9._-]",
+        pattern=r"^[A-Za-z0-9._-]{1,64}$",
+    ),
+]

@@ -44,6 +44,7 @@ class ErrorCode(StrEnum):
     # The service and its dependencies.
     STORAGE_UNAVAILABLE = "storage_unavailable"
     MODEL_NOT_LOADED = "model_not_loaded"
+    MODEL_NOT_FOUND = "model_not_found"
     INFERENCE_FAILED = "inference_failed"
     OUTPUT_WRITE_FAILED = "output_write_failed"
     JOB_TIMEOUT = "job_timeout"

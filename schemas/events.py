@@ -43,6 +43,7 @@ class JobEvent(BaseModel):
     threshold: float | None = None
     model_name: str | None = None
     model_version: str | None = None
+    model_sha256: str | None = Field(default=None, description="sha256 of the model's weights")
     step: str | None = Field(default=None, description="running/progress: the step now under way")
     progress: float | None = Field(default=None, ge=0.0, le=1.0)
     # completed

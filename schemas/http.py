@@ -45,6 +45,20 @@ class HealthCheck(BaseModel):
     detail: str
 
 
+class ModelStatus(BaseModel):
+    """A hosted model: /health lists every one."""
+
+    name: str
+    version: str
+    task: str
+    labels: dict[str, str]
+    weights_sha256: str
+    loaded: bool
+    default: bool
+    runtime: str
+    precision: str
+
+
 class HealthResponse(BaseModel):
     model_config = ConfigDict(title="HealthResponse")
 
@@ -61,6 +75,7 @@ class HealthResponse(BaseModel):
     model_version: str | None
     device: str | None
     jobs_in_flight: int
+    models: list[ModelStatus] = Field(default_factory=list, description="Every hosted model; the first is the default")
 
 
 class ProbeResponse(BaseModel):

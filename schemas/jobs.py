@@ -7,7 +7,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.common import JobId, ObjectKey, SeriesUid
+from schemas.common import JobId, ModelName, ObjectKey, SeriesUid
 
 
 class Profile(StrEnum):
@@ -43,4 +43,9 @@ class JobRequest(BaseModel):
     series_uid: SeriesUid | None = Field(
         default=None,
         description="DICOM input: the SeriesInstanceUID to analyse; default: chosen by the series-selection rule",
+    )
+    model: ModelName | None = Field(
+        default=None,
+        description="The model (bundle) to run; default: the route for the scan's modality (ML_MODEL_ROUTES), "
+        "else the first of MODEL_NAME",
     )

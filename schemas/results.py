@@ -7,16 +7,28 @@ from pydantic import BaseModel, ConfigDict, Field
 from schemas.jobs import Profile
 
 
+class LabelVolume(BaseModel):
+    """One label of the model: how much of it there is."""
+
+    label: int
+    name: str
+    volume: float = Field(description="mm3")
+    volume_ml: float = Field(description="millilitres (cm3)")
+    count: int = Field(description="Findings (connected components) of this label")
+
+
 class Summary(BaseModel):
-    total_volume: float = Field(description="Total lesion volume in mm3")
-    lesions_count: int
-    confidence: float = Field(
+    total_volume: float = Field(description="Total volume of all findings in mm3")
+    lesions_count: int = Field(description="Findings of every label")
+    confidence: float | None = Field(
+        default=None,
         ge=0.0,
         le=1.0,
-        description="Volume-weighted mean lesion probability over the findings; with no findings, "
-        "1 - the highest lesion probability anywhere in the scan",
+        description="Volume-weighted mean of the findings' confidences; with no findings, 1 - the highest "
+        "foreground probability anywhere in the scan; null when the model gives labels without probabilities",
     )
     processing_time: float = Field(description="Seconds from job start to results written")
+    volumes: list[LabelVolume] = Field(default_factory=list, description="Per label of the model, background excluded")
 
 
 class Point(BaseModel):
@@ -36,10 +48,19 @@ class BoundingBox(BaseModel):
 
 class Finding(BaseModel):
     id: str
-    type: str = Field(description="'lesion'")
+    type: str = Field(description="The label's name (e.g. 'lesion', 'brain')")
+    label: int = Field(default=1, description="The label value in the mask")
     volume: float = Field(description="mm3")
-    confidence: float = Field(ge=0.0, le=1.0, description="Mean lesion probability inside the finding")
-    max_probability: float = Field(ge=0.0, le=1.0)
+    confidence: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="Mean probability of its label inside the finding; null when the model gives no probabilities",
+    )
+    max_probability: float | None = Field(default=None, ge=0.0, le=1.0)
+    uncertainty: float | None = Field(
+        default=None, ge=0.0, description="research: mean variance across test-time flips inside the finding"
+    )
     voxel_count: int
     location: Point = Field(description="Centroid in voxel indices of the input array (i, j, k)")
     location_mm: Point = Field(description="Centroid in scanner (RAS) millimetres, through the input's affine")
@@ -50,7 +71,7 @@ class Finding(BaseModel):
 
 class Metric(BaseModel):
     name: str
-    value: float
+    value: float | None = Field(description="null when undefined (e.g. a surface distance to an empty mask)")
     description: str
 
 
@@ -62,6 +83,10 @@ class Segmentation(BaseModel):
     affine: list[list[float]]
     orientation: str = Field(description="Axis codes of the input array, e.g. 'LPS'")
     threshold: float
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="Label value -> name of every value the mask may hold"
+    )
+    dtype: str = Field(default="uint8", description="uint8, or uint16 when the model has more than 255 labels")
     dicom_seg: str | None = Field(default=None, description="DICOM input: key of the DICOM SEG object")
 
 
@@ -70,6 +95,9 @@ class ModelInfo(BaseModel):
     version: str
     device: str
     precision: str
+    runtime: str = Field(default="torch", description="torch, openvino or onnxruntime")
+    weights_sha256: str | None = None
+    task: str | None = None
 
 
 class SeriesSummary(BaseModel):

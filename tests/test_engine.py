@@ -1,26 +1,47 @@
-"""The inference engine and its bundle, on the CPU."""
+"""The inference engine hosting MONAI bundles, on the CPU: the default bundle, bundles written by
+the tests with known answers, bad bundles, and the registry of several bundles."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
+import warnings
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
-from models.bundle import Bundle, BundleError
-from models.engine import InferenceEngine, choose_device
+from models.bundle import BundleError, BundleSpec, label_names
+from models.device import choose_device, choose_precision
+from models.engine import EngineOptions, InferenceEngine, InferenceFailed
 from models.evaluate import DEFAULT_BUNDLE
+from models.network import unwrap_state
 from models.phantom import generate_phantom
+from models.registry import ModelNotFound, ModelRegistry, parse_routes
+from models.runtime import RuntimeRequest, check_input, choose_runtime
 from schemas.jobs import Profile
+from tests.bundle_factory import (
+    expected_labels,
+    flipped_affine,
+    inference_config,
+    intensity_volume,
+    intensity_weights,
+    write_intensity_bundle,
+)
+
+
+def make_engine(path: Path) -> InferenceEngine:
+    engine = InferenceEngine(BundleSpec.load(path), EngineOptions(device="cpu", precision="fp32", threads=2))
+    engine.load()
+    return engine
 
 
 @pytest.fixture(scope="module")
 def engine() -> InferenceEngine:
-    loaded = InferenceEngine(DEFAULT_BUNDLE, device="cpu", threads=2)
-    loaded.load()
-    return loaded
+    return make_engine(DEFAULT_BUNDLE)
 
 
 @pytest.fixture(scope="module")
@@ -28,55 +49,64 @@ def small_phantom():  # type: ignore[no-untyped-def]
     return generate_phantom(77, (96, 96, 40), (1.6, 1.6, 3.0), lesion_count=(2, 2), lesion_diameter_mm=(15.0, 25.0))
 
 
-def test_bundle_is_a_monai_bundle() -> None:
-    bundle = Bundle.load(DEFAULT_BUNDLE)
-    assert bundle.name == "medical_segmentation_v1"
-    assert bundle.metadata["version"] == bundle.version
-    assert "network_data_format" in bundle.metadata
-    for profile in Profile:
-        config = bundle.profile(profile)
-        assert config.spacing_mm[0] > 0 and 0 <= config.overlap < 1
-    assert bundle.profile(Profile.FAST_DEBUG).spacing_mm > bundle.profile(Profile.PRODUCTION).spacing_mm
-    assert bundle.profile(Profile.FAST_DEBUG).overlap == 0.0
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("bundles")
+    write_intensity_bundle(root)
+    return root
+
+
+def test_default_bundle_is_a_standard_monai_bundle() -> None:
+    spec = BundleSpec.load(DEFAULT_BUNDLE)
+    assert spec.name == "medical_segmentation_v1" and spec.version == spec.metadata["version"]
+    for config_id in ("network_def", "preprocessing", "inferer", "postprocessing", "network"):
+        assert config_id in spec.config
+    assert spec.labels == {0: "background", 1: "lesion"}
+    assert spec.weights.state_dict == DEFAULT_BUNDLE / "models" / "model.pt"
+    assert len(spec.weights.sha256) == 64
     assert (DEFAULT_BUNDLE / "models" / "model.pt").stat().st_size < 8 * 2**20
 
 
-def test_bundle_without_weights_is_refused(tmp_path: Path) -> None:
-    shutil.copytree(DEFAULT_BUNDLE / "configs", tmp_path / "configs")
-    with pytest.raises(BundleError, match=r"model\.pt"):
-        Bundle.load(tmp_path)
-
-
-def test_device_is_cpu_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
-    """ "auto" follows what torch finds, on any machine; "cpu" is the CPU even with a GPU."""
+def test_device_and_precision_are_chosen_from_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert choose_device("auto").type == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert choose_device("auto").type == "cuda"
     assert choose_device("cpu").type == "cpu"
+    assert choose_precision(torch.device("cpu"), "fp32") == "fp32"
+    assert choose_precision(torch.device("cpu"), "auto") in ("fp32", "bf16")
+
+
+def test_profiles_map_to_inferer_settings(engine: InferenceEngine) -> None:
+    fast = engine.profile_run(Profile.FAST_DEBUG, 0.5)
+    production = engine.profile_run(Profile.PRODUCTION, 0.5)
+    research = engine.profile_run(Profile.RESEARCH, 0.5)
+    assert fast.overrides["inferer#overlap"] == 0.0 and production.overrides["inferer#overlap"] == 0.25
+    assert research.overrides["inferer#overlap"] == 0.5 and len(research.flips) == 4
+    assert len(production.flips) == 1 and production.overrides["threshold"] == 0.5
+    # The bundle's own profile overrides win over the service's defaults.
+    assert fast.overrides["spacing"] == BundleSpec.load(DEFAULT_BUNDLE).profiles["fast_debug"]["spacing"]
 
 
 def test_prediction_is_in_the_input_grid(engine: InferenceEngine, small_phantom) -> None:  # type: ignore[no-untyped-def]
-    prediction = engine.predict(small_phantom.image, small_phantom.affine, Profile.FAST_DEBUG)
-    probability = prediction.probability
-    assert probability.shape == small_phantom.image.shape
-    assert probability.dtype == np.float32
-    assert probability.min() >= 0.0 and probability.max() <= 1.0
+    prediction = engine.predict(small_phantom.image, small_phantom.affine, Profile.FAST_DEBUG, 0.55)
+    assert prediction.labels.shape == small_phantom.image.shape and prediction.labels.dtype == np.uint8
+    assert prediction.probability is not None and prediction.probability.dtype == np.float32
+    assert prediction.probability.min() >= 0.0 and prediction.probability.max() <= 1.0
+    assert prediction.label_names == {0: "background", 1: "lesion"}
     assert set(prediction.timings) == {"preprocess", "network", "postprocess"}
 
 
 def test_prediction_follows_the_anatomy_not_the_array_layout(engine: InferenceEngine, small_phantom) -> None:  # type: ignore[no-untyped-def]
     """The same scan stored with flipped and swapped axes gives the same answer in patient space."""
     image, affine = small_phantom.image, small_phantom.affine
-    base = engine.predict(image, affine, Profile.FAST_DEBUG).probability
-
-    # Swap the first two axes and flip the new first one; adjust the affine to match.
+    base = engine.predict(image, affine, Profile.FAST_DEBUG, 0.55).probability
     stored = np.flip(np.swapaxes(image, 0, 1), axis=0).copy()
     permute = np.array([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=float)
     flip = np.diag([-1.0, 1.0, 1.0, 1.0])
     flip[0, 3] = stored.shape[0] - 1
-    stored_affine = affine @ permute @ flip
-    other = engine.predict(stored, stored_affine, Profile.FAST_DEBUG).probability
+    other = engine.predict(stored, affine @ permute @ flip, Profile.FAST_DEBUG, 0.55).probability
+    assert base is not None and other is not None
     back = np.swapaxes(np.flip(other, axis=0), 0, 1)
     assert np.abs(back - base).max() < 1e-3
 
@@ -84,14 +114,230 @@ def test_prediction_follows_the_anatomy_not_the_array_layout(engine: InferenceEn
 def test_lesions_are_found(engine: InferenceEngine, small_phantom) -> None:  # type: ignore[no-untyped-def]
     from models.evaluate import dice
 
-    probability = engine.predict(small_phantom.image, small_phantom.affine, Profile.PRODUCTION).probability
-    assert dice(probability >= 0.55, small_phantom.lesion_mask) > 0.7
+    labels = engine.predict(small_phantom.image, small_phantom.affine, Profile.PRODUCTION, 0.55).labels
+    assert dice(labels > 0, small_phantom.lesion_mask) > 0.7
+
+
+def test_research_gives_an_uncertainty_map_and_progress(engine: InferenceEngine, small_phantom) -> None:  # type: ignore[no-untyped-def]
+    shares: list[float] = []
+    prediction = engine.predict(
+        small_phantom.image, small_phantom.affine, Profile.RESEARCH, 0.55, progress=shares.append
+    )
+    assert prediction.uncertainty is not None and prediction.uncertainty.shape == small_phantom.image.shape
+    assert prediction.uncertainty.min() >= 0.0 and prediction.uncertainty.max() > 0.0
+    assert shares == sorted(shares) and shares[-1] == pytest.approx(1.0)
+
+
+def test_engine_runs_the_bundle_as_monai_does(tmp_path: Path, engine: InferenceEngine, small_phantom) -> None:  # type: ignore[no-untyped-def]
+    """MONAI's own bundle runner and the service give the same mask for the default bundle."""
+    from monai.bundle import run
+
+    (tmp_path / "data").mkdir()
+    nib.save(nib.Nifti1Image(small_phantom.image, small_phantom.affine), tmp_path / "data" / "scan.nii.gz")
+    # A bundle is code: MONAI says so when it parses one, and the service trusts only MODEL_PATH.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(
+            config_file=str(DEFAULT_BUNDLE / "configs" / "inference.json"),
+            meta_file=str(DEFAULT_BUNDLE / "configs" / "metadata.json"),
+            bundle_root=str(DEFAULT_BUNDLE),
+            dataset_dir=str(tmp_path / "data"),
+            output_dir=str(tmp_path / "out"),
+            device="$torch.device('cpu')",
+            logging_file=False,
+        )
+    assert any("from a source you trust" in str(w.message) for w in caught)
+    monai_mask = np.asarray(nib.load(tmp_path / "out" / "scan_seg.nii.gz").dataobj).reshape(small_phantom.image.shape)
+    ours = engine.predict(small_phantom.image, small_phantom.affine, Profile.PRODUCTION, 0.55).labels
+    assert monai_mask.sum() > 0
+    assert np.array_equal(ours, monai_mask.astype(np.uint8))
+
+
+def test_a_model_zoo_bundle_gives_its_known_answer(bundles: Path) -> None:
+    engine = make_engine(bundles / "intensity_labels")
+    volume = intensity_volume()
+    prediction = engine.predict(volume, flipped_affine(), Profile.PRODUCTION, 0.5)
+    assert prediction.label_names == {0: "background", 1: "soft", 2: "dense"}
+    assert np.array_equal(prediction.labels, expected_labels(volume))
+    assert prediction.probability is not None
+    assert float(prediction.probability[expected_labels(volume) == 2].min()) > 0.9
+
+
+def test_each_bundle_keeps_its_own_scripts_package(tmp_path: Path) -> None:
+    """Two bundles whose code packages are both called `scripts`, with different networks."""
+    first = make_engine(write_intensity_bundle(tmp_path, "first"))
+    second_path = write_intensity_bundle(tmp_path, "second")
+    network_code = second_path / "scripts" / "network.py"
+    network_code.write_text(network_code.read_text().replace("return self.conv(x)", "return -self.conv(x)"))
+    second = make_engine(second_path)
+    volume = intensity_volume()
+    a = first.predict(volume, flipped_affine(), Profile.FAST_DEBUG, 0.5).labels
+    b = second.predict(volume, flipped_affine(), Profile.FAST_DEBUG, 0.5).labels
+    first.unload()
+    first.load()  # instantiated again: must find its own scripts, not the second bundle's
+    again = first.predict(volume, flipped_affine(), Profile.FAST_DEBUG, 0.5).labels
+    assert np.array_equal(a, expected_labels(volume)) and np.array_equal(again, a)
+    assert not np.array_equal(b, a)
+
+
+def test_a_transform_failing_on_a_scan_names_the_bundle_and_stage(bundles: Path) -> None:
+    engine = make_engine(bundles / "intensity_labels")
+    with pytest.raises(InferenceFailed, match=r"bundle intensity_labels: preprocessing 2 \(FailOnThin\) failed"):
+        engine.predict(np.zeros((20, 20, 2), np.float32), flipped_affine(), Profile.FAST_DEBUG, 0.5)
+
+
+def _broken(tmp_path: Path, case: str) -> Path:
+    if case == "missing metadata":
+        path = write_intensity_bundle(tmp_path, "broken")
+        (path / "configs" / "metadata.json").unlink()
+    elif case == "weights that do not fit":
+        weights = intensity_weights()
+        weights["conv.weight"] = torch.zeros(2, 1, 1, 1, 1)
+        path = write_intensity_bundle(tmp_path, "broken", weights=weights)
+    elif case == "unknown target":
+        config = inference_config()
+        config["postprocessing"]["transforms"][0]["_target_"] = "NoSuchTransformd"
+        path = write_intensity_bundle(tmp_path, "broken", config=config)
+    elif case == "config that does not parse":
+        path = write_intensity_bundle(tmp_path, "broken")
+        (path / "configs" / "inference.json").write_text('{"network_def": ')
+    else:
+        path = write_intensity_bundle(tmp_path, "broken")
+        (path / "models" / "model.pt").unlink()
+    return path
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing metadata", r"lacks configs/metadata\.json"),
+        ("weights that do not fit", r"the weights do not fit network_def"),
+        ("unknown target", r"NoSuchTransformd"),
+        ("config that does not parse", r"configs/inference\.json does not parse"),
+        ("missing weights", r"network_def cannot be built|lacks its weights|weights"),
+    ],
+)
+def test_bad_bundles_fail_at_load_with_one_line(tmp_path: Path, case: str, message: str) -> None:
+    path = _broken(tmp_path, case)
+    with pytest.raises(BundleError, match=message) as caught:
+        make_engine(path)
+    text = str(caught.value)
+    assert text.startswith("bundle broken: ") and "\n" not in text
+
+
+def test_checkpoints_are_unwrapped() -> None:
+    state = {"conv.weight": torch.zeros(1)}
+    assert unwrap_state({"model": state, "epoch": 3}, "model") == state
+    assert unwrap_state({"state_dict": state}, None) == state
+    assert unwrap_state({"module.conv.weight": torch.zeros(1)}, None) == state
+    assert unwrap_state(state, "model") == state
+
+
+def test_label_names_from_label_def_or_channel_def() -> None:
+    def meta(pred: dict[str, object]) -> dict[str, object]:
+        return {"network_data_format": {"outputs": {"pred": pred}}}
+
+    assert label_names(meta({"num_channels": 1, "channel_def": {"0": "spleen"}})) == {0: "background", 1: "spleen"}
+    assert label_names(meta({"num_channels": 2, "channel_def": {"0": "background", "1": "spleen"}})) == {
+        0: "background",
+        1: "spleen",
+    }
+    assert label_names(meta({"num_channels": 1, "label_def": {"1": "brain"}})) == {0: "background", 1: "brain"}
+
+
+def test_registry_routes_and_bounds_loaded_models(tmp_path: Path) -> None:
+    write_intensity_bundle(tmp_path, "ct_model", modality="CT")
+    write_intensity_bundle(tmp_path, "mr_model", modality="MR")
+    registry = ModelRegistry(
+        tmp_path,
+        ["ct_model", "mr_model"],
+        lambda spec: InferenceEngine(spec, EngineOptions("cpu", "fp32", 2)),
+        max_loaded=1,
+        routes=parse_routes("mr:mr_model"),
+    )
+    registry.load_all()
+    assert [card.loaded for card in registry.cards()] == [True, False]
+    assert registry.resolve(None, "MR") == "mr_model" and registry.resolve(None, "CT") == "ct_model"
+    assert registry.resolve(None, None) == "ct_model"
+    with pytest.raises(ModelNotFound, match="no model named 'nope'"):
+        registry.resolve("nope")
+    registry.engine("mr_model")
+    assert [card.loaded for card in registry.cards()] == [False, True]
+    assert registry.engine("ct_model").loaded and not registry.card("mr_model").loaded
+
+
+def test_registry_refuses_routes_to_models_it_does_not_load(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="ML_MODEL_ROUTES"):
+        ModelRegistry(tmp_path, ["a"], lambda spec: InferenceEngine(spec), routes={"MR": "b"})
+    with pytest.raises(ValueError, match="MODALITY:model_name"):
+        parse_routes("MR")
+
+
+def test_bundle_without_any_weights_is_refused(tmp_path: Path) -> None:
+    shutil.copytree(DEFAULT_BUNDLE / "configs", tmp_path / "configs")
+    with pytest.raises(BundleError, match=r"model\.pt"):
+        BundleSpec.load(tmp_path)
+    assert json.loads((tmp_path / "configs" / "metadata.json").read_text())["name"] == "medical_segmentation_v1"
 
 
 def test_phantom_refuses_a_field_of_view_too_small_for_an_abdomen() -> None:
-    import pytest
-
-    from models.phantom import generate_phantom
-
     with pytest.raises(ValueError, match="field of view"):
         generate_phantom(7, (96, 80, 24), (0.9, 0.9, 2.5))
+
+
+class _BranchesOnTheInput(torch.nn.Module):
+    """Data-dependent control flow: a traced export keeps the branch of its example input only."""
+
+    def __init__(self, threshold: float) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 2, kernel_size=1)
+        self.threshold = threshold
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) if float(x.mean()) > self.threshold else -self.conv(x)
+
+
+def _runtime_request(tmp_path: Path, requested: str, network: torch.nn.Module) -> RuntimeRequest:
+    digest = hashlib.sha256(type(network).__name__.encode()).hexdigest()
+    return RuntimeRequest(requested, torch.device("cpu"), "fp32", 2, tmp_path, digest, (1, 32, 32, 32))
+
+
+def test_an_exported_runtime_must_agree_with_torch_and_is_cached(tmp_path: Path, engine: InferenceEngine) -> None:
+    network = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(4, 2, 1))
+    choice = choose_runtime(network, _runtime_request(tmp_path, "openvino", network))
+    assert choice.name == "openvino" and choice.agreement is not None and choice.agreement >= 0.999
+    x = torch.rand(3, 1, 32, 32, 32)  # any number of windows a call
+    with torch.inference_mode():
+        assert torch.allclose(choice.predictor(x), network(x), atol=1e-4)
+    assert list(tmp_path.glob("*openvino*.xml"))
+    # The second load reads the export from the cache instead of converting again.
+    import openvino
+
+    original = openvino.convert_model
+    openvino.convert_model = lambda *a, **k: (_ for _ in ()).throw(AssertionError("converted again"))
+    try:
+        again = choose_runtime(network, _runtime_request(tmp_path, "openvino", network))
+    finally:
+        openvino.convert_model = original
+    assert again.name == "openvino"
+
+
+def test_a_network_that_does_not_export_right_falls_back_to_torch(tmp_path: Path) -> None:
+    # The export traces one input, the agreement check runs another: between their means the
+    # branch taken differs, so the export disagrees with torch everywhere.
+    means = [float(check_input((1, 32, 32, 32), seed).mean()) for seed in (0, 1)]
+    network = _BranchesOnTheInput(sum(means) / 2)
+    for requested in ("openvino", "onnxruntime", "auto"):
+        choice = choose_runtime(network, _runtime_request(tmp_path / requested, requested, network))
+        assert choice.name == "torch", requested
+
+
+def test_engine_with_auto_runtime_gives_the_known_answer(bundles: Path, tmp_path: Path) -> None:
+    options = EngineOptions(device="cpu", precision="fp32", threads=2, runtime="auto", export_cache=tmp_path)
+    engine = InferenceEngine(BundleSpec.load(bundles / "intensity_labels"), options)
+    engine.load()
+    assert engine.runtime in ("torch", "openvino", "onnxruntime")
+    volume = intensity_volume()
+    assert np.array_equal(
+        engine.predict(volume, flipped_affine(), Profile.PRODUCTION, 0.5).labels, expected_labels(volume)
+    )

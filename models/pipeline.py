@@ -1,0 +1,157 @@
+"""One bundle's own pre-processing, inferer and post-processing, instantiated for one profile.
+
+The bundle runs as MONAI runs it, with two differences the service needs: its leading
+`LoadImaged` reads the scan the service has already read (through an in-memory reader, so every
+option of that LoadImaged still applies), and writers in its post-processing are skipped (the
+service writes the outputs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.bundle import ConfigParser
+from monai.data import NibabelReader, decollate_batch, list_data_collate
+from monai.inferers import Inferer
+from monai.transforms import Compose, LoadImaged
+from monai.transforms.compose import execute_compose
+from monai.utils import ensure_tuple
+
+from models.bundle import first_line
+
+Data = dict[Hashable, Any]
+_WRITER_NAMES = ("SaveImage", "SaveImaged", "SaveClassificationd", "SaveClassification", "WriteFileMapping")
+
+
+class StageError(RuntimeError):
+    """A bundle transform failed on a scan; `stage` names which (e.g. 'postprocessing 2 (Invertd)')."""
+
+    def __init__(self, stage: str, error: BaseException):
+        super().__init__(f"{stage} failed: {type(error).__name__}: {first_line(error)}")
+        self.stage = stage
+
+
+class InMemoryReader(NibabelReader):
+    """A NibabelReader whose 'file' is an image already in memory: LoadImaged gives what it would
+    give for a NIfTI of that scan (meta, affine in RAS, channel handling), without a disk round trip."""
+
+    def __init__(self, image: nib.Nifti1Image, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.image = image
+
+    def verify_suffix(self, filename: Sequence[str] | str) -> bool:
+        return True
+
+    def read(self, data: Sequence[str] | str, **kwargs: Any) -> nib.Nifti1Image:
+        self.filenames = ensure_tuple(data)
+        return self.image
+
+
+@dataclass
+class Pipeline:
+    """The instantiated stages. Post-processing's `Invertd` refers to this very `preprocessing`
+    (MONAI matches transforms by identity), so the three always come from one parser."""
+
+    image_key: str
+    loader: LoadImaged
+    preprocessing: Compose
+    inferer: Inferer
+    postprocessing: list[tuple[str, Callable[[Data], Data]]]
+
+    @classmethod
+    def build(cls, parser: ConfigParser) -> Pipeline:
+        preprocessing = _as_compose(parser.get_parsed_content("preprocessing"))
+        inferer = parser.get_parsed_content("inferer")
+        post = _as_compose(parser.get_parsed_content("postprocessing"))
+        first = preprocessing.transforms[0] if preprocessing.transforms else None
+        loader = first if isinstance(first, LoadImaged) else LoadImaged(keys="image")
+        return cls(
+            image_key=str(loader.keys[0]),
+            loader=loader,
+            preprocessing=preprocessing,
+            inferer=inferer,
+            postprocessing=_stages(post),
+        )
+
+    def preprocess(self, image: nib.Nifti1Image, name: str) -> Data:
+        """The bundle's preprocessing of the scan, as if LoadImaged had read it from `name`."""
+        try:
+            data = self.loader({self.image_key: name}, InMemoryReader(image))
+        except Exception as error:
+            raise StageError("preprocessing 0 (LoadImaged)", error) from error
+        transforms = self.preprocessing.transforms
+        start = 1 if transforms and transforms[0] is self.loader else 0
+        for index in range(start, len(transforms)):
+            try:
+                data = execute_compose(
+                    data,
+                    transforms,
+                    map_items=self.preprocessing.map_items,
+                    unpack_items=self.preprocessing.unpack_items,
+                    start=index,
+                    end=index + 1,
+                    lazy=self.preprocessing.lazy,
+                    overrides=self.preprocessing.overrides,
+                )
+            except Exception as error:
+                raise StageError(f"preprocessing {index} ({type(transforms[index]).__name__})", error) from error
+        return dict(data)
+
+    def batch(self, data: Data) -> Data:
+        return dict(list_data_collate([data]))
+
+    def infer(self, inputs: torch.Tensor, network: Callable[..., Any]) -> torch.Tensor:
+        try:
+            return self.inferer(inputs, network)  # type: ignore[no-any-return]
+        except Exception as error:
+            raise StageError(f"inferer ({type(self.inferer).__name__})", error) from error
+
+    def postprocess(self, batch: Data, on_step: Callable[[Data], None] | None = None) -> Data:
+        """Decollate the batch and run the post-processing; `on_step` sees the data after each step."""
+        data: Data = decollate_batch(batch)[0]
+        for stage, transform in self.postprocessing:
+            try:
+                data = transform(data)
+            except Exception as error:
+                raise StageError(stage, error) from error
+            if on_step is not None:
+                on_step(data)
+        return data
+
+
+def _as_compose(item: Any) -> Compose:
+    if isinstance(item, Compose):
+        return item
+    return Compose(list(item) if isinstance(item, list | tuple) else [item])
+
+
+def _flatten(transforms: Sequence[Any]) -> list[Any]:
+    flat: list[Any] = []
+    for transform in transforms:
+        flat.extend(_flatten(transform.transforms) if isinstance(transform, Compose) else [transform])
+    return flat
+
+
+def is_writer(transform: object) -> bool:
+    return type(transform).__name__ in _WRITER_NAMES
+
+
+def _stages(post: Compose) -> list[tuple[str, Callable[[Data], Data]]]:
+    return [
+        (f"postprocessing {index} ({type(transform).__name__})", transform)
+        for index, transform in enumerate(_flatten(post.transforms))
+        if not is_writer(transform)
+    ]
+
+
+def scan_image(volume: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header | None) -> nib.Nifti1Image:
+    """The scan as the NIfTI image a bundle's LoadImaged would have read."""
+    image = nib.Nifti1Image(volume, affine, header)
+    image.set_sform(affine, code=1)
+    image.set_qform(affine, code=1)
+    return image

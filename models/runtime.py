@@ -1,0 +1,272 @@
+"""CPU inference runtimes: the network exported to OpenVINO or ONNX Runtime when that agrees with
+torch and is faster on this machine, else torch itself.
+
+`auto` decides at load, per bundle and per machine: the network is exported (or the export is
+read from a cache keyed by the weights' sha256, the runtime's version and the CPU), a fixed
+input is run through torch and the runtime, and the runtime is used only when at least 99.9 %
+of voxels get the same decision and it is faster. On CUDA, torch (with AMP) is always used.
+Networks that do not export (custom Python in forward, whole-volume inferers) stay on torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from models.bundle import first_line
+from models.device import autocast
+
+log = logging.getLogger(__name__)
+
+RUNTIMES = ("auto", "torch", "openvino", "onnxruntime")
+MIN_AGREEMENT = 0.999
+_OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+Predictor = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Exporter(Protocol):
+    name: str
+
+    def version(self) -> str: ...
+
+    def build(self, network: torch.nn.Module, example: torch.Tensor, cache: Path, precision: str) -> Predictor: ...
+
+
+@dataclass(frozen=True)
+class RuntimeChoice:
+    name: str  # torch | openvino | onnxruntime
+    precision: str
+    predictor: Predictor
+    agreement: float | None = None  # share of voxels with torch's decision, on the check input
+    speedup: float | None = None  # torch seconds / runtime seconds on the check input
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class RuntimeRequest:
+    requested: str
+    device: torch.device
+    precision: str
+    threads: int
+    cache_dir: Path
+    weights_sha256: str
+    input_shape: tuple[int, ...] | None  # (channels, *roi) of one window; None: no fixed window
+
+
+def cpu_signature() -> str:
+    """A short key for the CPU: exports and compiled blobs are not portable between CPU kinds."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
+    flags = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("flags")), "")
+    return hashlib.sha256(f"{model}|{flags}".encode()).hexdigest()[:12]
+
+
+def check_input(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """A fixed, smooth input in [0, 1] with blobs: closer to an image than white noise, so
+    decisions are not coin flips on which runtimes may legitimately differ."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.rand((1, *shape), generator=generator)
+    smooth = torch.nn.functional.avg_pool3d(noise, kernel_size=5, stride=1, padding=2)
+    return ((smooth - smooth.min()) / (smooth.max() - smooth.min() + 1e-6)).float()
+
+
+def decisions(logits: torch.Tensor) -> torch.Tensor:
+    return logits.max(1).indices if logits.shape[1] > 1 else logits[:, 0] > 0
+
+
+def torch_predictor(network: torch.nn.Module, device: torch.device, precision: str) -> Predictor:
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        with autocast(device, precision):
+            return network(x)  # type: ignore[no-any-return]
+
+    return predict
+
+
+def choose_runtime(network: torch.nn.Module, request: RuntimeRequest) -> RuntimeChoice:
+    torch_choice = RuntimeChoice(
+        "torch", request.precision, torch_predictor(network, request.device, request.precision)
+    )
+    if request.device.type != "cpu" or request.requested == "torch":
+        return torch_choice
+    if request.input_shape is None:
+        return _keep_torch(torch_choice, request, "the bundle's inferer has no fixed window to export for")
+    names = ["openvino", "onnxruntime"] if request.requested == "auto" else [request.requested]
+    for name in names:
+        choice = _try(name, network, request, torch_choice)
+        if choice is not None:
+            return choice
+    return _keep_torch(
+        torch_choice, request, "no runtime both exported and agreed with torch (and was faster, for auto)"
+    )
+
+
+def _keep_torch(choice: RuntimeChoice, request: RuntimeRequest, reason: str) -> RuntimeChoice:
+    if request.requested not in ("auto", "torch"):
+        log.warning("ML_RUNTIME=%s not used: %s; running torch", request.requested, reason)
+    return RuntimeChoice(choice.name, choice.precision, choice.predictor, reason=reason)
+
+
+def _try(
+    name: str, network: torch.nn.Module, request: RuntimeRequest, reference: RuntimeChoice
+) -> RuntimeChoice | None:
+    exporter = _exporter(name)
+    if exporter is None:
+        log.info("runtime %s is not installed", name)
+        return None
+    assert request.input_shape is not None
+    # Exported from one input and checked on another: a trace that froze data-dependent
+    # behaviour into constants shows up as disagreement.
+    example, check = check_input(request.input_shape, seed=1), check_input(request.input_shape, seed=0)
+    window = "x".join(str(v) for v in request.input_shape)
+    cache = request.cache_dir / f"{request.weights_sha256[:16]}-{window}-{name}-{exporter.version()}-{cpu_signature()}"
+    try:
+        with warnings.catch_warnings():
+            # Exporters trace the network and warn about what tracing cannot see (and that
+            # tracing itself is deprecated); the agreement check below is what decides.
+            warnings.simplefilter("ignore")
+            predictor = exporter.build(network, example, cache, request.precision)
+    except Exception as error:  # noqa: BLE001 - exporters raise many types; torch stays the answer
+        log.warning("runtime %s: the network does not export (%s); running torch", name, first_line(error))
+        return None
+    truth = torch_predictor(network, request.device, "fp32")
+    try:
+        agreement, speedup = _compare(truth, reference.predictor, predictor, check)
+    except Exception as error:  # noqa: BLE001 - an export that cannot even run its check input
+        log.warning("runtime %s: the export does not run (%s); running torch", name, first_line(error))
+        return None
+    # `auto` takes a runtime only when it is faster; a runtime asked for by name only has to agree.
+    if agreement < MIN_AGREEMENT or (request.requested == "auto" and speedup <= 1.0):
+        log.warning(
+            "runtime %s not used: %.4f %% of voxels agree with torch, %.2fx its speed",
+            name,
+            100 * agreement,
+            speedup,
+        )
+        return None
+    log.info("runtime %s: %.4f %% agreement with torch, %.2fx faster", name, 100 * agreement, speedup)
+    precision = "fp32" if name == "onnxruntime" else request.precision  # ONNX Runtime's CPU provider: fp32
+    return RuntimeChoice(name, precision, predictor, agreement, speedup)
+
+
+def _timed(predictor: Predictor, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    predictor(x)  # the first call of any runtime pays for allocation and kernel selection
+    started = time.perf_counter()
+    out = predictor(x)
+    return out.float(), time.perf_counter() - started
+
+
+def _compare(truth: Predictor, reference: Predictor, candidate: Predictor, x: torch.Tensor) -> tuple[float, float]:
+    """Agreement with torch in fp32 (the decisions the weights were validated with), and the
+    speed against torch in the precision it would run in otherwise."""
+    with torch.inference_mode():
+        expected = truth(x).float()
+        _, torch_s = _timed(reference, x)
+        got, runtime_s = _timed(candidate, x)
+    if got.shape != expected.shape:
+        return 0.0, 0.0
+    agreement = float((decisions(expected) == decisions(got)).float().mean())
+    return agreement, torch_s / max(runtime_s, 1e-9)
+
+
+def _exporter(name: str) -> Exporter | None:
+    try:
+        if name == "openvino":
+            return OpenVinoExporter()
+        if name == "onnxruntime":
+            return OnnxRuntimeExporter()
+    except ImportError:
+        return None
+    raise ValueError(f"unknown runtime {name!r}; one of {', '.join(RUNTIMES)}")
+
+
+def _plain(x: torch.Tensor) -> np.ndarray:
+    plain = x.as_tensor() if hasattr(x, "as_tensor") else x
+    return np.ascontiguousarray(plain.detach().float().cpu().numpy())
+
+
+class OpenVinoExporter:
+    name = "openvino"
+
+    def __init__(self) -> None:
+        import openvino
+
+        self.ov: Any = openvino
+
+    def version(self) -> str:
+        return str(self.ov.__version__).split("-")[0]
+
+    def build(self, network: torch.nn.Module, example: torch.Tensor, cache: Path, precision: str) -> Predictor:
+        xml = cache.with_suffix(".xml")
+        core = self.ov.Core()
+        if xml.is_file():
+            model = core.read_model(str(xml))
+        else:
+            shape = self.ov.PartialShape([-1, *example.shape[1:]])  # any number of windows a call
+            model = self.ov.convert_model(network.cpu(), example_input=example, input=[shape])
+            xml.parent.mkdir(parents=True, exist_ok=True)
+            self.ov.save_model(model, str(xml))
+        compiled = core.compile_model(
+            model,
+            "CPU",
+            {
+                "INFERENCE_PRECISION_HINT": _OV_PRECISION.get(precision, "f32"),
+                "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+                "CACHE_DIR": str(cache.parent / "openvino-blobs"),
+            },
+        )
+
+        def predict(x: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(compiled(_plain(x))[0]).to(x.device)
+
+        return predict
+
+
+class OnnxRuntimeExporter:
+    name = "onnxruntime"
+
+    def __init__(self) -> None:
+        import onnxruntime
+
+        self.ort: Any = onnxruntime
+
+    def version(self) -> str:
+        return str(self.ort.__version__)
+
+    def build(self, network: torch.nn.Module, example: torch.Tensor, cache: Path, precision: str) -> Predictor:
+        path = cache.with_suffix(".onnx")
+        if not path.is_file():
+            buffer = io.BytesIO()
+            # The TorchScript-based exporter: it needs no onnxscript and handles MONAI's UNets.
+            torch.onnx.export(
+                network.cpu(),
+                (example,),
+                buffer,
+                dynamo=False,
+                input_names=["input"],
+                output_names=["output"],
+                dynamic_axes={"input": {0: "windows"}, "output": {0: "windows"}},
+            )
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(buffer.getvalue())
+        options = self.ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        session = self.ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+        def predict(x: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(session.run(None, {"input": _plain(x)})[0]).to(x.device)
+
+        del precision  # the CPU provider runs the graph in fp32
+        return predict
