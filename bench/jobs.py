@@ -39,6 +39,10 @@ from schemas.jobs import Profile
 STEPS = ("fetch", "read", "infer", "analyse")
 
 
+def _models(service: Service) -> str:
+    return "; ".join(f"{c.name} on {c.device} ({c.runtime}, {c.precision})" for c in service.models.cards())
+
+
 async def bench(
     shape: tuple[int, int, int],
     spacing: tuple[float, float, float],
@@ -69,8 +73,7 @@ async def bench(
         producer = make_producer(settings)
         await producer.start()
         print(
-            f"phantom {shape} at {spacing} mm as {input_format}, {phantom.lesion_count} lesions; device {service.engine.device} "
-            f"({service.engine.precision}), torch threads {__import__('torch').get_num_threads()}"
+            f"phantom {shape} at {spacing} mm as {input_format}, {phantom.lesion_count} lesions; {_models(service)}, torch threads {__import__('torch').get_num_threads()}"
         )
         header = f"{'profile':<11} {'wall s':>7} " + " ".join(f"{s:>8}" for s in STEPS) + f" {'lesions':>8} {'dice':>6}"
         print(header)

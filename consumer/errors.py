@@ -74,6 +74,19 @@ class ModelNotLoaded(TransientError):
     code = ErrorCode.MODEL_NOT_LOADED
 
 
+class ModelNotFound(JobError):
+    """The job names a model this service does not host."""
+
+    code = ErrorCode.MODEL_NOT_FOUND
+    http_status = 404
+
+
+class InferenceError(JobError):
+    """The model failed on this scan; the message names the bundle and the stage."""
+
+    code = ErrorCode.INFERENCE_FAILED
+
+
 class JobTimeout(JobError):
     code = ErrorCode.JOB_TIMEOUT
     http_status = 504

@@ -28,18 +28,34 @@ from consumer.transport.dispatch import RecordDispatcher
 from consumer.transport.lag import LagMonitor
 from consumer.transport.publisher import EventPublisher
 from consumer.transport.worker import KafkaWorker
-from models.engine import InferenceEngine
+from models.engine import EngineOptions, InferenceEngine
+from models.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
+
+
+def build_registry(settings: Settings) -> ModelRegistry:
+    options = EngineOptions(
+        device=settings.ml_device,
+        precision=settings.ml_precision,
+        threads=settings.ml_torch_threads,
+        runtime=settings.ml_runtime,
+        export_cache=settings.ml_export_cache,
+    )
+    return ModelRegistry(
+        settings.model_path,
+        settings.model_names,
+        lambda spec: InferenceEngine(spec, options),
+        max_loaded=settings.ml_max_loaded_models,
+        routes=settings.hosted_routes,
+    )
 
 
 class Service:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.metrics = ServiceMetrics()
-        self.engine = InferenceEngine(
-            settings.model_dir, settings.ml_device, settings.ml_precision, settings.ml_torch_threads
-        )
+        self.models = build_registry(settings)
         self.store = ObjectStore.from_settings(settings)
         self.producer = make_producer(settings)
         self.publisher = EventPublisher(self.producer, settings.kafka_job_events_topic, settings.kafka_dlq_topic)
@@ -50,7 +66,7 @@ class Service:
             settings.callback_max_attempts,
             on_give_up=self.metrics.callbacks_failed.inc,
         )
-        runner = JobRunner(settings, self.store, self.engine, self.publisher, self.notifier, self.metrics)
+        runner = JobRunner(settings, self.store, self.models, self.publisher, self.notifier, self.metrics)
         self.jobs = JobSlots(runner, settings.ml_max_concurrent_jobs)
         self.consumer = make_consumer(settings, settings.kafka_group_id)
         self.worker = KafkaWorker(
@@ -65,9 +81,8 @@ class Service:
             store=self.store,
             group=self.consumer,
             group_id=settings.kafka_group_id,
-            engine=self.engine,
+            models=self.models,
             jobs=self.jobs,
-            model_name=settings.model_name,
         )
         self._worker_task: asyncio.Task[None] | None = None
         self._lag_task: asyncio.Task[None] | None = None
@@ -77,7 +92,7 @@ class Service:
         self.metrics.rebalances.inc()
 
     async def start(self) -> None:
-        await asyncio.to_thread(self.engine.load)
+        await asyncio.to_thread(self.models.load_all)
         self.metrics.model_loaded.set(1)
         await self.producer.start()
         await self.consumer.start()

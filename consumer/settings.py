@@ -5,12 +5,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas.jobs import Profile
 
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+
+
+def parse_routes(text: str) -> dict[str, str]:
+    """`MR:mr_brain_extraction,CT:medical_segmentation_v1` -> {"MR": ..., "CT": ...}."""
+    routes: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        modality, sep, name = item.partition(":")
+        if not sep or not modality.strip() or not name.strip():
+            raise ValueError(f"a model route is MODALITY:model_name, not {item!r}")
+        routes[modality.strip().upper()] = name.strip()
+    return routes
 
 
 class Settings(BaseSettings):
@@ -56,9 +67,15 @@ class Settings(BaseSettings):
     ml_shutdown_grace_s: float = 60.0
     ml_max_job_attempts: int = Field(default=3, ge=1)
 
-    # The model bundle: MODEL_PATH/MODEL_NAME.
+    # The model bundles: MODEL_PATH/<name> for every name of MODEL_NAME (comma-separated; the
+    # first is the default), a job's model by modality when it names none, at most
+    # ML_MAX_LOADED_MODELS loaded at once (default: all), the CPU runtime and its export cache.
     model_path: Path = DEFAULT_MODELS_DIR
-    model_name: str = "medical_segmentation_v1"
+    model_name: str = "medical_segmentation_v1,mr_brain_extraction"
+    ml_model_routes: str = Field(default="MR:mr_brain_extraction", description="MODALITY:model,...")
+    ml_max_loaded_models: int | None = Field(default=None, ge=1)
+    ml_runtime: Literal["auto", "torch", "openvino", "onnxruntime"] = "auto"
+    ml_export_cache: Path = Path.home() / ".cache" / "ml-service" / "exports"
 
     # Kafka.
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
@@ -100,8 +117,27 @@ class Settings(BaseSettings):
         ]
 
     @property
-    def model_dir(self) -> Path:
-        return self.model_path / self.model_name
+    def model_names(self) -> list[str]:
+        return [name.strip() for name in self.model_name.split(",") if name.strip()]
+
+    @property
+    def model_routes(self) -> dict[str, str]:
+        return parse_routes(self.ml_model_routes)
+
+    @model_validator(mode="after")
+    def _models_fit_together(self) -> Settings:
+        if not self.model_names:
+            raise ValueError("MODEL_NAME names no model")
+        # Routes may name only hosted models; an operator who narrows MODEL_NAME drops them too.
+        unknown = sorted(set(self.model_routes.values()) - set(self.model_names))
+        if unknown and "ml_model_routes" in self.model_fields_set:
+            raise ValueError(f"ML_MODEL_ROUTES names models MODEL_NAME does not host: {', '.join(unknown)}")
+        return self
+
+    @property
+    def hosted_routes(self) -> dict[str, str]:
+        """The routes to models that MODEL_NAME hosts (the default route drops out when its model is not)."""
+        return {modality: name for modality, name in self.model_routes.items() if name in self.model_names}
 
     @property
     def consumed_topics(self) -> tuple[str, str]:

@@ -33,23 +33,13 @@ class ModelCard:
     name: str
     version: str
     task: str
+    modality: str | None
     labels: dict[int, str]
     weights_sha256: str
     loaded: bool
     device: str
     precision: str
     runtime: str
-
-
-def parse_routes(text: str) -> dict[str, str]:
-    """`MR:mr_brain_extraction,CT:medical_segmentation_v1` -> {"MR": ..., "CT": ...}."""
-    routes: dict[str, str] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        modality, sep, name = item.partition(":")
-        if not sep or not modality.strip() or not name.strip():
-            raise ValueError(f"a model route is MODALITY:model_name, not {item!r}")
-        routes[modality.strip().upper()] = name.strip()
-    return routes
 
 
 class ModelRegistry:
@@ -149,6 +139,7 @@ def card(engine: InferenceEngine) -> ModelCard:
         name=spec.name,
         version=spec.version,
         task=spec.task,
+        modality=spec.modality,
         labels=spec.labels,
         weights_sha256=spec.weights.sha256,
         loaded=engine.loaded,

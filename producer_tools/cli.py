@@ -52,6 +52,7 @@ async def _cmd_submit(settings: Settings, args: argparse.Namespace) -> int:
         timeout=args.timeout,
         job_uuid=args.job_uuid,
         series_uid=args.series_uid,
+        model=args.model,
     )
     if not args.wait:
         _print_json(message)
@@ -160,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", default="uploads", help="key prefix of the upload (default uploads)")
     p.add_argument("--job-uuid", help="default: a new UUID")
     p.add_argument("--series-uid", help="DICOM input: the SeriesInstanceUID to analyse (default: the selection rule)")
+    p.add_argument("--model", help="the model (bundle) to run; default: by the scan's modality, else the first hosted")
     p.set_defaults(run=_cmd_submit)
 
     p = sub.add_parser("upload", help="upload a file; optionally publish MinIO's upload event")

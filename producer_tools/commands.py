@@ -126,6 +126,7 @@ async def submit(
     timeout: float,
     job_uuid: str | None = None,
     series_uid: str | None = None,
+    model: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Upload, publish the job message; with wait, return the final event too (None on timeout)."""
     job = job_uuid or new_job_id()
@@ -138,6 +139,8 @@ async def submit(
         message["threshold"] = threshold
     if series_uid:
         message["series_uid"] = series_uid
+    if model:
+        message["model"] = model
     if not wait:
         await publish(settings, settings.kafka_jobs_topic, job, message)
         return message, None

@@ -51,6 +51,11 @@ class JobEvent(BaseModel):
     results_object: str | None = None
     report_object: str | None = None
     seg_object: str | None = Field(default=None, description="DICOM input: key of the DICOM SEG object")
+    preview_object: str | None = Field(default=None, description="PNG montage of slices through the findings")
+    uncertainty_object: str | None = Field(
+        default=None, description="research: voxel-wise variance across test-time flips (NIfTI)"
+    )
+    cached: bool | None = Field(default=None, description="completed: a finished identical job's result was reused")
     file_size: int | None = Field(default=None, description="Size of the mask object in bytes")
     file_name: str | None = None
     duration_seconds: float | None = None

@@ -25,12 +25,14 @@ from pydicom.uid import (
 )
 
 from consumer.errors import InputError
-from consumer.imaging.dicom.seg import SEGMENT_LABEL, build_seg
+from consumer.imaging.dicom.seg import build_seg
 from consumer.imaging.limits import ReadLimits
 from consumer.imaging.scans import Scan, ScanFormat, read_scan
 from models.dicom_export import SeriesOptions, series_datasets, zip_series
 from models.phantom import Phantom, generate_phantom
 from schemas.errors import ErrorCode
+
+LESION = {0: "background", 1: "lesion"}
 
 LIMITS = ReadLimits(max_voxels=512**3)
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -331,7 +333,7 @@ def test_enhanced_multiframe_ct_reads_from_per_frame_positions(small: Phantom, t
     # And the SEG references the one multi-frame source with a frame per non-empty slice.
     assert scan.dicom is not None
     seg = hd.seg.Segmentation.from_dataset(
-        pydicom.dcmread(io.BytesIO(build_seg(small.lesion_mask, scan.dicom, "job-mf", "model", "1.0")))
+        pydicom.dcmread(io.BytesIO(build_seg(small.lesion_mask, scan.dicom, "job-mf", "model", "1.0", LESION)))
     )
     assert seg.NumberOfFrames == int(np.count_nonzero(small.lesion_mask.any(axis=(0, 1))))
 
@@ -351,7 +353,7 @@ def test_seg_references_the_source_and_lies_on_its_slices(small: Phantom, tilt: 
     scan = read(zipped(tmp_path, datasets), tmp_path)
     assert scan.dicom is not None
     mask = small.lesion_mask
-    raw = build_seg(mask, scan.dicom, "job-seg", "medical_segmentation_v1", "1.2.3")
+    raw = build_seg(mask, scan.dicom, "job-seg", "medical_segmentation_v1", "1.2.3", LESION)
     assert raw[128:132] == b"DICM"
     seg = hd.seg.segread(io.BytesIO(raw))
     assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"
@@ -363,7 +365,7 @@ def test_seg_references_the_source_and_lies_on_its_slices(small: Phantom, tilt: 
     by_uid = {ds.SOPInstanceUID: ds for ds in datasets}
     assert {item.ReferencedSOPInstanceUID for item in referenced.ReferencedInstanceSequence} <= set(by_uid)
     segment = seg.SegmentSequence[0]
-    assert segment.SegmentLabel == SEGMENT_LABEL
+    assert segment.SegmentLabel == "lesion"
     assert segment.SegmentAlgorithmName == "medical_segmentation_v1"
     assert segment.SegmentationAlgorithmIdentificationSequence[0].AlgorithmVersion == "1.2.3"
     # Only non-empty frames, each on the plane of a source slice (the tilted slices included).
@@ -384,5 +386,7 @@ def test_seg_references_the_source_and_lies_on_its_slices(small: Phantom, tilt: 
     else:
         assert back.sum() == pytest.approx(mask.sum(), rel=0.05)
     # The same job writes the same object (same UIDs), so a redelivered job replaces it.
-    again = pydicom.dcmread(io.BytesIO(build_seg(mask, scan.dicom, "job-seg", "medical_segmentation_v1", "1.2.3")))
+    again = pydicom.dcmread(
+        io.BytesIO(build_seg(mask, scan.dicom, "job-seg", "medical_segmentation_v1", "1.2.3", LESION))
+    )
     assert (again.SOPInstanceUID, again.SeriesInstanceUID) == (seg.SOPInstanceUID, seg.SeriesInstanceUID)

@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 import torch
 
+from consumer.settings import parse_routes
 from models.bundle import BundleError, BundleSpec, label_names
 from models.device import choose_device, choose_precision
 from models.engine import EngineOptions, InferenceEngine, InferenceFailed
 from models.evaluate import DEFAULT_BUNDLE
 from models.network import unwrap_state
 from models.phantom import generate_phantom
-from models.registry import ModelNotFound, ModelRegistry, parse_routes
+from models.registry import ModelNotFound, ModelRegistry
 from models.runtime import RuntimeRequest, check_input, choose_runtime
 from schemas.jobs import Profile
 from tests.bundle_factory import (

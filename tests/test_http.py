@@ -141,8 +141,22 @@ async def test_infer_scores_against_a_reference_mask(
     assert response.status == 200, await response.text()
     result = orjson.loads(await store.get_bytes((await response.json())["results_object"]))
     metrics = {m["name"]: m["value"] for m in result["metrics"]}
-    assert set(metrics) == {"dice_score", "sensitivity", "specificity", "volume_difference"}
+    assert set(metrics) == {
+        "dice_score",
+        "sensitivity",
+        "specificity",
+        "volume_difference",
+        "hausdorff_distance",
+        "hausdorff_distance_95",
+        "average_surface_distance",
+        "lesions_true_positive",
+        "lesions_false_positive",
+        "lesions_false_negative",
+    }
     assert metrics["dice_score"] >= 0.7 and "reference" in result["timings"]
+    # A good mask lies within a few voxels of the reference's surface everywhere.
+    assert metrics["hausdorff_distance_95"] is not None and metrics["hausdorff_distance_95"] < 10.0
+    assert metrics["lesions_true_positive"] >= 1
 
     # A reference on another grid is refused with its own code.
     small = tmp_path / "small.nii.gz"

@@ -86,7 +86,18 @@ async def test_kafka_job_completes_with_outputs(
     assert abs(total - predicted.sum() * voxel_mm3) < 0.01 * total + 1e-6
 
     book = openpyxl.load_workbook(io.BytesIO(await store.get_bytes(final["report_object"])), read_only=True)
-    assert book.sheetnames == ["Summary", "Findings"]
+    assert book.sheetnames == ["Summary", "Labels", "Findings", "Preview"]
+    labels = list(book["Labels"].iter_rows(values_only=True))
+    assert labels[1][:3] == (1, "lesion", result["summary"]["lesions_count"])
+    # The model that ran is named with its version and weights, in the result, event and report.
+    model = result["model"]
+    assert model["name"] == final["model_name"] == "medical_segmentation_v1"
+    assert len(model["weights_sha256"]) == 64 and final["model_sha256"] == model["weights_sha256"]
+    summary_rows = dict(r[:2] for r in book["Summary"].iter_rows(values_only=True))
+    assert summary_rows["Model weights (sha256)"] == model["weights_sha256"]
+    # The preview is a PNG beside the outputs, listed in the result and the event.
+    assert final["preview_object"] == result["outputs"]["preview"] == f"results/analysis_{job}.preview.png"
+    assert (await store.get_bytes(final["preview_object"])).startswith(b"\x89PNG")
     rows = list(book["Findings"].iter_rows(values_only=True))
     assert rows[0][0] == "ID" and "Volume (mm³)" in rows[0]
     assert [r[0] for r in rows[1:]] == [f["id"] for f in result["findings"]]
@@ -143,7 +154,7 @@ async def test_redelivered_job_overwrites_its_own_outputs(
     assert committed == sent.offset + 1
     statuses = [e["status"] for e in events.by_job[job]]
     assert statuses.count("accepted") == 2 and statuses.count("completed") == 2, statuses
-    outputs = ("output_object", "results_object", "report_object")
+    outputs = ("output_object", "results_object", "report_object", "preview_object")
     assert [second_final[name] for name in outputs] == [first_final[name] for name in outputs]
     # The same keys, written again: the result JSON is the second run's, and nothing else was added.
     second_result = orjson.loads(await store.get_bytes(second_final["results_object"]))

@@ -1,6 +1,6 @@
 """What /health, /health/live and /health/ready report: one check per dependency.
 
-The checks get what they look at (the bucket, the group membership, the engine, the job slots),
+The checks get what they look at (the bucket, the group membership, the models, the job slots),
 never the whole service.
 """
 
@@ -15,9 +15,9 @@ from aiokafka import TopicPartition
 
 from consumer.jobs.slots import JobSlots
 from consumer.storage import ObjectStore
-from models.engine import InferenceEngine
+from models.registry import ModelRegistry
 from schemas.api_docs import VERSION
-from schemas.http import CheckStatus, HealthCheck, HealthResponse, ProbeResponse
+from schemas.http import CheckStatus, HealthCheck, HealthResponse, ModelStatus, ProbeResponse
 
 # A health probe every few seconds must not become a storage load test.
 _STORAGE_CACHE_S = 5.0
@@ -48,16 +48,14 @@ class HealthChecks:
         store: ObjectStore,
         group: GroupMembership,
         group_id: str,
-        engine: InferenceEngine,
+        models: ModelRegistry,
         jobs: JobSlots,
-        model_name: str,
     ):
         self.store = store
         self.group = group
         self.group_id = group_id
-        self.engine = engine
+        self.models = models
         self.jobs = jobs
-        self.model_name = model_name  # what the settings name, until a bundle is loaded
         self.started_monotonic = time.monotonic()
         self._storage: tuple[float, HealthCheck] | None = None
 
@@ -94,14 +92,34 @@ class HealthChecks:
         )
 
     def model(self) -> HealthCheck:
-        engine = self.engine
-        if engine.loaded and engine.bundle is not None:
-            return HealthCheck(status=CheckStatus.OK, detail=f"{engine.bundle.name} {engine.bundle.version} loaded")
-        return HealthCheck(status=CheckStatus.FAILING, detail="model not loaded")
+        cards = self.models.cards()
+        if not self.models.ready:
+            return HealthCheck(status=CheckStatus.FAILING, detail="models not loaded yet")
+        loaded = ", ".join(f"{c.name} {c.version}" + ("" if c.loaded else " (unloaded, reloads on use)") for c in cards)
+        return HealthCheck(status=CheckStatus.OK, detail=loaded)
 
     def device(self) -> HealthCheck:
-        engine = self.engine
-        return HealthCheck(status=CheckStatus.OK, detail=f"{engine.device} ({engine.precision})")
+        cards = self.models.cards()
+        if not cards:
+            return HealthCheck(status=CheckStatus.OK, detail="no model loaded yet")
+        runs = ", ".join(f"{c.name}: {c.device} {c.runtime} {c.precision}" for c in cards)
+        return HealthCheck(status=CheckStatus.OK, detail=runs)
+
+    def model_statuses(self) -> list[ModelStatus]:
+        return [
+            ModelStatus(
+                name=card.name,
+                version=card.version,
+                task=card.task,
+                labels={str(k): v for k, v in card.labels.items()},
+                weights_sha256=card.weights_sha256,
+                loaded=card.loaded,
+                default=card.name == self.models.default,
+                runtime=card.runtime,
+                precision=card.precision,
+            )
+            for card in self.models.cards()
+        ]
 
     async def report(self) -> HealthResponse:
         checks = {
@@ -116,24 +134,27 @@ class HealthChecks:
             status = "degraded"
         else:
             status = "healthy"
-        engine = self.engine
+        models = self.model_statuses()
+        default = next((m for m in models if m.default), None)
+        cards = self.models.cards()
         return HealthResponse(
             status=status,  # type: ignore[arg-type]
             checks=checks,
-            model_loaded=engine.loaded,
+            model_loaded=self.models.ready,
             version=VERSION,
             uptime=round(time.monotonic() - self.started_monotonic, 3),
             memory_usage=memory_usage(),
-            model_name=engine.bundle.name if engine.bundle else self.model_name,
-            model_version=engine.bundle.version if engine.bundle else None,
-            device=str(engine.device),
+            model_name=self.models.default,
+            model_version=default.version if default else None,
+            device=cards[0].device if cards else None,
             jobs_in_flight=self.jobs.in_flight,
+            models=models,
         )
 
     def readiness(self) -> ProbeResponse:
         """Ready to take work: the model is loaded and the consumer has joined its group."""
         reasons = []
-        if not self.engine.loaded:
+        if not self.models.ready:
             reasons.append("model not loaded")
         if not self.joined:
             reasons.append("consumer has not joined its group (no partitions assigned)")

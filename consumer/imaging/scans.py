@@ -59,6 +59,11 @@ class Scan:
     dicom: DicomSource | None = None
 
     @property
+    def modality(self) -> str | None:
+        """DICOM Modality of the series read (CT, MR); None for NIfTI, which does not say."""
+        return self.dicom.selection.chosen.modality if self.dicom else None
+
+    @property
     def warnings(self) -> list[str]:
         return list(self.dicom.warnings) if self.dicom else []
 

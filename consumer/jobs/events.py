@@ -22,6 +22,7 @@ def job_event(
         threshold=ctx.threshold,
         model_name=ctx.model.name,
         model_version=ctx.model.version,
+        model_sha256=ctx.model.weights_sha256,
         step=step,
         progress=progress,
     )
@@ -34,6 +35,8 @@ def completed_event(ctx: JobContext, written: Written, duration: float) -> JobEv
             "results_object": ctx.keys.results,
             "report_object": ctx.keys.report,
             "seg_object": written.seg_key,
+            "preview_object": written.result.outputs.get("preview"),
+            "uncertainty_object": written.result.outputs.get("uncertainty"),
             "file_size": written.mask_bytes,
             "file_name": ctx.keys.mask.rsplit("/", 1)[-1],
             "duration_seconds": duration,

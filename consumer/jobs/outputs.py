@@ -24,6 +24,7 @@ RESULTS_PREFIX = "results/"
 _MASK_SUFFIXES = (".nii.gz", ".nii")
 CONTENT_TYPES = {
     "nifti": "application/gzip",
+    "png": "image/png",
     "json": "application/json",
     "xlsx": "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
     "dicom": "application/dicom",
@@ -36,6 +37,8 @@ class OutputKeys:
     results: str
     report: str
     seg: str  # written for DICOM input only
+    preview: str
+    uncertainty: str  # written by research (test-time flips) only
 
     @classmethod
     def for_job(cls, request: JobRequest) -> OutputKeys:
@@ -48,55 +51,93 @@ class OutputKeys:
         else:
             # A key without a NIfTI suffix still gets a gzip-compressed NIfTI; name it so.
             mask = f"{mask}.nii.gz"
-        return cls(mask=mask, results=f"{stem}.json", report=f"{stem}.xlsx", seg=f"{stem}.seg.dcm")
+        return cls(
+            mask=mask,
+            results=f"{stem}.json",
+            report=f"{stem}.xlsx",
+            seg=f"{stem}.seg.dcm",
+            preview=f"{stem}.preview.png",
+            uncertainty=f"{stem}.uncertainty.nii.gz",
+        )
 
 
-def encode_mask(mask: np.ndarray, affine: np.ndarray, source: nib.Nifti1Header | None, gzip: bool = True) -> bytes:
-    """Blocking: the mask as NIfTI bytes in the input's geometry (same shape, affine and codes).
+@dataclass(frozen=True)
+class OutputFiles:
+    """What a job writes beside its result JSON."""
 
-    The array is Fortran-ordered already, so nibabel writes it without a layout copy; isal at
-    level 1 compresses a mask (mostly zeros) fast and small.
-    """
-    image = nib.Nifti1Image(np.asfortranarray(mask, dtype=np.uint8), affine)
+    mask: np.ndarray  # the label map
+    labels: dict[int, str]
+    affine: np.ndarray
+    header: nib.Nifti1Header | None
+    preview: bytes
+    seg: bytes | None = None
+    uncertainty: np.ndarray | None = None
+
+
+def _nifti(array: np.ndarray, affine: np.ndarray, source: nib.Nifti1Header | None) -> nib.Nifti1Image:
+    """A NIfTI image in the input's geometry: same shape, affine, codes and units."""
+    image = nib.Nifti1Image(np.asfortranarray(array), affine)
     if source is not None:
-        sform_code = int(source["sform_code"]) or 1
-        qform_code = int(source["qform_code"]) or 1
-        image.set_sform(affine, code=sform_code)
-        image.set_qform(affine, code=qform_code)
+        image.set_sform(affine, code=int(source["sform_code"]) or 1)
+        image.set_qform(affine, code=int(source["qform_code"]) or 1)
         image.header.set_xyzt_units(*source.get_xyzt_units())
-    image.header["descrip"] = b"lesion mask (1 = lesion)"
-    image.header["intent_name"] = b"lesion"
+    return image
+
+
+def _compressed(image: nib.Nifti1Image, gzip: bool) -> bytes:
+    # isal at level 1 compresses a mask (mostly zeros) fast and small.
     raw = image.to_bytes()
     return igzip.compress(raw, compresslevel=1) if gzip else raw
+
+
+def encode_mask(
+    mask: np.ndarray,
+    affine: np.ndarray,
+    source: nib.Nifti1Header | None,
+    gzip: bool = True,
+    labels: dict[int, str] | None = None,
+) -> bytes:
+    """Blocking: the label map as NIfTI bytes (uint8, or uint16 past 255 labels).
+
+    The array is Fortran-ordered already, so nibabel writes it without a layout copy.
+    """
+    dtype = np.uint16 if int(mask.max(initial=0)) > 255 else np.uint8
+    image = _nifti(mask.astype(dtype, copy=False), affine, source)
+    names = ", ".join(f"{v}={n}" for v, n in sorted((labels or {1: "lesion"}).items()) if v)
+    image.header["descrip"] = f"labels: {names}".encode()[:79]
+    image.header["intent_name"] = b"labels"
+    return _compressed(image, gzip)
+
+
+def encode_uncertainty(uncertainty: np.ndarray, affine: np.ndarray, source: nib.Nifti1Header | None) -> bytes:
+    image = _nifti(uncertainty.astype(np.float32, copy=False), affine, source)
+    image.header["descrip"] = b"variance across test-time flips"
+    return _compressed(image, gzip=True)
 
 
 def encode_result(result: AnalysisResult) -> bytes:
     return orjson.dumps(result.model_dump(mode="json"), option=orjson.OPT_INDENT_2)
 
 
-async def upload_outputs(
-    store: ObjectStore,
-    keys: OutputKeys,
-    mask: np.ndarray,
-    affine: np.ndarray,
-    header: nib.Nifti1Header | None,
-    result: AnalysisResult,
-    seg: bytes | None,
-) -> int:
+async def upload_outputs(store: ObjectStore, keys: OutputKeys, files: OutputFiles, result: AnalysisResult) -> int:
     """Encode (in threads) and upload every output; returns the mask's size in bytes.
 
     The JSON goes last: when it exists, everything it lists exists.
     """
     mask_bytes, report_bytes = await asyncio.gather(
-        asyncio.to_thread(encode_mask, mask, affine, header, keys.mask.endswith(".gz")),
-        asyncio.to_thread(build_report, result),
+        asyncio.to_thread(encode_mask, files.mask, files.affine, files.header, keys.mask.endswith(".gz"), files.labels),
+        asyncio.to_thread(build_report, result, files.preview),
     )
     uploads = [
         store.put_bytes(keys.mask, mask_bytes, CONTENT_TYPES["nifti"]),
         store.put_bytes(keys.report, report_bytes, CONTENT_TYPES["xlsx"]),
+        store.put_bytes(keys.preview, files.preview, CONTENT_TYPES["png"]),
     ]
-    if seg is not None:
-        uploads.append(store.put_bytes(keys.seg, seg, CONTENT_TYPES["dicom"]))
+    if files.seg is not None:
+        uploads.append(store.put_bytes(keys.seg, files.seg, CONTENT_TYPES["dicom"]))
+    if files.uncertainty is not None:
+        encoded = await asyncio.to_thread(encode_uncertainty, files.uncertainty, files.affine, files.header)
+        uploads.append(store.put_bytes(keys.uncertainty, encoded, CONTENT_TYPES["nifti"]))
     try:
         await asyncio.gather(*uploads)
         await store.put_bytes(keys.results, encode_result(result), CONTENT_TYPES["json"])

@@ -70,7 +70,7 @@ def _slices(
     chosen: dict[int, list[str]] = {}
     for finding in sorted(findings, key=lambda f: -f.volume):
         index = np.array([finding.location.x, finding.location.y, finding.location.z])
-        z = int(round(_to_ras_index(index, ras_labels.shape, transform)[2]))
+        z = int(np.rint(_to_ras_index(index, ras_labels.shape, transform)[2]))
         z = min(max(z, 0), ras_labels.shape[2] - 1)
         if z in chosen or len(chosen) < MAX_TILES:
             chosen.setdefault(z, []).append(finding.id)

@@ -1,21 +1,32 @@
-"""The Excel report: a Summary sheet and a Findings sheet with readable headers and units."""
+"""The Excel report: Summary, Labels (volume per label), Findings and Preview sheets.
+
+Text that comes from a message or an input (object keys, DICOM descriptions, warnings, label
+names) is written as text, never as a formula: a leading =, +, -, @, tab or carriage return is
+neutralised with a quote, as OWASP advises against spreadsheet injection. The JSON keeps the
+exact values.
+"""
 
 from __future__ import annotations
 
 import io
 
 from openpyxl import Workbook
+from openpyxl.drawing.image import Image as SheetImage
 from openpyxl.styles import Font
+from openpyxl.worksheet.worksheet import Worksheet
 
 from schemas.results import AnalysisResult
 
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 FINDING_COLUMNS: list[tuple[str, str]] = [
     ("ID", "id"),
     ("Type", "type"),
+    ("Label", "label"),
     ("Volume (mm³)", "volume"),
     ("Diameter (mm)", "diameter_mm"),
     ("Confidence (0-1)", "confidence"),
     ("Max probability (0-1)", "max_probability"),
+    ("Uncertainty (variance)", "uncertainty"),
     ("Mean intensity (HU)", "mean_intensity"),
     ("Voxels", "voxel_count"),
     ("Centre x (voxel)", "location.x"),
@@ -63,9 +74,11 @@ def summary_rows(result: AnalysisResult) -> list[tuple[str, object]]:
         ("Profile", result.profile.value),
         ("Decision threshold (0-1)", result.threshold),
         ("Model", f"{result.model.name} {result.model.version}"),
-        ("Device", f"{result.model.device} ({result.model.precision})"),
-        ("Lesions (count)", s.lesions_count),
-        ("Total lesion volume (mm³)", s.total_volume),
+        ("Model task", result.model.task or ""),
+        ("Model weights (sha256)", result.model.weights_sha256 or ""),
+        ("Device", f"{result.model.device} ({result.model.runtime}, {result.model.precision})"),
+        ("Findings (count)", s.lesions_count),
+        ("Total volume of findings (mm³)", s.total_volume),
         ("Confidence (0-1)", s.confidence),
         ("Processing time (s)", s.processing_time),
         ("Image dimensions (voxels)", " x ".join(str(d) for d in seg.dimensions)),
@@ -77,27 +90,49 @@ def summary_rows(result: AnalysisResult) -> list[tuple[str, object]]:
     ]
 
 
-def build_report(result: AnalysisResult) -> bytes:
+def as_text(value: object) -> object:
+    """A string that a spreadsheet would read as a formula gets a leading quote; others pass."""
+    if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
+def _append(sheet: Worksheet, row: list[object]) -> None:
+    sheet.append([as_text(value) for value in row])
+
+
+def build_report(result: AnalysisResult, preview: bytes | None = None) -> bytes:
     """Blocking: the XLSX file as bytes."""
     book = Workbook()
     summary = book.active
     summary.title = "Summary"
-    summary.append(["Field", "Value"])
+    _append(summary, ["Field", "Value"])
     for row in summary_rows(result):
-        summary.append(list(row))
+        _append(summary, list(row))
     for metric in result.metrics:
-        summary.append([f"{metric.description} ({metric.name})", metric.value])
+        _append(summary, [f"{metric.description} ({metric.name})", metric.value])
+    labels = book.create_sheet("Labels")
+    _append(labels, ["Label", "Name", "Findings", "Volume (mm³)", "Volume (ml)"])
+    for volume in result.summary.volumes:
+        _append(labels, [volume.label, volume.name, volume.count, volume.volume, volume.volume_ml])
     findings = book.create_sheet("Findings")
-    findings.append([header for header, _ in FINDING_COLUMNS])
+    _append(findings, [header for header, _ in FINDING_COLUMNS])
     for finding in result.findings:
-        findings.append([_field(finding, path) for _, path in FINDING_COLUMNS])
-    for sheet in (summary, findings):
-        for cell in sheet[1]:
-            cell.font = Font(bold=True)
-        sheet.freeze_panes = "A2"
-        for column in sheet.columns:
-            width = max(len(str(c.value)) if c.value is not None else 0 for c in column)
-            sheet.column_dimensions[column[0].column_letter].width = min(max(10, width + 2), 60)
+        _append(findings, [_field(finding, path) for _, path in FINDING_COLUMNS])
+    for sheet in (summary, labels, findings):
+        _style(sheet)
+    if preview:
+        sheet = book.create_sheet("Preview")
+        sheet.add_image(SheetImage(io.BytesIO(preview)), "A1")
     out = io.BytesIO()
     book.save(out)
     return out.getvalue()
+
+
+def _style(sheet: Worksheet) -> None:
+    for cell in sheet[1]:
+        cell.font = Font(bold=True)
+    sheet.freeze_panes = "A2"
+    for column in sheet.columns:
+        width = max(len(str(c.value)) if c.value is not None else 0 for c in column)
+        sheet.column_dimensions[column[0].column_letter].width = min(max(10, width + 2), 60)

@@ -7,19 +7,25 @@ from datetime import datetime
 from consumer.imaging.analysis import Analysis
 from consumer.imaging.scans import Scan
 from consumer.jobs.context import JobContext
-from models.engine import InferenceEngine
+from models.registry import ModelCard
 from schemas.results import AnalysisResult, InputInfo, Metric, ModelInfo, Segmentation, Summary
 
 
-def model_info(engine: InferenceEngine, configured_name: str) -> ModelInfo:
-    """The loaded bundle's name and version (the configured name until one is loaded)."""
-    bundle = engine.bundle
+def model_info(card: ModelCard) -> ModelInfo:
     return ModelInfo(
-        name=bundle.name if bundle else configured_name,
-        version=bundle.version if bundle else "unknown",
-        device=str(engine.device),
-        precision=engine.precision,
+        name=card.name,
+        version=card.version,
+        device=card.device,
+        precision=card.precision,
+        runtime=card.runtime,
+        weights_sha256=card.weights_sha256,
+        task=card.task or None,
     )
+
+
+def unknown_model(name: str) -> ModelInfo:
+    """What a job that names a model this service does not host reports about it."""
+    return ModelInfo(name=name, version="unknown", device="", precision="")
 
 
 def build_result(
@@ -31,14 +37,18 @@ def build_result(
     *,
     warnings: list[str],
     with_seg: bool,
+    with_uncertainty: bool,
+    labels: dict[int, str],
     processing_time: float,
     created_at: datetime,
 ) -> AnalysisResult:
-    """`with_seg`: a DICOM SEG is written beside the mask; `warnings`: the reader's and the writer's."""
+    """`with_seg`/`with_uncertainty`: those outputs are written too; `warnings`: the reader's and the writer's."""
     keys = ctx.keys
-    outputs = {"mask": keys.mask, "results": keys.results, "report": keys.report}
+    outputs = {"mask": keys.mask, "results": keys.results, "report": keys.report, "preview": keys.preview}
     if with_seg:
         outputs["dicom_seg"] = keys.seg
+    if with_uncertainty:
+        outputs["uncertainty"] = keys.uncertainty
     return AnalysisResult(
         job_uuid=ctx.job_uuid,
         profile=ctx.profile,
@@ -56,6 +66,7 @@ def build_result(
             lesions_count=len(analysis.findings),
             confidence=analysis.confidence,
             processing_time=round(processing_time, 3),
+            volumes=analysis.volumes,
         ),
         findings=analysis.findings,
         metrics=metrics,
@@ -68,6 +79,8 @@ def build_result(
             orientation=scan.orientation,
             threshold=ctx.threshold,
             dicom_seg=keys.seg if with_seg else None,
+            labels={str(value): name for value, name in sorted(labels.items())},
+            dtype="uint16" if max(labels, default=0) > 255 else "uint8",
         ),
         outputs=outputs,
         timings=dict(ctx.timings),

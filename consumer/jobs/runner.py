@@ -26,17 +26,20 @@ from consumer.jobs import steps
 from consumer.jobs.callback import BackendNotifier
 from consumer.jobs.context import JobContext, JobOutcome, Written
 from consumer.jobs.events import completed_event, failed_event, job_event
-from consumer.jobs.outputs import OutputKeys, upload_outputs
-from consumer.jobs.result import build_result, model_info
+from consumer.jobs.outputs import OutputFiles, OutputKeys, upload_outputs
+from consumer.jobs.progress import ProgressReporter
+from consumer.jobs.result import build_result, model_info, unknown_model
 from consumer.observability.logs import log_context
 from consumer.observability.metrics import ServiceMetrics
 from consumer.settings import Settings
 from consumer.storage import ObjectStore
 from consumer.transport.publisher import EventPublisher
-from models.engine import InferenceEngine
+from models.engine import Prediction
+from models.registry import ModelNotFound as UnknownModel
+from models.registry import ModelRegistry
 from schemas.events import JobEvent, JobStatus
 from schemas.jobs import JobRequest, Source
-from schemas.results import Metric
+from schemas.results import Metric, ModelInfo
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -47,14 +50,14 @@ class JobRunner:
         self,
         settings: Settings,
         store: ObjectStore,
-        engine: InferenceEngine,
+        models: ModelRegistry,
         publisher: EventPublisher,
         notifier: BackendNotifier,
         metrics: ServiceMetrics,
     ):
         self.settings = settings
         self.store = store
-        self.engine = engine
+        self.models = models
         self.publisher = publisher
         self.notifier = notifier
         self.metrics = metrics
@@ -82,8 +85,15 @@ class JobRunner:
             profile=request.profile or self.settings.ml_default_profile,
             threshold=request.threshold or self.settings.ml_decision_threshold,
             keys=OutputKeys.for_job(request),
-            model=model_info(self.engine, self.settings.model_name),
+            model=self._model_info(request.model),
         )
+
+    def _model_info(self, requested: str | None) -> ModelInfo:
+        """The model the job names (or the default); the scan's modality may still route it elsewhere."""
+        try:
+            return model_info(self.models.card(self.models.resolve(requested)))
+        except UnknownModel:
+            return unknown_model(requested or "")
 
     async def _counted(self, ctx: JobContext) -> Written:
         """The job's work, counted in flight; an unexpected exception becomes an internal error."""
@@ -125,14 +135,21 @@ class JobRunner:
         request, limits = ctx.request, self.read_limits
         with tempfile.TemporaryDirectory(prefix=f"job-{ctx.job_uuid}-", dir=self.settings.ml_workdir) as work:
             tmp = Path(work)
+            await steps.resolve_model(self.models, request.model, None)  # an unknown model fails before any I/O
             path, size = await self._step(
                 ctx, "fetch", steps.fetch(self.store, request.input_object, tmp, self.settings.ml_max_input_bytes)
             )
             scan = await self._step(ctx, "read", steps.read(path, tmp, limits, request.series_uid))
+            ctx.model = model_info(await steps.resolve_model(self.models, request.model, scan))
             await self.publisher.publish(job_event(ctx, JobStatus.RUNNING, step="infer", progress=0.2))
-            prediction = await self._step(ctx, "infer", steps.infer(self.engine, scan, ctx.profile))
+            async with ProgressReporter(self.publisher.publish, ctx) as progress:
+                prediction = await self._step(
+                    ctx,
+                    "infer",
+                    steps.infer(self.models, ctx.model.name, scan, ctx.profile, ctx.threshold, progress.report),
+                )
             await self.publisher.publish(job_event(ctx, JobStatus.PROGRESS, step="analyse", progress=0.8))
-            analysis = await self._step(ctx, "analyse", steps.find_lesions(scan, prediction, ctx.threshold))
+            analysis = await self._step(ctx, "analyse", steps.find_lesions(scan, prediction))
             metrics: list[Metric] = []
             if request.reference_object is not None:
                 metrics = await self._step(
@@ -140,7 +157,7 @@ class JobRunner:
                     "reference",
                     steps.score_reference(self.store, request.reference_object, tmp, limits, scan, analysis),
                 )
-            return await self._step(ctx, "write", self._write(ctx, scan, size, analysis, metrics))
+            return await self._step(ctx, "write", self._write(ctx, scan, size, prediction, analysis, metrics))
 
     async def _step(self, ctx: JobContext, name: str, work: Awaitable[T]) -> T:
         started = time.perf_counter()
@@ -153,9 +170,13 @@ class JobRunner:
             self.metrics.step_seconds.labels(name).observe(elapsed)
 
     async def _write(
-        self, ctx: JobContext, scan: Scan, size: int, analysis: Analysis, metrics: list[Metric]
+        self, ctx: JobContext, scan: Scan, size: int, prediction: Prediction, analysis: Analysis, metrics: list[Metric]
     ) -> Written:
-        seg, seg_warning = await steps.dicom_seg(scan, analysis, ctx.job_uuid, ctx.model)
+        labels = prediction.label_names
+        (seg, seg_warning), preview = await asyncio.gather(
+            steps.dicom_seg(scan, analysis, ctx.job_uuid, ctx.model, labels),
+            steps.preview(scan, analysis, self.models.card(ctx.model.name).modality),
+        )
         result = build_result(
             ctx,
             scan,
@@ -164,10 +185,21 @@ class JobRunner:
             metrics,
             warnings=[*scan.warnings, *([seg_warning] if seg_warning else [])],
             with_seg=seg is not None,
+            with_uncertainty=prediction.uncertainty is not None,
+            labels=labels,
             processing_time=ctx.elapsed(),
             created_at=datetime.now(UTC),
         )
-        mask_bytes = await upload_outputs(self.store, ctx.keys, analysis.mask, scan.affine, scan.header, result, seg)
+        files = OutputFiles(
+            mask=analysis.mask,
+            labels=labels,
+            affine=scan.affine,
+            header=scan.header,
+            preview=preview,
+            seg=seg,
+            uncertainty=prediction.uncertainty,
+        )
+        mask_bytes = await upload_outputs(self.store, ctx.keys, files, result)
         return Written(result, mask_bytes, ctx.keys.seg if seg is not None else None)
 
     async def _complete(self, ctx: JobContext, written: Written) -> JobOutcome:

@@ -13,13 +13,18 @@ from pathlib import Path
 
 import numpy as np
 
-from consumer.errors import InputError, InputTooLarge, JobError, ModelNotLoaded
-from consumer.imaging.analysis import Analysis, analyse, reference_metrics
+from consumer.errors import InferenceError, InputError, InputTooLarge, ModelNotFound
+from consumer.imaging.analysis import Analysis, LabelMap, analyse
 from consumer.imaging.dicom.seg import SegUnavailable, build_seg
 from consumer.imaging.limits import ReadLimits
+from consumer.imaging.reference import reference_metrics
 from consumer.imaging.scans import Scan, read_scan
+from consumer.jobs.preview import render_preview
 from consumer.storage import ObjectStore
-from models.engine import InferenceEngine, Prediction
+from models.engine import InferenceFailed, Prediction
+from models.passes import ProgressFn
+from models.registry import ModelCard, ModelRegistry
+from models.registry import ModelNotFound as UnknownModel
 from schemas.errors import ErrorCode
 from schemas.jobs import Profile
 from schemas.results import Metric, ModelInfo
@@ -43,25 +48,43 @@ async def read(path: Path, tmp: Path, limits: ReadLimits, series_uid: str | None
     return await asyncio.to_thread(read_scan, path, tmp, limits, series_uid)
 
 
-async def infer(engine: InferenceEngine, scan: Scan, profile: Profile) -> Prediction:
-    if not engine.loaded:
-        raise ModelNotLoaded("the model is not loaded yet")
+async def resolve_model(models: ModelRegistry, requested: str | None, scan: Scan | None) -> ModelCard:
+    """The model a job runs: the one it names, else the route for the scan's modality, else the default."""
     try:
-        return await asyncio.to_thread(engine.predict, scan.data, scan.affine, profile)
+        return models.card(models.resolve(requested, scan.modality if scan else None))
+    except UnknownModel as error:
+        raise ModelNotFound(str(error)) from error
+
+
+async def infer(
+    models: ModelRegistry, name: str, scan: Scan, profile: Profile, threshold: float, progress: ProgressFn
+) -> Prediction:
+    try:
+        engine = await asyncio.to_thread(models.engine, name)  # loads it again if it was unloaded
+        return await asyncio.to_thread(
+            engine.predict, scan.data, scan.affine, profile, threshold, scan.header, progress
+        )
+    except InferenceFailed as error:
+        raise InferenceError(str(error)) from error
     except (RuntimeError, ValueError) as error:
         log.exception("inference failed")
-        raise JobError(f"inference failed: {error}", code=ErrorCode.INFERENCE_FAILED) from error
+        raise InferenceError(f"model {name}: inference failed: {error}") from error
 
 
-async def find_lesions(scan: Scan, prediction: Prediction, threshold: float) -> Analysis:
-    return await asyncio.to_thread(
-        analyse,
-        prediction.probability,
-        scan.data,
-        scan.affine,
-        threshold,
-        prediction.profile.min_lesion_volume_mm3,
+async def find_lesions(scan: Scan, prediction: Prediction) -> Analysis:
+    label_map = LabelMap(
+        labels=prediction.labels,
+        names=prediction.label_names,
+        probability=prediction.probability,
+        uncertainty=prediction.uncertainty,
+        min_volume_mm3=prediction.min_volume_mm3,
     )
+    return await asyncio.to_thread(analyse, label_map, scan.data, scan.affine)
+
+
+async def preview(scan: Scan, analysis: Analysis, model_modality: str | None) -> bytes:
+    ct = (scan.modality or model_modality or "").upper() == "CT"
+    return await asyncio.to_thread(render_preview, scan.data, analysis.mask, scan.affine, analysis.findings, ct)
 
 
 async def score_reference(
@@ -86,15 +109,18 @@ def _score(path: Path, tmp: Path, limits: ReadLimits, scan: Scan, mask: np.ndarr
             f"reference mask grid {reference.data.shape} does not match the input {mask.shape}",
             code=ErrorCode.REFERENCE_MISMATCH,
         )
-    return reference_metrics(mask, reference.data, float(abs(np.linalg.det(scan.affine[:3, :3]))))
+    return reference_metrics(mask, reference.data, scan.spacing)
 
 
-async def dicom_seg(scan: Scan, analysis: Analysis, job_uuid: str, model: ModelInfo) -> tuple[bytes | None, str | None]:
+async def dicom_seg(
+    scan: Scan, analysis: Analysis, job_uuid: str, model: ModelInfo, names: dict[int, str]
+) -> tuple[bytes | None, str | None]:
     """DICOM input: the SEG bytes, or None and the warning that says why there is none."""
     if scan.dicom is None:
         return None, None
     try:
-        return await asyncio.to_thread(build_seg, analysis.mask, scan.dicom, job_uuid, model.name, model.version), None
+        seg = await asyncio.to_thread(build_seg, analysis.mask, scan.dicom, job_uuid, model.name, model.version, names)
+        return seg, None
     except SegUnavailable as error:
         log.warning("job %s: no DICOM SEG: %s", job_uuid, error)
         return None, f"no DICOM SEG was written: {error}"
