@@ -308,3 +308,31 @@ async def test_backend_down_does_not_fail_the_job(
         assert backend.calls_for(job) == []
     finally:
         await backend.start()
+
+
+async def test_research_job_writes_uncertainty_and_stays_visibly_alive(
+    service: Service, store: ObjectStore, producer, job_events: EventLog, phantom: Phantom, phantom_file: Path
+) -> None:
+    """Research: test-time flips give an uncertainty map and per-finding uncertainty; progress
+    events come during inference, never closer together than the reporter's interval."""
+    job, key = await upload_input(store, phantom_file, "scan.nii.gz", "application/gzip")
+    message = {"job_uuid": job, "input_object": key, "profile": "research"}
+    await send_json(producer, service.settings.kafka_jobs_topic, message, key=job)
+    final = await job_events.final(job, timeout=240)
+    assert final["status"] == "completed", final
+    result = orjson.loads(await store.get_bytes(final["results_object"]))
+    assert final["uncertainty_object"] == result["outputs"]["uncertainty"]
+    uncertainty = load_nifti(await store.get_bytes(final["uncertainty_object"]))
+    assert uncertainty.shape == phantom.image.shape
+    np.testing.assert_allclose(uncertainty.affine, phantom.affine, atol=1e-5)
+    assert float(np.asarray(uncertainty.dataobj).max()) > 0.0
+    assert result["findings"] and all(f["uncertainty"] is not None for f in result["findings"])
+    inference = [e for e in job_events.by_job[job] if e["status"] == "progress" and e.get("step") == "infer"]
+    assert inference, "no progress event while the model ran"
+    shares = [e["progress"] for e in inference]
+    assert shares == sorted(shares) and all(0.2 <= share <= 0.8 for share in shares)
+    times = [e["timestamp"] for e in inference]
+    gaps = [
+        (np.datetime64(b[:26]) - np.datetime64(a[:26])) / np.timedelta64(1, "s") for a, b in zip(times, times[1:])
+    ]
+    assert all(gap >= 1.9 for gap in gaps), gaps
