@@ -29,7 +29,7 @@ COPY --from=build /src/models/mr_brain_extraction /app/models/mr_brain_extractio
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     MODEL_PATH=/app/models \
-    MODEL_NAME=medical_segmentation_v1 \
+    MODEL_NAME=medical_segmentation_v1,mr_brain_extraction \
     HTTP_PORT=8080 \
     ML_WORKDIR=/tmp
 WORKDIR /app
