@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,7 +65,9 @@ class BundleSpec:
         metadata = _read_json(name, path / "configs" / "metadata.json")
         config_file = _config_file(name, path)
         profiles = _read_profiles(name, path / "configs" / "profiles.json")
-        config = _read_config(name, config_file)
+        # A site's overrides for every parser (network_def and the weights' path included), e.g. to
+        # load a DiNTS architecture file on the CPU: configs/profiles.json {"all": {"<config id>": value}}.
+        config = _with_overrides(_read_config(name, config_file), profiles.pop("all", {}))
         parser = _parser(path, metadata, config)
         _check_ids(name, parser)
         _check_inputs(name, metadata)
@@ -142,6 +145,15 @@ def _read_config(name: str, config_file: Path) -> dict[str, Any]:
     if not isinstance(content, dict):
         raise BundleError(name, f"configs/{config_file.name} is not a mapping of config ids")
     return content
+
+
+def _with_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    if not overrides:
+        return config
+    parser = ConfigParser()
+    parser.read_config(copy.deepcopy(config))
+    parser.update(overrides)
+    return dict(parser.get())
 
 
 def _parser(path: Path, metadata: dict[str, Any], config: dict[str, Any]) -> ConfigParser:
@@ -268,9 +280,20 @@ def first_line(error: BaseException) -> str:
     return " <- ".join(lines)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def _line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    lines = [line.strip() for line in _ANSI.sub("", str(error)).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    head = lines[0]
+    if head.endswith(":") and len(lines) > 1:  # MONAI: "Failed to evaluate ConfigExpression:\n<the expression>"
+        head = f"{head} {lines[1][:160]}"
+    reason = next((line for line in lines[1:] if line.startswith("WeightsUnpickler error:")), None)
+    if reason:  # torch's weights-only refusal says why on a later line
+        head = f"{head.split('.')[0]}: {reason.split('. Please use')[0]}"
+    return head
 
 
 def _relative(path: Path, root: Path) -> str:

@@ -29,7 +29,15 @@ _STASHED: dict[Path, dict[str, ModuleType]] = {}
 
 def _from_folder(module: ModuleType, folder: str) -> bool:
     file = getattr(module, "__file__", None)
-    return isinstance(file, str) and file.startswith(folder + "/")
+    if isinstance(file, str):
+        return file.startswith(folder + "/")
+    # A namespace package (a `scripts/` without __init__.py) has no __file__, only __path__;
+    # some extension modules have a __path__ that is not even iterable.
+    try:
+        entries = list(getattr(module, "__path__", None) or [])
+    except TypeError:
+        return False
+    return any(str(entry).startswith(folder + "/") for entry in entries)
 
 
 @contextlib.contextmanager

@@ -381,3 +381,60 @@ def test_the_move_to_the_standard_layout_keeps_the_masks() -> None:
     after = engine.predict(phantom.image, phantom.affine, Profile.PRODUCTION, 0.55).labels > 0
     assert before.sum() > 0 and dice(after, before) >= 0.95
     assert abs(int(after.sum()) - int(before.sum())) <= 0.03 * before.sum()
+
+
+def test_bundles_whose_scripts_have_no_init_stay_apart(tmp_path: Path) -> None:
+    """A `scripts/` folder without __init__.py is a namespace package: it must not leak either."""
+    volume = intensity_volume()
+    first_path = write_intensity_bundle(tmp_path, "first")
+    (first_path / "scripts" / "__init__.py").unlink()
+    first = make_engine(first_path)
+    second_path = write_intensity_bundle(tmp_path, "second")
+    code = second_path / "scripts" / "network.py"
+    code.write_text(code.read_text().replace("return self.conv(x)", "return -self.conv(x)"))
+    second = make_engine(second_path)
+    assert np.array_equal(
+        first.predict(volume, flipped_affine(), Profile.FAST_DEBUG, 0.5).labels, expected_labels(volume)
+    )
+    assert not np.array_equal(
+        second.predict(volume, flipped_affine(), Profile.FAST_DEBUG, 0.5).labels, expected_labels(volume)
+    )
+
+
+def test_site_overrides_for_every_parser(tmp_path: Path) -> None:
+    """configs/profiles.json "all": applied to the network and weights too (a site's fix of a bundle
+    without editing it), unlike the per-profile overrides."""
+    path = write_intensity_bundle(tmp_path, "overridden")
+    (path / "configs" / "profiles.json").write_text(
+        json.dumps(
+            {
+                "all": {
+                    "network_def#_target_": "torch.nn.Conv3d",
+                    "network_def#in_channels": 1,
+                    "network_def#out_channels": 3,
+                    "network_def#kernel_size": 1,
+                }
+            }
+        )
+    )
+    weights = {"weight": intensity_weights()["conv.weight"], "bias": intensity_weights()["conv.bias"]}
+    torch.save(weights, path / "models" / "model.pt")
+    engine = make_engine(path)
+    volume = intensity_volume()
+    assert "all" not in engine.spec.profiles
+    assert np.array_equal(
+        engine.predict(volume, flipped_affine(), Profile.FAST_DEBUG, 0.5).labels, expected_labels(volume)
+    )
+
+
+def test_errors_read_as_one_clean_line() -> None:
+    from models.bundle import first_line
+
+    wrapped = RuntimeError("Failed to evaluate ConfigExpression:\n$torch.load(@path)\nmore")
+    wrapped.__cause__ = ValueError(
+        "\x1b[1mWeights only load failed.\x1b[0m This file...\nWeightsUnpickler error: Unsupported global: numpy. Please use x"
+    )
+    text = first_line(wrapped)
+    assert "\x1b" not in text and "\n" not in text
+    assert text.startswith("Failed to evaluate ConfigExpression: $torch.load(@path)")
+    assert "WeightsUnpickler error: Unsupported global: numpy" in text
