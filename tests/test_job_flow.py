@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import gzip
 import io
 import json
@@ -247,7 +248,8 @@ async def test_malformed_message_goes_to_dlq_and_partition_moves_on(
                 d["origin"]["partition"] == 1 and d["origin"]["offset"] == m.offset and d["origin"]["topic"] == topic
             )
         )
-        assert letter["payload"] == value.decode()
+        assert base64.b64decode(letter["payload_base64"]) == value
+        assert letter["payload_size"] == len(value) and not letter["payload_truncated"]
         assert letter["error"]["code"] in {"invalid_json", "invalid_message"}
         assert letter["error"]["message"]
     first = await dead_letters.wait_for(

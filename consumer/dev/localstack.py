@@ -7,7 +7,6 @@ Tansu keeps topics in memory: a restart of the stack starts with empty topics.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -21,7 +20,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from consumer.errors import StorageUnavailable
 from consumer.settings import Settings
 from consumer.storage import ObjectStore
 from consumer.transport.clients import ensure_topics
@@ -227,16 +225,10 @@ class LocalStack:
 
 
 async def prepare_stack(settings: Settings) -> ObjectStore:
-    """Bucket and topics on a fresh stack (idempotent); waits a little for the S3 server to answer."""
+    """Bucket and topics on a fresh stack (idempotent). The store's retry policy waits for an S3
+    server that is still starting."""
     store = ObjectStore.from_settings(settings)
-    for attempt in range(50):
-        try:
-            await store.ensure_bucket()
-            break
-        except StorageUnavailable:
-            if attempt == 49:
-                raise
-            await asyncio.sleep(0.2)
+    await store.ensure_bucket()
     created = await ensure_topics(settings)
     if created:
         log.info("created topics: %s", ", ".join(created))
