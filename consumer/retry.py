@@ -112,9 +112,10 @@ class RetryPolicy:
     wait_s: float | None = 30.0
     attempts: int | None = None
     on_retry: Callable[[], None] | None = field(default=None, compare=False)
+    jitter: bool = True
 
     def backoff(self, attempt: int) -> float:
-        return compute_backoff(attempt, base=self.base, cap=self.cap)
+        return compute_backoff(attempt, base=self.base, cap=self.cap, jitter=self.jitter)
 
     def limit(self) -> Deadline:
         """When a loop whose first failure is now must give up: the scope's deadline and wait when

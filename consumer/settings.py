@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     # reading, outputs); a job waits while there is less.
     ml_disk_space_factor: float = Field(default=4.0, gt=0)
     ml_shutdown_grace_s: float = Field(default=60.0, ge=0)
+    # After a job, when none is running, hand the heap's free pages back to the system
+    # (glibc malloc_trim), so that idle memory between jobs stays near its level at start.
+    ml_malloc_trim: bool = True
     # POST /infer: how long one retry loop (storage, events) waits through an outage before the
     # caller gets 503 with Retry-After. Kafka jobs wait up to their deadline.
     ml_infer_retry_wait_s: float = Field(default=30.0, ge=0)

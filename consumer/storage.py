@@ -59,7 +59,7 @@ def _client(settings: Settings) -> Minio:
 def transient(error: Exception) -> bool:
     """Whether the same call may succeed later: the server was unreachable, slow or overloaded."""
     if isinstance(error, S3Error):
-        return error.code in _TRANSIENT_CODES or error.response.status >= 500
+        return error.code in _TRANSIENT_CODES or getattr(error.response, "status", 0) >= 500
     if isinstance(error, ServerError):
         return error.status_code >= 500 or error.status_code == 429
     if isinstance(error, InvalidResponseError):
@@ -112,9 +112,11 @@ class ObjectStore:
         await self._call(key, self.client.fget_object, self.bucket, key, str(path))
 
     async def put_bytes(self, key: str, data: bytes, content_type: str) -> int:
-        await self._call(
-            key, self.client.put_object, self.bucket, key, io.BytesIO(data), len(data), content_type=content_type
-        )
+        def put() -> None:
+            # A fresh stream for every attempt: a retry must not find the last one read to its end.
+            self.client.put_object(self.bucket, key, io.BytesIO(data), len(data), content_type=content_type)
+
+        await self._call(key, put)
         return len(data)
 
     async def put_file(self, key: str, path: Path, content_type: str) -> int:

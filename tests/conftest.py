@@ -207,6 +207,14 @@ class EventLog:
         assert found is not None
         return found
 
+    async def until(self, condition: Callable[[], bool], timeout: float = 120.0, what: str = "the condition") -> None:
+        """Returns once `condition()` holds, looked at again whenever records arrive."""
+        try:
+            async with asyncio.timeout(timeout), self._arrived:
+                await self._arrived.wait_for(condition)
+        except TimeoutError:
+            raise AssertionError(f"{what} did not hold on {self.topic} within {timeout} s") from None
+
     async def caught_up(self, timeout: float = 30.0) -> None:
         """Returns once every record on the topic at the time of the call has been read."""
         assert self._consumer is not None

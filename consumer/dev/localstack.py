@@ -17,7 +17,7 @@ import subprocess
 import sys
 import sysconfig
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from consumer.settings import Settings
@@ -113,13 +113,21 @@ class S3Ports:
     volume: int = 9340
     filer: int = 8888
     admin: int = 23646
+    # Each service's gRPC port; by default its port + 10000 (SeaweedFS' own rule).
+    grpc_ports: dict[int, int] = field(default_factory=dict)
 
     @classmethod
     def free(cls) -> S3Ports:
-        return cls(s3=free_port(), master=free_port(), volume=free_port(), filer=free_port(), admin=free_port())
+        ports = cls(s3=free_port(), master=free_port(), volume=free_port(), filer=free_port(), admin=free_port())
+        # Free ones too: port + 10000 may be anybody's (several stacks on one machine collided there).
+        ports.grpc_ports = {
+            port: free_port() for port in (ports.s3, ports.master, ports.volume, ports.filer, ports.admin)
+        }
+        return ports
 
     def grpc(self, port: int) -> int:
-        # Defaults to port + 10000; pinned explicitly so two stacks never collide there.
+        if port in self.grpc_ports:
+            return self.grpc_ports[port]
         return port + 10000 if port + 10000 < 65536 else port - 10000
 
 
@@ -180,6 +188,21 @@ class LocalStack:
         self.children.append(child)
         wait_for_port(self.kafka_port, child.process, "Kafka broker (tansu)")
         log.info("Kafka-protocol broker listening on %s", self.bootstrap)
+
+    def stop_s3(self, hard: bool = True) -> None:
+        """Stop the S3 server alone (killed, by default, as a crash would); its data stays."""
+        child = next(c for c in self.children if c.name == "s3")
+        if hard:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.process.pid, signal.SIGKILL)
+            child.process.wait(10)
+        else:
+            child.stop()
+        self.children.remove(child)
+
+    def start_s3(self) -> None:
+        """Start the S3 server again, on the same ports and the same data."""
+        self._start_s3()
 
     def _start_s3(self) -> None:
         p = self.s3_ports

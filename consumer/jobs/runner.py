@@ -34,6 +34,7 @@ from consumer.jobs.outputs import OutputFiles, OutputKeys, check_allowed, upload
 from consumer.jobs.progress import ProgressReporter
 from consumer.jobs.result import build_result, model_info, unknown_model
 from consumer.jobs.workspace import Workspace
+from consumer.observability import memory
 from consumer.observability.logs import log_context
 from consumer.observability.metrics import ServiceMetrics
 from consumer.settings import Settings
@@ -76,6 +77,7 @@ class JobRunner:
         self.read_limits = ReadLimits.from_settings(settings)
         # Final events of jobs without a Kafka commit (HTTP): a stop awaits them.
         self.finals = Finals()
+        self._background: set[asyncio.Future[bool]] = set()
 
     async def run(self, request: JobRequest, source: Source, finish: Finish | None = None) -> JobOutcome:
         """Run one job to its final event; raises only when an event could not be published (or
@@ -123,6 +125,14 @@ class JobRunner:
         finally:
             self.in_flight -= 1
             self.metrics.in_flight.dec()
+            if self.in_flight == 0 and self.settings.ml_malloc_trim:
+                self._trim()
+
+    def _trim(self) -> None:
+        """Between jobs: freed memory back to the system (see observability.memory), in a thread."""
+        task = asyncio.ensure_future(asyncio.to_thread(memory.trim))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _within_deadline(self, ctx: JobContext) -> Written:
         """The work under the job's one deadline, which every retry inside keeps to. An HTTP caller

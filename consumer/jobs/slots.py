@@ -20,26 +20,38 @@ class JobSlots:
 
     def __init__(self, runner: JobRunner, limit: int):
         self.runner = runner
-        self._slots = asyncio.Semaphore(limit)
+        self.free = limit
+        self.waiting = 0
         self.closed = False
+        # Set whenever a slot frees or the door closes: waiters look again (a semaphore would
+        # keep them waiting for a slot through a close).
+        self._changed = asyncio.Event()
 
     async def run(self, request: JobRequest, source: Source, finish: Finish | None = None) -> JobOutcome:
-        self._refuse_if_closed()
         with activity.phase(Phase.WAITING):
-            await self._slots.acquire()
+            await self._take()
         try:
-            self._refuse_if_closed()
             with activity.phase(Phase.RUNNING):
                 return await self.runner.run(request, source, finish)
         finally:
-            self._slots.release()
+            self.free += 1
+            self._changed.set()
 
-    def _refuse_if_closed(self) -> None:
+    async def _take(self) -> None:
+        self.waiting += 1
+        try:
+            while not self.closed and self.free == 0:
+                self._changed.clear()
+                await self._changed.wait()
+        finally:
+            self.waiting -= 1
         if self.closed:
             raise ShuttingDown("the service is shutting down")
+        self.free -= 1
 
     def close(self) -> None:
         self.closed = True
+        self._changed.set()
 
     @property
     def in_flight(self) -> int:
