@@ -34,6 +34,7 @@ from tests.conftest import (
     committed_offset,
     event_log,
     eventually,
+    fresh_scan,
     isolated_settings,
     job_id,
     send_json,
@@ -121,7 +122,7 @@ async def test_kafka_job_completes_with_outputs(
 
 @pytest.mark.parametrize("cache", [True, False], ids=["result-cache", "no-cache"])
 async def test_redelivered_job_finds_or_overwrites_its_own_outputs(
-    stack: LocalStack, store: ObjectStore, producer, phantom_file: Path, cache: bool
+    stack: LocalStack, store: ObjectStore, producer, phantom: Phantom, cache: bool
 ) -> None:
     """A member runs a job but its commit never reaches the broker (as when the process dies
     between the final event and the commit); the group's next member gets the same record. With
@@ -130,7 +131,7 @@ async def test_redelivered_job_finds_or_overwrites_its_own_outputs(
     settings = isolated_settings(stack, f"redeliver-{job_id()[:8]}", ml_result_cache=cache)
     await ensure_topics(settings)
     topic = settings.kafka_jobs_topic
-    job, key = await upload_input(store, phantom_file, "scan.nii.gz", "application/gzip")
+    job, key = await fresh_scan(store, phantom)
     async with event_log(settings, settings.kafka_job_events_topic) as events:
         first = await start_service(settings)
         try:

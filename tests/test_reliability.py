@@ -17,8 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import nibabel as nib
-import numpy as np
 import openpyxl
 import orjson
 import pytest
@@ -45,6 +43,7 @@ from tests.conftest import (
     EventLog,
     committed_offset,
     eventually,
+    fresh_scan,
     isolated_settings,
     job_id,
     samples,
@@ -56,19 +55,6 @@ from tests.conftest import (
 from tests.proxy import TcpProxy
 
 LIGHT = {"model_name": "medical_segmentation_v1", "ml_service_token": SECRET}
-
-
-_scans = iter(range(1, 10**6))
-
-
-async def fresh_scan(store: ObjectStore, phantom: Phantom, name: str = "scan.nii") -> tuple[str, str]:
-    """A new job id and a scan no job has seen (one voxel differs), so the result cache misses."""
-    image = np.round(phantom.image).astype(np.int16)
-    image[0, 0, 0] = next(_scans)
-    job = job_id()
-    key = f"uploads/{job}/{name}"
-    await store.put_bytes(key, nib.Nifti1Image(image, phantom.affine).to_bytes(), "application/octet-stream")
-    return job, key
 
 
 def bearer() -> dict[str, str]:
@@ -347,54 +333,56 @@ async def test_a_failed_final_event_rewinds_the_partition_and_stop_skips_its_bac
 
 
 async def test_an_identical_job_reuses_the_outputs_by_server_side_copy(
-    service: Service, store: ObjectStore, http, phantom: Phantom
+    isolated, store: ObjectStore, phantom: Phantom
 ) -> None:
+    one: Isolated = await isolated("cache")
+    service, settings = one.service, one.settings
     first, key = await fresh_scan(store, phantom)
-    body = await (await http.post("/infer", json={"job_uuid": first, "input_object": key})).json()
-    before = await metrics_of(service)
-    # The same bytes, uploaded again elsewhere, under another job and another output key.
-    second = job_id()
-    again = f"uploads/{second}/again.nii"
-    await store.put_bytes(again, await store.get_bytes(key), "application/octet-stream")
-    output = f"results/{second}/mask.nii.gz"
-    response = await http.post("/infer", json={"job_uuid": second, "input_object": again, "output_object": output})
-    reused = await response.json()
-    after = await metrics_of(service)
-    assert response.status == 200, reused
-    assert step_count(after, "infer") == step_count(before, "infer")  # no inference
-    assert (
-        value(after, "ml_result_cache_total", result="hit") - value(before, "ml_result_cache_total", result="hit") == 1
-    )
-    assert reused["output_object"] == output and reused["file_size"] == body["file_size"]
-    assert await store.get_bytes(output) == await store.get_bytes(body["output_object"])
-    result = orjson.loads(await store.get_bytes(reused["results_object"]))
-    original = orjson.loads(await store.get_bytes(body["results_object"]))
-    assert result["job_uuid"] == second and result["input"]["object"] == again
-    assert result["outputs"]["mask"] == output and result["segmentation"]["file_path"] == output
-    assert result["summary"] == original["summary"] and result["findings"] == original["findings"]
-    book = openpyxl.load_workbook(io.BytesIO(await store.get_bytes(reused["report_object"])), read_only=True)
-    rows = dict(r[:2] for r in book["Summary"].iter_rows(values_only=True))
-    assert rows["Job"] == second and rows["Input object"] == again and rows["Mask object"] == output
-    # no_cache runs the model; another threshold is another result.
-    for extra in ({"no_cache": True}, {"threshold": 0.4}):
+    async with aiohttp.ClientSession(base_url=f"http://127.0.0.1:{settings.http_port}", headers=bearer()) as http:
+        body = await (await http.post("/infer", json={"job_uuid": first, "input_object": key})).json()
         before = await metrics_of(service)
-        fresh = await http.post("/infer", json={"job_uuid": job_id(), "input_object": again, **extra})
-        assert fresh.status == 200
-        assert step_count(await metrics_of(service), "infer") - step_count(before, "infer") == 1, extra
+        # The same bytes, uploaded again elsewhere, under another job and another output key.
+        second = job_id()
+        again = f"uploads/{second}/again.nii"
+        await store.put_bytes(again, await store.get_bytes(key), "application/octet-stream")
+        output = f"results/{second}/mask.nii.gz"
+        response = await http.post("/infer", json={"job_uuid": second, "input_object": again, "output_object": output})
+        reused = await response.json()
+        after = await metrics_of(service)
+        assert response.status == 200, reused
+        assert step_count(after, "infer") == step_count(before, "infer")  # no inference
+        assert (
+            value(after, "ml_result_cache_total", result="hit") - value(before, "ml_result_cache_total", result="hit")
+            == 1
+        )
+        assert value(after, "ml_result_cache_total", result="miss") >= 1
+        assert reused["output_object"] == output and reused["file_size"] == body["file_size"]
+        assert await store.get_bytes(output) == await store.get_bytes(body["output_object"])
+        result = orjson.loads(await store.get_bytes(reused["results_object"]))
+        original = orjson.loads(await store.get_bytes(body["results_object"]))
+        assert result["job_uuid"] == second and result["input"]["object"] == again
+        assert result["outputs"]["mask"] == output and result["segmentation"]["file_path"] == output
+        assert result["summary"] == original["summary"] and result["findings"] == original["findings"]
+        book = openpyxl.load_workbook(io.BytesIO(await store.get_bytes(reused["report_object"])), read_only=True)
+        rows = dict(r[:2] for r in book["Summary"].iter_rows(values_only=True))
+        assert rows["Job"] == second and rows["Input object"] == again and rows["Mask object"] == output
+        # no_cache runs the model; another threshold is another result.
+        for extra in ({"no_cache": True}, {"threshold": 0.4}):
+            before = await metrics_of(service)
+            fresh = await http.post("/infer", json={"job_uuid": job_id(), "input_object": again, **extra})
+            assert fresh.status == 200
+            assert step_count(await metrics_of(service), "infer") - step_count(before, "infer") == 1, extra
 
-
-async def test_a_cached_kafka_job_says_so_in_its_completed_event(
-    service: Service, store: ObjectStore, producer, job_events: EventLog, phantom: Phantom
-) -> None:
-    first, key = await fresh_scan(store, phantom)
-    second = job_id()
-    for job in (first, second):
-        await send_json(producer, service.settings.kafka_jobs_topic, {"job_uuid": job, "input_object": key}, key=job)
-    finals = [await job_events.final(job) for job in (first, second)]
-    assert [f["cached"] for f in finals] == [False, True]
-    assert finals[1]["output_object"] == f"results/analysis_{second}.nii.gz"
-    assert finals[1]["summary"] == finals[0]["summary"]
-    assert "running" not in [e["status"] for e in job_events.by_job[second]]
+    # A Kafka job says so in its completed event, and skips the running events.
+    third = job_id()
+    await send_json(service.producer, settings.kafka_jobs_topic, {"job_uuid": third, "input_object": key}, key=third)
+    final = await one.events.final(third)
+    assert final["status"] == "completed" and final["cached"] is True
+    assert final["output_object"] == f"results/analysis_{third}.nii.gz"
+    # (the latest identical job's result: the no_cache run above wrote the entry again)
+    assert final["summary"]["lesions_count"] == original["summary"]["lesions_count"]
+    assert [e["status"] for e in one.events.by_job[third]] == ["accepted", "completed"]
+    assert (await one.events.final(first))["cached"] is False
 
 
 # --- 7. dead letters at speed, of any size -----------------------------------------------------
