@@ -34,16 +34,23 @@ class Activity:
     phase: Phase = Phase.IDLE
     stall_reason: str | None = None
     stalled_since: float | None = None  # time.monotonic()
+    stalls: int = 0  # waits under way (parallel uploads may all be retrying)
 
     def stall(self, reason: str) -> None:
-        """Mark a wait on a dependency; the first mark's time stays until `unstall`."""
+        """Mark a wait on a dependency; the first mark's time stays until the last wait ends."""
         if self.stalled_since is None:
             self.stalled_since = time.monotonic()
         self.stall_reason = reason
+        self.stalls += 1
 
     def unstall(self) -> None:
-        self.stall_reason = None
-        self.stalled_since = None
+        self.stalls = max(0, self.stalls - 1)
+        if self.stalls == 0:
+            self.clear()
+
+    def clear(self) -> None:
+        """Progress: whatever was waited on is over."""
+        self.stall_reason, self.stalled_since, self.stalls = None, None, 0
 
     def stalled_for(self, now: float | None = None) -> float:
         if self.stalled_since is None:

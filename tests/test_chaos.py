@@ -56,10 +56,11 @@ class Chaos:
     uploads: int = 0
     _big: tuple[np.ndarray, np.ndarray] | None = None
 
-    async def scenario(self, name: str) -> Settings:
+    async def scenario(self, name: str, jobs: int, big: bool = False) -> tuple[Settings, list[tuple[str, str]]]:
+        """Topics of its own, and `jobs` scans uploaded for it."""
         settings = isolated_settings(self.stack, f"chaos-{name}-{job_id()[:6]}")
         await ensure_topics(settings)
-        return settings
+        return settings, await self.upload(jobs, big)
 
     def replicas(self, settings: Settings, count: int, **env: str) -> list[Replica]:
         logs = self.logs / settings.kafka_jobs_topic.removesuffix(".jobs")
@@ -175,8 +176,7 @@ async def scenario(chaos: Chaos, settings: Settings, replicas: list[Replica]) ->
 
 
 async def test_kill9_of_a_replica_three_times_during_24_jobs(chaos: Chaos) -> None:
-    settings = await chaos.scenario("kill9")
-    jobs = await chaos.upload(24)
+    settings, jobs = await chaos.scenario("kill9", 24)
     async with scenario(chaos, settings, chaos.replicas(settings, 2)) as (fleet, events):
         board = Scoreboard(events, [job for job, _ in jobs])
         started = time.monotonic()
@@ -197,8 +197,7 @@ async def test_kill9_of_a_replica_three_times_during_24_jobs(chaos: Chaos) -> No
 
 
 async def test_storage_down_for_20_s_during_8_jobs_fails_none(chaos: Chaos) -> None:
-    settings = await chaos.scenario("s3")
-    jobs = await chaos.upload(8)
+    settings, jobs = await chaos.scenario("s3", 8)
     async with scenario(chaos, settings, chaos.replicas(settings, 2)) as (fleet, events):
         board = Scoreboard(events, [job for job, _ in jobs])
         started = time.monotonic()
@@ -231,8 +230,7 @@ async def degraded_while_down(fleet: Fleet, within: float) -> str:
 
 
 async def test_sigterm_with_a_job_running_loses_nothing(chaos: Chaos) -> None:
-    settings = await chaos.scenario("sigterm")
-    long_job = await chaos.upload(1)
+    settings, long_job = await chaos.scenario("sigterm", 1)
     others = await chaos.upload(3)
     async with scenario(chaos, settings, chaos.replicas(settings, 2)) as (fleet, events):
         board = Scoreboard(events, [job for job, _ in long_job + others])
@@ -274,8 +272,7 @@ def bad_messages(count: int) -> list[tuple[bytes, bytes | None, list[tuple[str, 
 
 
 async def test_300_bad_messages_are_dead_lettered_within_60_s(chaos: Chaos) -> None:
-    settings = await chaos.scenario("bad")
-    jobs = await chaos.upload(5)
+    settings, jobs = await chaos.scenario("bad", 5)
     bad = bad_messages(300)
     async with (
         scenario(chaos, settings, chaos.replicas(settings, 2)) as (fleet, events),
@@ -331,8 +328,7 @@ def check_letters(records: list[dict[str, Any]], sent: dict[tuple[int, int], Any
 
 
 async def test_revoke_during_a_long_job_gives_one_result(chaos: Chaos) -> None:
-    settings = await chaos.scenario("revoke")
-    jobs = await chaos.upload(1, big=True)
+    settings, jobs = await chaos.scenario("revoke", 1, big=True)
     first, second = chaos.replicas(settings, 2)
     async with scenario(chaos, settings, [first]) as (fleet, events):
         board = Scoreboard(events, [job for job, _ in jobs])
@@ -355,8 +351,7 @@ async def test_revoke_during_a_long_job_gives_one_result(chaos: Chaos) -> None:
 
 @pytest.mark.parametrize("trim", [False, True], ids=["no-trim", "malloc-trim"])
 async def test_memory_between_jobs(chaos: Chaos, trim: bool) -> None:
-    settings = await chaos.scenario(f"memory-{int(trim)}")
-    jobs = await chaos.upload(12)
+    settings, jobs = await chaos.scenario(f"memory-{int(trim)}", 12)
     (replica,) = chaos.replicas(settings, 1, ML_MALLOC_TRIM=str(trim).lower())
     async with scenario(chaos, settings, [replica]) as (fleet, events):
         board = Scoreboard(events, [])

@@ -109,7 +109,6 @@ async def test_a_storage_outage_costs_time_not_jobs(
         minio_endpoint=proxy.endpoint,
         ml_infer_retry_wait_s=1.5,
         ml_stall_limit_s=0.5,
-        ml_job_timeout_s=12.0,
         ml_max_concurrent_jobs=2,  # the /infer request below must not wait for the Kafka job's slot
     )
     service, settings = one.service, one.settings
@@ -153,6 +152,7 @@ async def test_a_storage_outage_costs_time_not_jobs(
     assert service.worker.stalls() == []
 
     # An outage longer than the job's deadline: the job fails storage_unavailable, at its deadline.
+    service.runner.settings = settings.model_copy(update={"ml_job_timeout_s": 12.0})
     late, late_key = await fresh_scan(store, phantom)
     await proxy.down()
     try:

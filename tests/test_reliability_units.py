@@ -322,3 +322,16 @@ async def test_a_job_waits_for_disk_space_instead_of_failing(tmp_path: Path, mon
 def test_malloc_trim_is_there_on_glibc() -> None:
     assert memory.trim() in (True, False)
     assert memory._libc() is not None  # this machine's C library is glibc
+
+
+def test_parallel_waits_keep_a_lane_stalled_until_the_last_ends() -> None:
+    lane = Activity()
+    with activity.bound(lane), activity.stalled("storage"):
+        with activity.stalled("storage"):
+            since = lane.stalled_since
+        assert lane.stalled_since == since and lane.stall_reason == "storage"  # one upload still retries
+    assert lane.stalled_since is None and lane.stalls == 0
+    lane.stall("record 7 failed")
+    lane.stall("record 7 failed")
+    lane.clear()  # a commit: progress
+    assert lane.stalled_since is None and lane.stalls == 0

@@ -261,7 +261,7 @@ class KafkaWorker:
             return
         self.committed += 1
         lane.failures = 0
-        lane.activity.unstall()
+        lane.activity.clear()
 
     async def release(self, partitions: set[TopicPartition], grace_s: float) -> None:
         """Hand these partitions back: nothing new starts, waiting lanes go at once, running jobs
