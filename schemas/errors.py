@@ -15,6 +15,7 @@ class ErrorCode(StrEnum):
     TOKEN_EXPIRED = "token_expired"
     TOKEN_INVALID = "token_invalid"
     REQUEST_TOO_LARGE = "request_too_large"
+    REQUEST_TIMEOUT = "request_timeout"
     # The input object.
     INPUT_NOT_FOUND = "input_not_found"
     INPUT_TOO_LARGE = "input_too_large"
@@ -47,6 +48,7 @@ class ErrorCode(StrEnum):
     MODEL_NOT_FOUND = "model_not_found"
     INFERENCE_FAILED = "inference_failed"
     OUTPUT_WRITE_FAILED = "output_write_failed"
+    OUTPUT_NOT_ALLOWED = "output_not_allowed"
     JOB_TIMEOUT = "job_timeout"
     SHUTTING_DOWN = "shutting_down"
     INTERNAL_ERROR = "internal_error"

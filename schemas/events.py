@@ -64,21 +64,34 @@ class JobEvent(BaseModel):
     error: ErrorInfo | None = None
 
 
+class RecordHeader(BaseModel):
+    key: str
+    value_base64: str = Field(description="The header's value, base64")
+
+
 class DeadLetterOrigin(BaseModel):
     topic: str
     partition: int
     offset: int
-    key: str | None = None
+    key: str | None = Field(default=None, description="The record's key as UTF-8 (with replacement), for people")
+    key_base64: str | None = Field(default=None, description="The record's key exactly, base64")
     timestamp_ms: int | None = None
+    headers: list[RecordHeader] = Field(default_factory=list)
 
 
 class DeadLetter(BaseModel):
-    """A message that could not become a job: the reason, where it came from, and its bytes."""
+    """A message that could not become a job: the reason, where it came from, and its bytes.
+
+    The payload is kept exactly (base64). One too large for a letter is represented by its head,
+    its size and its sha256, so a letter always fits the broker's message size limit."""
 
     model_config = ConfigDict(title="DeadLetter")
 
     error: ErrorInfo
     origin: DeadLetterOrigin
-    payload: str = Field(description="The original value, decoded as UTF-8 with replacement")
-    details: list[dict[str, Any]] = Field(default_factory=list, description="Validation errors, if any")
+    payload_base64: str = Field(description="The original value, base64: all of it, or its head when truncated")
+    payload_size: int = Field(description="Bytes in the original value")
+    payload_sha256: str = Field(description="sha256 of the original value (hex)")
+    payload_truncated: bool = Field(default=False, description="payload_base64 holds only the value's head")
+    details: list[dict[str, Any]] = Field(default_factory=list, description="Validation errors (the first few)")
     timestamp: datetime = Field(default_factory=utc_now)

@@ -64,9 +64,10 @@ class HealthResponse(BaseModel):
 
     status: Literal["healthy", "degraded", "unhealthy"] = Field(
         description="unhealthy: cannot run jobs (model not loaded, shutting down); degraded: a dependency is "
-        "down or the consumer has no partitions; healthy otherwise"
+        "down, jobs wait for it (storage, disk space), a partition makes no progress, or the consumer has no "
+        "partitions; healthy otherwise"
     )
-    checks: dict[str, HealthCheck] = Field(description="One per dependency: kafka, storage, model, device")
+    checks: dict[str, HealthCheck] = Field(description="One per dependency: kafka, storage, model, device, disk")
     model_loaded: bool
     version: str
     uptime: float

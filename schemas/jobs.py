@@ -49,3 +49,8 @@ class JobRequest(BaseModel):
         description="The model (bundle) to run; default: the route for the scan's modality (ML_MODEL_ROUTES), "
         "else the first of MODEL_NAME",
     )
+    no_cache: bool = Field(
+        default=False,
+        description="Run the analysis even when a finished identical job's result could be reused "
+        "(the result cache, ML_RESULT_CACHE)",
+    )

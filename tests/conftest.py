@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import nibabel as nib
+import numpy as np
 import orjson
 import pytest
 from aiohttp import web
@@ -126,6 +128,9 @@ async def settings(stack: LocalStack, backend: Backend, tmp_path_factory: pytest
         # A private work directory, so tests can check that every job leaves it empty.
         ml_workdir=tmp_path_factory.mktemp("workdir"),
         ml_max_input_bytes=MAX_INPUT_BYTES,
+        # Off for the shared service, so that its tests see the whole pipeline whatever ran
+        # before them; the result cache's tests run services of their own (with fresh_scan).
+        ml_result_cache=False,
     )
 
 
@@ -206,6 +211,14 @@ class EventLog:
             raise AssertionError(f"nothing matched on {self.topic} within {timeout} s") from None
         assert found is not None
         return found
+
+    async def until(self, condition: Callable[[], bool], timeout: float = 120.0, what: str = "the condition") -> None:
+        """Returns once `condition()` holds, looked at again whenever records arrive."""
+        try:
+            async with asyncio.timeout(timeout), self._arrived:
+                await self._arrived.wait_for(condition)
+        except TimeoutError:
+            raise AssertionError(f"{what} did not hold on {self.topic} within {timeout} s") from None
 
     async def caught_up(self, timeout: float = 30.0) -> None:
         """Returns once every record on the topic at the time of the call has been read."""
@@ -325,6 +338,19 @@ async def upload_input(store: ObjectStore, path: Path, name: str, content_type: 
     job = job_id()
     key = f"uploads/{job}/{name}"
     await store.put_file(key, path, content_type)
+    return job, key
+
+
+_scans = iter(range(1, 10**9))
+
+
+async def fresh_scan(store: ObjectStore, phantom: Phantom, name: str = "scan.nii") -> tuple[str, str]:
+    """A new job id and a scan no job has seen (one voxel differs), so a result cache misses."""
+    image = np.round(phantom.image).astype(np.int16)
+    image[0, 0, 0] = next(_scans)
+    job = job_id()
+    key = f"uploads/{job}/{name}"
+    await store.put_bytes(key, nib.Nifti1Image(image, phantom.affine).to_bytes(), "application/octet-stream")
     return job, key
 
 

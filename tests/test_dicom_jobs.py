@@ -129,7 +129,10 @@ async def test_hostile_inputs_fail_with_their_codes_and_leave_nothing(
     response = await http.get("/health")
     assert (await response.json())["status"] == "healthy"
     workdir = service.settings.ml_workdir
-    assert workdir is not None and list(workdir.iterdir()) == []
+    assert workdir is not None and [p.parent for p in workdir.iterdir()] == [workdir]
+    assert service.workspace.job_dirs() == [] and list(service.workspace.dir.iterdir()) == [
+        service.workspace.dir / ".lock"
+    ]
     assert psutil.Process().memory_info().rss - rss_before < 300 * 2**20
 
 

@@ -14,7 +14,7 @@ from consumer.service import Service
 from consumer.storage import ObjectStore
 from models.phantom import Phantom, save_phantom
 from schemas.export import schema_path
-from tests.conftest import EventLog, job_id, samples, upload_input, value
+from tests.conftest import EventLog, job_id, samples, send_json, upload_input, value
 
 
 def schema(name: str) -> dict:
@@ -49,15 +49,58 @@ async def test_infer_custom_output_object_names_all_outputs(
 ) -> None:
     job, key = await upload_input(store, phantom_file, "scan.nii.gz", "application/gzip")
     response = await http.post(
-        "/infer", json={"job_uuid": job, "input_object": key, "output_object": f"custom/{job}/mask.nii.gz"}
+        "/infer", json={"job_uuid": job, "input_object": key, "output_object": f"results/custom/{job}/mask.nii.gz"}
     )
     body = await response.json()
     assert response.status == 200, body
-    assert body["output_object"] == f"custom/{job}/mask.nii.gz"
-    assert body["results_object"] == f"custom/{job}/mask.json"
-    assert body["report_object"] == f"custom/{job}/mask.xlsx"
+    assert body["output_object"] == f"results/custom/{job}/mask.nii.gz"
+    assert body["results_object"] == f"results/custom/{job}/mask.json"
+    assert body["report_object"] == f"results/custom/{job}/mask.xlsx"
     for key in (body["output_object"], body["results_object"], body["report_object"]):
         assert (await store.stat(key)).size > 0
+
+
+def listed(store: ObjectStore, prefix: str) -> dict[str, str | None]:
+    return {o.object_name: o.etag for o in store.client.list_objects(store.bucket, prefix=prefix, recursive=True)}
+
+
+async def test_outputs_outside_the_prefix_or_over_the_input_are_refused(
+    service: Service, store: ObjectStore, http, job_events: EventLog, phantom_file: Path
+) -> None:
+    job = job_id()
+    # An input (and a reference) that lie under the output prefix themselves: a job may still not overwrite them.
+    scan, reference = f"results/{job}/scan.nii.gz", f"results/{job}/truth.nii.gz"
+    await store.put_file(scan, phantom_file, "application/gzip")
+    await store.put_file(reference, phantom_file, "application/gzip")
+    await store.put_file(f"uploads/{job}/other-patient.nii.gz", phantom_file, "application/gzip")
+    before = {**listed(store, f"results/{job}/"), **listed(store, f"uploads/{job}/")}
+    cases = [
+        {"output_object": f"uploads/{job}/other-patient.nii.gz"},  # another upload: outside the prefix
+        {"output_object": f"custom/{job}/mask.nii.gz"},
+        {"output_object": scan},  # its own input
+        {"output_object": f"results/{job}/scan"},  # its mask key would be results/<job>/scan.nii.gz: the input
+        {"output_object": f"results/{job}/truth.nii.gz", "reference_object": reference},
+        {"output_object": f"results/.cache/{job}.nii.gz"},  # among the result cache's entries
+    ]
+    for case in cases:
+        response = await http.post("/infer", json={"job_uuid": job_id(), "input_object": scan, **case})
+        body = await response.json()
+        assert response.status == 422, (case, body)
+        assert body["error"]["code"] == "output_not_allowed", (case, body)
+    # Nothing was written: the objects there are the same ones, and nothing new appeared.
+    assert {**listed(store, f"results/{job}/"), **listed(store, f"uploads/{job}/")} == before
+    assert listed(store, f"custom/{job}/") == {} and listed(store, f"results/.cache/{job}") == {}
+    # A Kafka job is refused the same way, with a failed event.
+    refused = job_id()
+    await send_json(
+        service.producer,
+        service.settings.kafka_jobs_topic,
+        {"job_uuid": refused, "input_object": scan, "output_object": f"uploads/{job}/other-patient.nii.gz"},
+        key=refused,
+    )
+    final = await job_events.final(refused)
+    assert final["status"] == "failed" and final["error"]["code"] == "output_not_allowed"
+    assert listed(store, f"uploads/{job}/") == {k: v for k, v in before.items() if k.startswith("uploads/")}
 
 
 async def test_infer_missing_input_is_404(service: Service, http) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import gzip
 import io
 import json
@@ -13,6 +14,7 @@ import nibabel as nib
 import numpy as np
 import openpyxl
 import orjson
+import pytest
 from aiokafka.errors import CommitFailedError
 
 from consumer.auth import verify_token
@@ -32,6 +34,7 @@ from tests.conftest import (
     committed_offset,
     event_log,
     eventually,
+    fresh_scan,
     isolated_settings,
     job_id,
     send_json,
@@ -117,16 +120,18 @@ async def test_kafka_job_completes_with_outputs(
     assert payload["results_object"] == final["results_object"]
 
 
-async def test_redelivered_job_overwrites_its_own_outputs(
-    stack: LocalStack, store: ObjectStore, producer, phantom_file: Path
+@pytest.mark.parametrize("cache", [True, False], ids=["result-cache", "no-cache"])
+async def test_redelivered_job_finds_or_overwrites_its_own_outputs(
+    stack: LocalStack, store: ObjectStore, producer, phantom: Phantom, cache: bool
 ) -> None:
     """A member runs a job but its commit never reaches the broker (as when the process dies
-    between the final event and the commit); the group's next member gets the same record, runs
-    the job again and overwrites the same objects."""
-    settings = isolated_settings(stack, f"redeliver-{job_id()[:8]}")
+    between the final event and the commit); the group's next member gets the same record. With
+    the result cache it finds the job's finished outputs and completes at once (`cached: true`);
+    without, it runs the job again and overwrites the same objects."""
+    settings = isolated_settings(stack, f"redeliver-{job_id()[:8]}", ml_result_cache=cache)
     await ensure_topics(settings)
     topic = settings.kafka_jobs_topic
-    job, key = await upload_input(store, phantom_file, "scan.nii.gz", "application/gzip")
+    job, key = await fresh_scan(store, phantom)
     async with event_log(settings, settings.kafka_job_events_topic) as events:
         first = await start_service(settings)
         try:
@@ -156,9 +161,20 @@ async def test_redelivered_job_overwrites_its_own_outputs(
     assert statuses.count("accepted") == 2 and statuses.count("completed") == 2, statuses
     outputs = ("output_object", "results_object", "report_object", "preview_object")
     assert [second_final[name] for name in outputs] == [first_final[name] for name in outputs]
-    # The same keys, written again: the result JSON is the second run's, and nothing else was added.
+    assert first_final["cached"] is False and second_final["cached"] is cache
     second_result = orjson.loads(await store.get_bytes(second_final["results_object"]))
-    assert second_result["created_at"] > first_result["created_at"]
+    if cache:
+        # Found in place: nothing was run or written again.
+        assert second_result == first_result
+        assert (second_final["file_size"], second_final["summary"]) == (
+            first_final["file_size"],
+            first_final["summary"],
+        )
+        assert "running" not in [e["status"] for e in events.by_job[job]][2:]
+    else:
+        # The same keys, written again: the result JSON is the second run's.
+        assert second_result["created_at"] > first_result["created_at"]
+    # Nothing else was added.
     written = {obj.object_name for obj in store.client.list_objects(store.bucket, prefix=f"results/analysis_{job}")}
     assert written == {first_final[name] for name in outputs}
 
@@ -247,7 +263,8 @@ async def test_malformed_message_goes_to_dlq_and_partition_moves_on(
                 d["origin"]["partition"] == 1 and d["origin"]["offset"] == m.offset and d["origin"]["topic"] == topic
             )
         )
-        assert letter["payload"] == value.decode()
+        assert base64.b64decode(letter["payload_base64"]) == value
+        assert letter["payload_size"] == len(value) and not letter["payload_truncated"]
         assert letter["error"]["code"] in {"invalid_json", "invalid_message"}
         assert letter["error"]["message"]
     first = await dead_letters.wait_for(

@@ -3,6 +3,8 @@ dispatcher does with a record: pure logic, with a stub in place of the broker.""
 
 from __future__ import annotations
 
+import asyncio
+
 import orjson
 import pytest
 from aiokafka.structs import ConsumerRecord
@@ -11,6 +13,7 @@ from consumer.errors import InvalidMessage
 from consumer.observability.metrics import ServiceMetrics
 from consumer.settings import Settings
 from consumer.transport.dispatch import RecordDispatcher, decode_job_message, decode_minio_event, upload_job_id
+from consumer.transport.worker import Handled, Work
 from producer_tools.minio_events import minio_event
 from schemas.errors import ErrorCode
 from schemas.jobs import JobRequest, Profile, Source
@@ -101,13 +104,16 @@ def test_job_message_errors_carry_codes_and_details() -> None:
 
 
 class StubPublisher:
-    """Keeps the dead letters instead of sending them."""
+    """Keeps the dead letters instead of sending them; each delivery is done at once."""
 
     def __init__(self) -> None:
         self.dead_letters: list[tuple[ConsumerRecord[bytes, bytes], InvalidMessage]] = []
 
-    async def dead_letter(self, record: ConsumerRecord[bytes, bytes], error: InvalidMessage) -> None:
+    async def start_dead_letter(self, record: ConsumerRecord[bytes, bytes], error: InvalidMessage) -> asyncio.Future:
         self.dead_letters.append((record, error))
+        done: asyncio.Future = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
 
 
 def kafka_record(topic: str, value: bytes, offset: int = 0) -> ConsumerRecord[bytes, bytes]:
@@ -116,22 +122,37 @@ def kafka_record(topic: str, value: bytes, offset: int = 0) -> ConsumerRecord[by
 
 async def test_dispatcher_runs_jobs_skips_notifications_and_dead_letters_the_rest() -> None:
     settings = Settings()
-    ran: list[tuple[str, Source]] = []
+    ran: list[tuple[str, Source, object]] = []
 
-    async def run_job(job: JobRequest, source: Source) -> None:
-        ran.append((job.job_uuid, source))
+    async def run_job(job: JobRequest, source: Source, finish: object) -> None:
+        ran.append((job.job_uuid, source, finish))
+
+    async def finish(final: object) -> None:
+        raise AssertionError("the stub job never finishes through it")
 
     publisher = StubPublisher()
     metrics = ServiceMetrics()
     dispatch = RecordDispatcher(settings, run_job, publisher, metrics)  # type: ignore[arg-type]
     upload = minio_event(settings.minio_bucket, "uploads/b.nii.gz", size=1, etag="e")
     elsewhere = minio_event(settings.minio_bucket, "other/c.nii.gz", size=1, etag="e")
-    await dispatch(kafka_record(settings.kafka_jobs_topic, b'{"job_uuid": "a", "input_object": "uploads/a.nii"}'))
-    await dispatch(kafka_record(settings.kafka_minio_events_topic, orjson.dumps(upload)))
-    await dispatch(kafka_record(settings.kafka_minio_events_topic, orjson.dumps(elsewhere)))
-    await dispatch(kafka_record(settings.kafka_jobs_topic, b"not json", offset=3))
-
-    assert ran == [("a", Source.KAFKA), (upload_job_id(settings.minio_bucket, "uploads/b.nii.gz", "e"), Source.MINIO)]
+    outcomes = [
+        await dispatch(kafka_record(settings.kafka_jobs_topic, b'{"job_uuid": "a", "input_object": "uploads/a.nii"}')),
+        await dispatch(kafka_record(settings.kafka_minio_events_topic, orjson.dumps(upload))),
+        await dispatch(kafka_record(settings.kafka_minio_events_topic, orjson.dumps(elsewhere))),
+        await dispatch(kafka_record(settings.kafka_jobs_topic, b"not json", offset=3)),
+    ]
+    # Records that start jobs come back as work to run; the others are handled already.
+    assert [type(o) for o in outcomes] == [Work, Work, Handled, Handled]
+    assert ran == []
+    for work in outcomes[:2]:
+        assert isinstance(work, Work)
+        await work.run(finish)
+    # The (only, hence last) job of each record finishes through the record's commit.
+    assert ran == [
+        ("a", Source.KAFKA, finish),
+        (upload_job_id(settings.minio_bucket, "uploads/b.nii.gz", "e"), Source.MINIO, finish),
+    ]
+    assert outcomes[2] == Handled(None)
     ((record, error),) = publisher.dead_letters
     assert record.offset == 3 and error.code is ErrorCode.INVALID_JSON
     assert metrics.skipped_events.labels("outside_uploads")._value.get() == 1

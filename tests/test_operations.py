@@ -69,7 +69,7 @@ async def run_cli(settings: Settings, *args: str, timeout: float = 60) -> tuple[
 async def test_health_has_a_check_per_dependency_and_probes(service: Service, http) -> None:
     body = await (await http.get("/health")).json()
     assert body["status"] == "healthy"
-    assert set(body["checks"]) == {"kafka", "storage", "model", "device"}
+    assert set(body["checks"]) == {"kafka", "storage", "model", "device", "disk"}
     assert all(check["status"] == "ok" for check in body["checks"].values()), body["checks"]
     assert "partition" in body["checks"]["kafka"]["detail"]
     live = await http.get("/health/live")

@@ -7,7 +7,6 @@ Tansu keeps topics in memory: a restart of the stack starts with empty topics.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -18,10 +17,9 @@ import subprocess
 import sys
 import sysconfig
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from consumer.errors import StorageUnavailable
 from consumer.settings import Settings
 from consumer.storage import ObjectStore
 from consumer.transport.clients import ensure_topics
@@ -115,13 +113,21 @@ class S3Ports:
     volume: int = 9340
     filer: int = 8888
     admin: int = 23646
+    # Each service's gRPC port; by default its port + 10000 (SeaweedFS' own rule).
+    grpc_ports: dict[int, int] = field(default_factory=dict)
 
     @classmethod
     def free(cls) -> S3Ports:
-        return cls(s3=free_port(), master=free_port(), volume=free_port(), filer=free_port(), admin=free_port())
+        ports = cls(s3=free_port(), master=free_port(), volume=free_port(), filer=free_port(), admin=free_port())
+        # Free ones too: port + 10000 may be anybody's (several stacks on one machine collided there).
+        ports.grpc_ports = {
+            port: free_port() for port in (ports.s3, ports.master, ports.volume, ports.filer, ports.admin)
+        }
+        return ports
 
     def grpc(self, port: int) -> int:
-        # Defaults to port + 10000; pinned explicitly so two stacks never collide there.
+        if port in self.grpc_ports:
+            return self.grpc_ports[port]
         return port + 10000 if port + 10000 < 65536 else port - 10000
 
 
@@ -183,6 +189,21 @@ class LocalStack:
         wait_for_port(self.kafka_port, child.process, "Kafka broker (tansu)")
         log.info("Kafka-protocol broker listening on %s", self.bootstrap)
 
+    def stop_s3(self, hard: bool = True) -> None:
+        """Stop the S3 server alone (killed, by default, as a crash would); its data stays."""
+        child = next(c for c in self.children if c.name == "s3")
+        if hard:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.process.pid, signal.SIGKILL)
+            child.process.wait(10)
+        else:
+            child.stop()
+        self.children.remove(child)
+
+    def start_s3(self) -> None:
+        """Start the S3 server again, on the same ports and the same data."""
+        self._start_s3()
+
     def _start_s3(self) -> None:
         p = self.s3_ports
         storage = self.data_dir / "s3"
@@ -227,16 +248,10 @@ class LocalStack:
 
 
 async def prepare_stack(settings: Settings) -> ObjectStore:
-    """Bucket and topics on a fresh stack (idempotent); waits a little for the S3 server to answer."""
+    """Bucket and topics on a fresh stack (idempotent). The store's retry policy waits for an S3
+    server that is still starting."""
     store = ObjectStore.from_settings(settings)
-    for attempt in range(50):
-        try:
-            await store.ensure_bucket()
-            break
-        except StorageUnavailable:
-            if attempt == 49:
-                raise
-            await asyncio.sleep(0.2)
+    await store.ensure_bucket()
     created = await ensure_topics(settings)
     if created:
         log.info("created topics: %s", ", ".join(created))

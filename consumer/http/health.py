@@ -1,20 +1,25 @@
 """What /health, /health/live and /health/ready report: one check per dependency.
 
-The checks get what they look at (the bucket, the group membership, the models, the job slots),
-never the whole service.
+The checks get what they look at (the bucket, the group membership and the partitions' stalls,
+the models, the job slots, the work directory), never the whole service. Degraded means work
+waits rather than fails: storage that jobs are retrying, a partition that has made no progress
+for ML_STALL_LIMIT_S, jobs waiting for disk space.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 import psutil
 from aiokafka import TopicPartition
 
 from consumer.jobs.slots import JobSlots
+from consumer.jobs.workspace import Workspace
 from consumer.storage import ObjectStore
+from consumer.transport.worker import Stall
 from models.registry import ModelRegistry
 from schemas.api_docs import VERSION
 from schemas.http import CheckStatus, HealthCheck, HealthResponse, ModelStatus, ProbeResponse
@@ -50,12 +55,18 @@ class HealthChecks:
         group_id: str,
         models: ModelRegistry,
         jobs: JobSlots,
+        workspace: Workspace,
+        stalls: Callable[[], list[Stall]] = list,
+        stall_limit_s: float = 60.0,
     ):
         self.store = store
         self.group = group
         self.group_id = group_id
         self.models = models
         self.jobs = jobs
+        self.workspace = workspace
+        self.stalls = stalls
+        self.stall_limit_s = stall_limit_s
         self.started_monotonic = time.monotonic()
         self._storage: tuple[float, HealthCheck] | None = None
 
@@ -64,6 +75,17 @@ class HealthChecks:
         return bool(self.group.assignment())
 
     async def storage(self) -> HealthCheck:
+        waiting = [stall for stall in self.stalls() if stall.reason == "storage"]
+        probe = await self._storage_probe()
+        if waiting and probe.status is CheckStatus.OK:
+            longest = max(stall.seconds for stall in waiting)
+            return HealthCheck(
+                status=CheckStatus.DEGRADED,
+                detail=f"{len(waiting)} partition(s) retrying storage calls (for up to {longest:.0f} s)",
+            )
+        return probe
+
+    async def _storage_probe(self) -> HealthCheck:
         now = time.monotonic()
         if self._storage is not None and now - self._storage[0] < _STORAGE_CACHE_S:
             return self._storage[1]
@@ -82,6 +104,14 @@ class HealthChecks:
 
     def kafka(self) -> HealthCheck:
         assigned = self.group.assignment()
+        stuck = [stall for stall in self.stalls() if stall.seconds >= self.stall_limit_s]
+        if stuck:
+            worst = max(stuck, key=lambda stall: stall.seconds)
+            return HealthCheck(
+                status=CheckStatus.DEGRADED,
+                detail=f"{len(stuck)} partition(s) without progress; {worst.topic}[{worst.partition}] for "
+                f"{worst.seconds:.0f} s: {worst.reason}",
+            )
         if assigned:
             return HealthCheck(
                 status=CheckStatus.OK, detail=f"group {self.group_id}: {len(assigned)} partition(s) assigned"
@@ -90,6 +120,18 @@ class HealthChecks:
             status=CheckStatus.DEGRADED,
             detail=f"group {self.group_id}: no partitions assigned (joining, or more replicas than partitions)",
         )
+
+    def disk(self) -> HealthCheck:
+        try:
+            free_mb = self.workspace.free_bytes() / 2**20
+        except OSError as error:
+            return HealthCheck(status=CheckStatus.FAILING, detail=f"work directory unusable: {error}")
+        if self.workspace.waiting:
+            return HealthCheck(
+                status=CheckStatus.DEGRADED,
+                detail=f"{self.workspace.waiting} job(s) waiting for disk space; {free_mb:.0f} MB free",
+            )
+        return HealthCheck(status=CheckStatus.OK, detail=f"{free_mb:.0f} MB free in {self.workspace.root}")
 
     def model(self) -> HealthCheck:
         cards = self.models.cards()
@@ -127,6 +169,7 @@ class HealthChecks:
             "storage": await self.storage(),
             "model": self.model(),
             "device": self.device(),
+            "disk": self.disk(),
         }
         if checks["model"].status is not CheckStatus.OK or self.jobs.closed:
             status = "unhealthy"

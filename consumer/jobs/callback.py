@@ -1,12 +1,17 @@
 """The backend's completion callback: POST {BACKEND_URL}/internal/jobs/{job_uuid}/completion.
 
-Sent in the background with retries, so a slow or absent backend never holds a partition or
-fails a job: the `ml.job-events` event is the durable record, the callback a convenience.
+Sent in the background, retried by the service's one policy (consumer.retry's CALLBACK: a
+number of attempts with backoff), so a slow or absent backend never holds a partition or fails a
+job: the `ml.job-events` event is the durable record, the callback a convenience. A 5xx, a
+timeout or a refused connection is retried; a 4xx (other than 408, 425, 429) says the backend
+refuses this payload, and retrying cannot help.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -14,13 +19,27 @@ from typing import Any
 import aiohttp
 
 from consumer.auth import issue_token
-from consumer.backoff import compute_backoff
+from consumer.retry import CALLBACK, Deadline, RetryPolicy, retry
 from schemas.events import JobEvent, JobStatus
 
 log = logging.getLogger(__name__)
 
 # 4xx answers other than these mean the backend refuses this payload: retrying cannot help.
 _RETRYABLE_4XX = {408, 425, 429}
+
+
+class CallbackRefused(Exception):
+    """The backend answered, but not with success."""
+
+    def __init__(self, status: int):
+        super().__init__(f"HTTP {status}")
+        self.status = status
+
+
+def retryable(error: Exception) -> bool:
+    if isinstance(error, CallbackRefused):
+        return error.status >= 500 or error.status in _RETRYABLE_4XX
+    return isinstance(error, (aiohttp.ClientError, TimeoutError))
 
 
 def completion_payload(event: JobEvent) -> dict[str, Any]:
@@ -49,12 +68,14 @@ class BackendNotifier:
         timeout_s: float = 10.0,
         max_attempts: int = 5,
         on_give_up: Callable[[], None] | None = None,
+        policy: RetryPolicy = CALLBACK,
     ):
         self.on_give_up = on_give_up
         self.backend_url = backend_url.rstrip("/")
         self.secret = secret
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self.max_attempts = max_attempts
+        self.policy = dataclasses.replace(policy, attempts=max_attempts)
+        self.attempts = 0
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[bool]] = set()
         self.failed = 0
@@ -71,7 +92,10 @@ class BackendNotifier:
         """Schedule the callback for a final event; returns at once."""
         if not self.enabled or event.status not in (JobStatus.COMPLETED, JobStatus.FAILED):
             return
-        task = asyncio.create_task(self._deliver(event), name=f"callback-{event.job_uuid}")
+        # A context of its own: the job's retry budget and its lane's activity are not the callback's.
+        task = asyncio.create_task(
+            self._deliver(event), name=f"callback-{event.job_uuid}", context=contextvars.Context()
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -85,28 +109,29 @@ class BackendNotifier:
     async def _deliver(self, event: JobEvent) -> bool:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self.timeout)
+        session = self._session
         payload = completion_payload(event)
-        for attempt in range(1, self.max_attempts + 1):
-            try:
-                async with self._session.post(
-                    self.url(event.job_uuid), json=payload, headers=self._headers(event.job_uuid)
-                ) as response:
-                    if response.status < 300:
-                        self.sent += 1
-                        return True
-                    retryable = response.status >= 500 or response.status in _RETRYABLE_4XX
-                    reason = f"HTTP {response.status}"
-            except (aiohttp.ClientError, TimeoutError) as error:
-                retryable, reason = True, f"{type(error).__name__}: {error}"
-            if not retryable or attempt == self.max_attempts:
-                break
-            log.info("callback for job %s failed (%s); retry %d", event.job_uuid, reason, attempt)
-            await asyncio.sleep(compute_backoff(attempt))
-        self.failed += 1
-        if self.on_give_up is not None:
-            self.on_give_up()
-        log.warning("callback for job %s gave up after %d attempt(s): %s", event.job_uuid, attempt, reason)
-        return False
+        url = self.url(event.job_uuid)
+
+        async def post() -> None:
+            self.attempts += 1
+            async with session.post(url, json=payload, headers=self._headers(event.job_uuid)) as response:
+                if response.status >= 300:
+                    raise CallbackRefused(response.status)
+
+        try:
+            # Its own limit (attempts), not the job's deadline: the job is finished.
+            await retry(
+                post, self.policy, retryable, what=f"callback for job {event.job_uuid}", deadline=Deadline(None)
+            )
+        except (CallbackRefused, aiohttp.ClientError, TimeoutError) as error:
+            self.failed += 1
+            if self.on_give_up is not None:
+                self.on_give_up()
+            log.warning("callback for job %s gave up: %s", event.job_uuid, error)
+            return False
+        self.sent += 1
+        return True
 
     async def drain(self, timeout: float) -> None:
         """Give pending callbacks up to `timeout` seconds, then cancel the rest."""

@@ -38,6 +38,7 @@ class Written:
     result: AnalysisResult
     mask_bytes: int
     seg_key: str | None = None
+    cached: bool = False  # a finished identical job's outputs, reused (consumer.jobs.cache)
 
 
 @dataclass(frozen=True)

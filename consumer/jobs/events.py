@@ -41,6 +41,7 @@ def completed_event(ctx: JobContext, written: Written, duration: float) -> JobEv
             "file_name": ctx.keys.mask.rsplit("/", 1)[-1],
             "duration_seconds": duration,
             "summary": written.result.summary,
+            "cached": written.cached,
         }
     )
 

@@ -1,6 +1,10 @@
-"""Output object keys (deterministic from the job), the encoders of each output, and their upload.
+"""Output object keys (deterministic from the job), where they may lie, the encoders of each
+output, and their upload.
 
-Keys come from the job id alone, so running a job twice overwrites the same objects.
+Keys come from the job id (or its `output_object`) alone, so running a job twice overwrites the
+same objects. Every key lies under ML_OUTPUT_PREFIX, outside the result cache's entries, and is
+never the job's input or reference: a job may not overwrite another upload, its own input, or
+anything else in the bucket (`output_not_allowed`, checked before anything is written).
 """
 
 from __future__ import annotations
@@ -13,14 +17,16 @@ import numpy as np
 import orjson
 from isal import igzip
 
-from consumer.errors import InputError, JobError
+from consumer.errors import InputError, JobError, OutputNotAllowed
 from consumer.jobs.report import build_report
 from consumer.storage import ObjectStore
 from schemas.errors import ErrorCode
 from schemas.jobs import JobRequest
 from schemas.results import AnalysisResult
 
-RESULTS_PREFIX = "results/"
+RESULTS_PREFIX = "results/"  # ML_OUTPUT_PREFIX's default
+# Under the output prefix: the result cache's entries (consumer.jobs.cache), never a job's output.
+CACHE_DIR = ".cache/"
 _MASK_SUFFIXES = (".nii.gz", ".nii")
 CONTENT_TYPES = {
     "nifti": "application/gzip",
@@ -41,8 +47,8 @@ class OutputKeys:
     uncertainty: str  # written by research (test-time flips) only
 
     @classmethod
-    def for_job(cls, request: JobRequest) -> OutputKeys:
-        mask = request.output_object or f"{RESULTS_PREFIX}analysis_{request.job_uuid}.nii.gz"
+    def for_job(cls, request: JobRequest, prefix: str = RESULTS_PREFIX) -> OutputKeys:
+        mask = request.output_object or f"{prefix}analysis_{request.job_uuid}.nii.gz"
         stem = mask
         for suffix in _MASK_SUFFIXES:
             if stem.endswith(suffix):
@@ -59,6 +65,30 @@ class OutputKeys:
             preview=f"{stem}.preview.png",
             uncertainty=f"{stem}.uncertainty.nii.gz",
         )
+
+    def by_name(self) -> dict[str, str]:
+        """Every key by the name the result JSON's `outputs` gives it."""
+        return {
+            "mask": self.mask,
+            "results": self.results,
+            "report": self.report,
+            "preview": self.preview,
+            "dicom_seg": self.seg,
+            "uncertainty": self.uncertainty,
+        }
+
+
+def check_allowed(keys: OutputKeys, request: JobRequest, prefix: str) -> None:
+    """Raises OutputNotAllowed unless every output key lies under `prefix`, outside the cache's
+    entries, and none is the job's input or reference."""
+    theirs = {request.input_object, request.reference_object} - {None}
+    for key in keys.by_name().values():
+        if not key.startswith(prefix):
+            raise OutputNotAllowed(f"output {key!r} does not lie under the output prefix {prefix!r}")
+        if key.startswith(prefix + CACHE_DIR):
+            raise OutputNotAllowed(f"output {key!r} lies among the result cache's entries")
+        if key in theirs:
+            raise OutputNotAllowed(f"output {key!r} is the job's own input or reference")
 
 
 @dataclass(frozen=True)

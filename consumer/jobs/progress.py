@@ -4,6 +4,11 @@ The engine reports the share of its work done from its worker thread; a ticker o
 loop publishes the latest share every `interval_s` (never more often), mapped into the part of
 the job that inference covers. A progress event that cannot be published is logged and
 skipped: only the final event decides a job's fate.
+
+The reporter also ends a model run that nobody waits for any more: once the job left the
+reporter (cancelled at the end of a revoke's or a stop's grace, or past its deadline), the next
+report from the worker thread raises, so the thread stops instead of computing a discarded
+result on CPUs the next job needs.
 """
 
 from __future__ import annotations
@@ -23,6 +28,10 @@ log = logging.getLogger(__name__)
 INTERVAL_S = 2.0
 
 
+class RunAbandoned(RuntimeError):
+    """Raised in a model's worker thread whose job was given up."""
+
+
 class ProgressReporter:
     def __init__(
         self,
@@ -37,10 +46,13 @@ class ProgressReporter:
         self.span = span
         self.interval_s = interval_s
         self.share = 0.0
+        self.closed = False
         self._task: asyncio.Task[None] | None = None
 
     def report(self, share: float) -> None:
         """Called from the worker thread: a float assignment, which is atomic; the ticker reads it."""
+        if self.closed:
+            raise RunAbandoned(f"job {self.ctx.job_uuid} was given up")
         self.share = min(1.0, max(0.0, share))
 
     async def __aenter__(self) -> ProgressReporter:
@@ -48,6 +60,7 @@ class ProgressReporter:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        self.closed = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

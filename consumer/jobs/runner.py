@@ -1,38 +1,44 @@
-"""The job runner: fetch -> read -> infer -> analyse -> write -> publish -> notify.
+"""The job runner: check -> (cache) -> fetch -> read -> infer -> analyse -> write -> publish -> notify.
 
 A job is a sequence of named steps (bodies in jobs.steps), each timed and logged under its
-name, inside a deadline, with transient failures retried with backoff. Every blocking step runs
-in a worker thread, so the event loop keeps polling Kafka and answering HTTP while a job runs.
-Job failures end in a `failed` event, not an exception.
+name. Its deadline (ML_JOB_TIMEOUT_S) covers the whole job: transient failures inside it
+(storage, events) are retried by consumer.retry up to that deadline, call by call, so a failed
+upload is retried without running the model again. Every blocking step runs in a worker thread,
+so the event loop keeps polling Kafka and answering HTTP while a job runs. Job failures end in a
+`failed` event, not an exception; the final event goes out shielded from cancellation, followed
+by the Kafka commit when the caller gives one (`finish`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import tempfile
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
-from consumer.backoff import compute_backoff
-from consumer.errors import EventPublishError, JobError, JobTimeout, TransientError
+from consumer import retry
+from consumer.activity import Finals
+from consumer.errors import EventPublishError, JobError, JobTimeout
 from consumer.imaging.analysis import Analysis
 from consumer.imaging.limits import ReadLimits
 from consumer.imaging.scans import Scan
 from consumer.jobs import steps
+from consumer.jobs.cache import ResultCache, cache_key, model_identity
 from consumer.jobs.callback import BackendNotifier
 from consumer.jobs.context import JobContext, JobOutcome, Written
 from consumer.jobs.events import completed_event, failed_event, job_event
-from consumer.jobs.outputs import OutputFiles, OutputKeys, upload_outputs
+from consumer.jobs.outputs import OutputFiles, OutputKeys, check_allowed, upload_outputs
 from consumer.jobs.progress import ProgressReporter
 from consumer.jobs.result import build_result, model_info, unknown_model
+from consumer.jobs.workspace import Workspace
+from consumer.observability import memory
 from consumer.observability.logs import log_context
 from consumer.observability.metrics import ServiceMetrics
 from consumer.settings import Settings
-from consumer.storage import ObjectStore
+from consumer.storage import ObjectInfo, ObjectStore
 from consumer.transport.publisher import EventPublisher
 from models.engine import Prediction
 from models.registry import ModelNotFound as UnknownModel
@@ -44,6 +50,9 @@ from schemas.results import Metric, ModelInfo
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# Runs a job's final write (then, for a Kafka record, its commit), shielded from cancellation.
+Finish = Callable[[Callable[[], Awaitable[None]]], Awaitable[None]]
+
 
 class JobRunner:
     def __init__(
@@ -54,6 +63,7 @@ class JobRunner:
         publisher: EventPublisher,
         notifier: BackendNotifier,
         metrics: ServiceMetrics,
+        workspace: Workspace,
     ):
         self.settings = settings
         self.store = store
@@ -61,11 +71,17 @@ class JobRunner:
         self.publisher = publisher
         self.notifier = notifier
         self.metrics = metrics
+        self.workspace = workspace
+        self.cache = ResultCache(store, settings.ml_output_prefix, settings.ml_result_cache)
         self.in_flight = 0
         self.read_limits = ReadLimits.from_settings(settings)
+        # Final events of jobs without a Kafka commit (HTTP): a stop awaits them.
+        self.finals = Finals()
+        self._background: set[asyncio.Future[bool]] = set()
 
-    async def run(self, request: JobRequest, source: Source) -> JobOutcome:
-        """Run one job to its final event; raises only when an event could not be published."""
+    async def run(self, request: JobRequest, source: Source, finish: Finish | None = None) -> JobOutcome:
+        """Run one job to its final event; raises only when an event could not be published (or
+        when cancelled: then no final event, and no commit)."""
         ctx = self._context(request, source)
         with log_context(
             job_uuid=request.job_uuid, source=source.value, model_name=ctx.model.name, model_version=ctx.model.version
@@ -75,8 +91,8 @@ class JobRunner:
             try:
                 written = await self._counted(ctx)
             except JobError as error:
-                return await self._fail(ctx, error)
-            return await self._complete(ctx, written)
+                return await self._fail(ctx, error, finish)
+            return await self._complete(ctx, written, finish)
 
     def _context(self, request: JobRequest, source: Source) -> JobContext:
         return JobContext(
@@ -84,7 +100,7 @@ class JobRunner:
             source=source,
             profile=request.profile or self.settings.ml_default_profile,
             threshold=request.threshold or self.settings.ml_decision_threshold,
-            keys=OutputKeys.for_job(request),
+            keys=OutputKeys.for_job(request, self.settings.ml_output_prefix),
             model=self._model_info(request.model),
         )
 
@@ -100,7 +116,7 @@ class JobRunner:
         self.in_flight += 1
         self.metrics.in_flight.inc()
         try:
-            return await self._attempts(ctx)
+            return await self._within_deadline(ctx)
         except (JobError, EventPublishError, asyncio.CancelledError):
             raise
         except Exception as error:
@@ -109,55 +125,83 @@ class JobRunner:
         finally:
             self.in_flight -= 1
             self.metrics.in_flight.dec()
+            if self.in_flight == 0 and self.settings.ml_malloc_trim:
+                self._trim()
 
-    async def _attempts(self, ctx: JobContext) -> Written:
-        """Retry transient failures (storage down, ...) with backoff; everything else fails at once."""
-        attempts = self.settings.ml_max_job_attempts
-        for attempt in range(1, attempts + 1):
-            try:
-                async with asyncio.timeout(self.settings.ml_job_timeout_s) as deadline:
+    def _trim(self) -> None:
+        """Between jobs: freed memory back to the system (see observability.memory), in a thread."""
+        task = asyncio.ensure_future(asyncio.to_thread(memory.trim))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _within_deadline(self, ctx: JobContext) -> Written:
+        """The work under the job's one deadline, which every retry inside keeps to. An HTTP caller
+        is not kept waiting through a long outage: its retries wait ML_INFER_RETRY_WAIT_S at most."""
+        timeout = self.settings.ml_job_timeout_s
+        wait = self.settings.ml_infer_retry_wait_s if ctx.source is Source.HTTP else None
+        try:
+            async with asyncio.timeout(timeout) as scope:
+                with retry.budget(retry.Deadline.after(timeout), wait):
                     return await self._steps(ctx)
-            except TimeoutError as error:
-                if deadline.expired():
-                    raise JobTimeout(f"the job ran longer than {self.settings.ml_job_timeout_s:.0f} s") from error
-                raise
-            except TransientError as error:
-                if attempt == attempts:
-                    raise
-                delay = compute_backoff(attempt)
-                log.warning(
-                    "job %s: %s (attempt %d/%d, retry in %.1f s)", ctx.job_uuid, error, attempt, attempts, delay
-                )
-                await asyncio.sleep(delay)
-        raise AssertionError("unreachable")
+        except TimeoutError as error:
+            if scope.expired():
+                raise JobTimeout(f"the job ran longer than {timeout:.0f} s") from error
+            raise
 
     async def _steps(self, ctx: JobContext) -> Written:
+        request = ctx.request
+        # Refused before any I/O: outputs out of place, a model this service does not host.
+        check_allowed(ctx.keys, request, self.settings.ml_output_prefix)
+        await steps.resolve_model(self.models, request.model, None)
+        info = await steps.check_input(self.store, request.input_object, self.settings.ml_max_input_bytes)
+        key = await self._cache_key(ctx, info)
+        if key is not None and (cached := await self._from_cache(ctx, key)) is not None:
+            return cached
+        with self.workspace.job_dir(ctx.job_uuid) as tmp:
+            async with self.workspace.room(info.size):
+                path = await self._step(ctx, "fetch", steps.fetch(self.store, request.input_object, tmp))
+                written = await self._analyse(ctx, path, info.size, tmp)
+        if key is not None:
+            await self.cache.remember(key, ctx, written)
+        return written
+
+    async def _cache_key(self, ctx: JobContext, info: ObjectInfo) -> str | None:
+        if not self.cache.enabled:
+            return None
+        reference = await steps.reference_info(self.store, ctx.request.reference_object)
+        if ctx.request.reference_object is not None and reference is None:
+            return None
+        return cache_key(ctx, info, reference, model_identity(self.models, ctx.request.model))
+
+    async def _from_cache(self, ctx: JobContext, key: str) -> Written | None:
+        written = await self._step(ctx, "cache", self.cache.find(key, ctx))
+        self.metrics.result_cache.labels("hit" if written else "miss").inc()
+        if written is not None:
+            ctx.model = written.result.model
+            log.info("job %s: a finished identical job's outputs reused (result cache)", ctx.job_uuid)
+        return written
+
+    async def _analyse(self, ctx: JobContext, path: Path, size: int, tmp: Path) -> Written:
         request, limits = ctx.request, self.read_limits
-        with tempfile.TemporaryDirectory(prefix=f"job-{ctx.job_uuid}-", dir=self.settings.ml_workdir) as work:
-            tmp = Path(work)
-            await steps.resolve_model(self.models, request.model, None)  # an unknown model fails before any I/O
-            path, size = await self._step(
-                ctx, "fetch", steps.fetch(self.store, request.input_object, tmp, self.settings.ml_max_input_bytes)
+        scan = await self._step(ctx, "read", steps.read(path, tmp, limits, request.series_uid))
+        ctx.model = model_info(await steps.resolve_model(self.models, request.model, scan))
+        await self.publisher.publish(job_event(ctx, JobStatus.RUNNING, step="infer", progress=0.2))
+        async with ProgressReporter(self.publisher.publish, ctx) as progress:
+            prediction = await self._step(
+                ctx,
+                "infer",
+                steps.infer(self.models, ctx.model.name, scan, ctx.profile, ctx.threshold, progress.report),
             )
-            scan = await self._step(ctx, "read", steps.read(path, tmp, limits, request.series_uid))
-            ctx.model = model_info(await steps.resolve_model(self.models, request.model, scan))
-            await self.publisher.publish(job_event(ctx, JobStatus.RUNNING, step="infer", progress=0.2))
-            async with ProgressReporter(self.publisher.publish, ctx) as progress:
-                prediction = await self._step(
-                    ctx,
-                    "infer",
-                    steps.infer(self.models, ctx.model.name, scan, ctx.profile, ctx.threshold, progress.report),
-                )
-            await self.publisher.publish(job_event(ctx, JobStatus.PROGRESS, step="analyse", progress=0.8))
-            analysis = await self._step(ctx, "analyse", steps.find_lesions(scan, prediction))
-            metrics: list[Metric] = []
-            if request.reference_object is not None:
-                metrics = await self._step(
-                    ctx,
-                    "reference",
-                    steps.score_reference(self.store, request.reference_object, tmp, limits, scan, analysis),
-                )
-            return await self._step(ctx, "write", self._write(ctx, scan, size, prediction, analysis, metrics))
+        await self.publisher.publish(job_event(ctx, JobStatus.PROGRESS, step="analyse", progress=0.8))
+        analysis = await self._step(ctx, "analyse", steps.find_lesions(scan, prediction))
+        metrics: list[Metric] = []
+        if request.reference_object is not None:
+            metrics = await self._step(
+                ctx,
+                "reference",
+                steps.score_reference(self.store, request.reference_object, tmp, limits, scan, analysis),
+            )
+        return await self._step(ctx, "write", self._write(ctx, scan, size, prediction, analysis, metrics))
 
     async def _step(self, ctx: JobContext, name: str, work: Awaitable[T]) -> T:
         started = time.perf_counter()
@@ -202,16 +246,17 @@ class JobRunner:
         mask_bytes = await upload_outputs(self.store, ctx.keys, files, result)
         return Written(result, mask_bytes, ctx.keys.seg if seg is not None else None)
 
-    async def _complete(self, ctx: JobContext, written: Written) -> JobOutcome:
+    async def _complete(self, ctx: JobContext, written: Written, finish: Finish | None) -> JobOutcome:
         duration = round(ctx.elapsed(), 3)
-        await self._finish(completed_event(ctx, written, duration))
+        await self._finish(completed_event(ctx, written, duration), finish)
         self.metrics.jobs.labels("completed", ctx.source.value, ctx.profile.value).inc()
         self.metrics.job_seconds.labels(ctx.profile.value).observe(duration)
         summary = written.result.summary
         log.info(
-            "job %s completed in %.2f s: %d lesion(s), %.1f mm3; steps %s",
+            "job %s completed in %.2f s%s: %d lesion(s), %.1f mm3; steps %s",
             ctx.job_uuid,
             duration,
+            " (cached)" if written.cached else "",
             summary.lesions_count,
             summary.total_volume,
             ctx.timings,
@@ -219,7 +264,7 @@ class JobRunner:
         )
         return JobOutcome(ctx.job_uuid, JobStatus.COMPLETED, ctx.keys, duration, written.mask_bytes, written.result)
 
-    async def _fail(self, ctx: JobContext, error: JobError) -> JobOutcome:
+    async def _fail(self, ctx: JobContext, error: JobError, finish: Finish | None) -> JobOutcome:
         duration = round(ctx.elapsed(), 3)
         log.warning(
             "job %s failed [%s]: %s",
@@ -228,14 +273,19 @@ class JobRunner:
             error.message,
             extra={"duration": duration, "error_code": error.code.value, "status": "failed"},
         )
-        await self._finish(failed_event(ctx, error, duration))
+        await self._finish(failed_event(ctx, error, duration), finish)
         self.metrics.jobs.labels("failed", ctx.source.value, ctx.profile.value).inc()
         self.metrics.job_errors.labels(error.code.value).inc()
         return JobOutcome(ctx.job_uuid, JobStatus.FAILED, ctx.keys, duration, error=error)
 
-    async def _finish(self, event: JobEvent) -> None:
-        """The final event (timed as the `publish` step), then the backend's callback."""
-        started = time.perf_counter()
-        await self.publisher.publish(event)
-        self.metrics.step_seconds.labels("publish").observe(time.perf_counter() - started)
-        self.notifier.notify(event)
+    async def _finish(self, event: JobEvent, finish: Finish | None) -> None:
+        """The final event (timed as the `publish` step) and the backend's callback, shielded from
+        cancellation; `finish` adds the Kafka commit after them under the same shield."""
+
+        async def final() -> None:
+            started = time.perf_counter()
+            await self.publisher.publish(event)
+            self.metrics.step_seconds.labels("publish").observe(time.perf_counter() - started)
+            self.notifier.notify(event)
+
+        await (finish or self.finals.run)(final)

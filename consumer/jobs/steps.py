@@ -20,7 +20,7 @@ from consumer.imaging.limits import ReadLimits
 from consumer.imaging.reference import reference_metrics
 from consumer.imaging.scans import Scan, read_scan
 from consumer.jobs.preview import render_preview
-from consumer.storage import ObjectStore
+from consumer.storage import ObjectInfo, ObjectStore
 from models.engine import InferenceFailed, Prediction
 from models.passes import ProgressFn
 from models.registry import ModelCard, ModelRegistry
@@ -32,16 +32,31 @@ from schemas.results import Metric, ModelInfo
 log = logging.getLogger(__name__)
 
 
-async def fetch(store: ObjectStore, key: str, tmp: Path, max_bytes: int) -> tuple[Path, int]:
-    """The input on local disk, and its size; refused from its size before any byte is downloaded."""
+async def check_input(store: ObjectStore, key: str, max_bytes: int) -> ObjectInfo:
+    """The input's size and identity; refused from its size before any byte is downloaded."""
     info = await store.stat(key)
     if info.size > max_bytes:
         raise InputTooLarge(f"the input is {info.size} bytes, over the limit of {max_bytes}")
     if info.size == 0:
         raise InputError("the input object is empty", code=ErrorCode.INPUT_EMPTY)
+    return info
+
+
+async def fetch(store: ObjectStore, key: str, tmp: Path) -> Path:
+    """The input on local disk: streamed, never held whole in memory."""
     path = tmp / "input"
     await store.download(key, path)
-    return path, info.size
+    return path
+
+
+async def reference_info(store: ObjectStore, key: str | None) -> ObjectInfo | None:
+    """The reference mask's identity (for the result cache's key); None when there is none yet."""
+    if key is None:
+        return None
+    try:
+        return await store.stat(key)
+    except InputError:
+        return None  # the reference step says so, with its own code
 
 
 async def read(path: Path, tmp: Path, limits: ReadLimits, series_uid: str | None) -> Scan:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import (
     CollectorRegistry,
@@ -13,6 +14,8 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900)
 
@@ -37,6 +40,23 @@ class ServiceMetrics:
         )
         self.callbacks_failed = Counter(
             "ml_callbacks_failed_total", "Backend callbacks given up", registry=self.registry
+        )
+        self.result_cache = Counter(
+            "ml_result_cache_total",
+            "Result cache lookups: hit (a finished identical job's outputs reused) or miss",
+            ["result"],
+            registry=self.registry,
+        )
+        self.retries = Counter(
+            "ml_retries_total",
+            "Retries of transient failures, by what was retried (storage, publish, callback, lane)",
+            ["what"],
+            registry=self.registry,
+        )
+        self.jobs_abandoned = Counter(
+            "ml_jobs_abandoned_total",
+            "Jobs cancelled uncommitted at the end of a revoke's or a stop's grace",
+            registry=self.registry,
         )
         self.model_loaded = Gauge("ml_model_loaded", "1 when the model is loaded", registry=self.registry)
         self.rebalances = Counter(
@@ -73,5 +93,25 @@ class ServiceMetrics:
             allocated.labels(str(index)).set_function(functools.partial(torch.cuda.memory_allocated, index))
             reserved.labels(str(index)).set_function(functools.partial(torch.cuda.memory_reserved, index))
 
+    def watch_partitions(self, stalls: Callable[[], Iterable[tuple[str, int, float]]]) -> None:
+        """ml_partition_stalled_seconds{topic,partition}: how long each partition's lane has been
+        waiting on a dependency or retrying a record (read when scraped)."""
+        self.registry.register(_StalledPartitions(stalls))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _StalledPartitions(Collector):
+    def __init__(self, stalls: Callable[[], Iterable[tuple[str, int, float]]]):
+        self.stalls = stalls
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "ml_partition_stalled_seconds",
+            "Seconds a partition's lane has waited on a dependency or retried a record (absent when it is not)",
+            labels=["topic", "partition"],
+        )
+        for topic, partition, seconds in self.stalls():
+            family.add_metric([topic, str(partition)], seconds)
+        yield family

@@ -56,8 +56,13 @@ def make_consumer(settings: Settings, group_id: str | None) -> AIOKafkaConsumer:
         session_timeout_ms=settings.kafka_session_timeout_ms,
         heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
         max_poll_interval_ms=settings.kafka_max_poll_interval_ms,
-        # Jobs are long; a small batch keeps what a revoke must hand back small.
-        max_poll_records=16,
+        # A partition is paused while its lane works and fetched again when it is resumed; the
+        # broker's long poll (500 ms by default) would delay that next fetch, and with it a run of
+        # records that start no job (a flood of bad messages) to a few dozen a second.
+        fetch_max_wait_ms=100,
+        # Records fetched but not started are handed back at a revoke; a partition's fetch is at
+        # most max_partition_fetch_bytes (1 MiB) anyway.
+        max_poll_records=200,
     )
 
 

@@ -5,10 +5,15 @@ A job message (`ml.jobs`) is one job; a MinIO notification (`minio.events`) star
 new object under `uploads/` in the bucket and skips (and counts) anything else. A record that is
 neither is dead-lettered and its offset moves on. Running a job is the caller's: the dispatcher
 gets it as a function.
+
+What it answers the Kafka loop: `Work` for a record that starts jobs (the last job's final write
+commits the record), `Handled` for one that starts none (with its dead letter's delivery, which
+the loop awaits with others before it commits them together).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
@@ -25,14 +30,16 @@ from consumer.observability.logs import log_context
 from consumer.observability.metrics import ServiceMetrics
 from consumer.settings import Settings
 from consumer.transport.publisher import EventPublisher
+from consumer.transport.worker import Finish, Handled, Work
 from schemas.errors import ErrorCode
 from schemas.jobs import JobRequest, Profile, Source
 from schemas.minio_event import EventRecord, MinioEvent
 
 log = logging.getLogger(__name__)
 
-# Runs one job to its final event (the job runner, behind its concurrency slots).
-RunJob = Callable[[JobRequest, Source], Awaitable[object]]
+# Runs one job to its final event (the job runner, behind its concurrency slots); its final
+# write goes through `finish` when one is given (the last job of a record: the commit follows).
+RunJob = Callable[[JobRequest, Source, Finish | None], Awaitable[object]]
 
 UPLOADS_PREFIX = "uploads/"
 # MinIO's ObjectCreated events that mean new object content exists. PutRetention, PutLegalHold,
@@ -119,11 +126,8 @@ def _skip_reason(record: EventRecord, bucket: str) -> str | None:
 
 
 class RecordDispatcher:
-    """The Kafka loop's handler: decide, then run the jobs one after another or dead-letter the record.
-
-    Returns once every job of the record has its final event, so the loop may commit; raises
-    (EventPublishError) when an event or the dead letter could not be published.
-    """
+    """The Kafka loop's handler: decide what a record is; start its dead letter, or hand back the
+    work of running its jobs one after another."""
 
     def __init__(self, settings: Settings, run_job: RunJob, publisher: EventPublisher, metrics: ServiceMetrics):
         self.settings = settings
@@ -131,15 +135,22 @@ class RecordDispatcher:
         self.publisher = publisher
         self.metrics = metrics
 
-    async def __call__(self, record: ConsumerRecord[bytes, bytes]) -> None:
+    async def __call__(self, record: ConsumerRecord[bytes, bytes]) -> Handled | Work:
         with log_context(topic=record.topic, partition=record.partition, offset=record.offset):
             try:
                 jobs, source = self.decide(record)
             except InvalidMessage as error:
-                await self.dead_letter(record, error)
-                return
-            for job in jobs:
-                await self.run_job(job, source)
+                return Handled(await self.dead_letter(record, error))
+        if not jobs:
+            return Handled()
+        return Work(functools.partial(self._run, record, jobs, source))
+
+    async def _run(
+        self, record: ConsumerRecord[bytes, bytes], jobs: list[JobRequest], source: Source, finish: Finish
+    ) -> None:
+        with log_context(topic=record.topic, partition=record.partition, offset=record.offset):
+            for index, job in enumerate(jobs):
+                await self.run_job(job, source, finish if index == len(jobs) - 1 else None)
 
     def decide(self, record: ConsumerRecord[bytes, bytes]) -> tuple[list[JobRequest], Source]:
         """The jobs a record starts, and where they come from; InvalidMessage when it can start none."""
@@ -154,9 +165,15 @@ class RecordDispatcher:
             log.info("minio event %s[%d]@%d skipped: %s", record.topic, record.partition, record.offset, reason)
         return decision.jobs, Source.MINIO
 
-    async def dead_letter(self, record: ConsumerRecord[bytes, bytes], error: InvalidMessage) -> None:
-        await self.publisher.dead_letter(record, error)
+    async def dead_letter(self, record: ConsumerRecord[bytes, bytes], error: InvalidMessage) -> Awaitable[object]:
+        delivery = await self.publisher.start_dead_letter(record, error)
         self.metrics.dead_letters.labels(record.topic, error.code.value).inc()
         log.warning(
-            "dead-lettered %s[%d]@%d [%s]: %s", record.topic, record.partition, record.offset, error.code, error.message
+            "dead-lettered %s[%d]@%d [%s]: %s",
+            record.topic,
+            record.partition,
+            record.offset,
+            error.code,
+            error.message[:300],
         )
+        return delivery

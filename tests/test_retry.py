@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from consumer.backoff import compute_backoff
+from consumer.retry import compute_backoff
 
 
 def test_backoff_grows_and_is_capped() -> None:

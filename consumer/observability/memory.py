@@ -1,0 +1,44 @@
+"""Giving memory back to the system between jobs.
+
+Why a replica's RSS between jobs climbed with work: a job allocates hundreds of MB of NumPy and
+torch buffers from several threads (the event loop's thread pool, torch's intra-op threads,
+the DICOM readers). glibc's malloc serves each thread from an arena of its own and keeps what is
+freed inside the arena for reuse; large blocks come back to the system only when they sit at the
+top of a heap, so a heap fragmented by a job's many buffers keeps its freed pages resident. Each
+new job shape reuses some of that and adds more: idle RSS ratchets up (measured in the README's
+chaos table: the memory scenario with and without trimming).
+
+`trim()` asks glibc to return every free page it holds (malloc_trim), in all arenas; it runs
+after a job when no other job is running. On a C library without malloc_trim (musl) it does
+nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import logging
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+        libc.malloc_trim  # noqa: B018 - only glibc has it
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def trim() -> bool:
+    """Return free heap pages to the system; True when some were."""
+    libc = _libc()
+    if libc is None:
+        return False
+    return bool(libc.malloc_trim(0))
