@@ -84,7 +84,9 @@ def main() -> None:
         done = subprocess.run(child, capture_output=True, text=True, check=True, env=os.environ)
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    print("| model | scan | runtime | load s (first, cached) | fast_debug s | production s | research s | peak RSS MB |")
+    print(
+        "| model | scan | runtime | load s (first, cached) | fast_debug s | production s | research s | peak RSS MB |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
         s = row["seconds"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import gzip
 import io
+import itertools
 import json
 from pathlib import Path
 from urllib.parse import unquote_plus
@@ -350,6 +351,6 @@ async def test_research_job_writes_uncertainty_and_stays_visibly_alive(
     assert shares == sorted(shares) and all(0.2 <= share <= 0.8 for share in shares)
     times = [e["timestamp"] for e in inference]
     gaps = [
-        (np.datetime64(b[:26]) - np.datetime64(a[:26])) / np.timedelta64(1, "s") for a, b in zip(times, times[1:])
+        (np.datetime64(b[:26]) - np.datetime64(a[:26])) / np.timedelta64(1, "s") for a, b in itertools.pairwise(times)
     ]
     assert all(gap >= 1.9 for gap in gaps), gaps
