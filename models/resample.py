@@ -21,12 +21,15 @@ import itertools
 import logging
 import math
 import threading
+import types
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from monai.data import MetaTensor
 from monai.networks.layers import AffineTransform
 from monai.networks.utils import to_norm_affine
+from monai.transforms import SpatialResample
 from monai.transforms.spatial import functional as spatial_functional
 from monai.utils import ensure_tuple
 
@@ -52,6 +55,7 @@ class SlabbedAffineTransform(AffineTransform):
 
     slab_voxels = SLAB_VOXELS
     parts: int | None = None  # slabs per grid_sample call; None: one per torch thread, up to four
+    float32_out = False  # write the result in float32 (see MonaiResampling)
 
     def forward(
         self, src: torch.Tensor, theta: torch.Tensor, spatial_size: Sequence[int] | int | None = None
@@ -65,8 +69,7 @@ class SlabbedAffineTransform(AffineTransform):
             self._normalized_theta(theta, tuple(src.shape[2:]), dst_size),
             dst_size,
             Sampling(self.mode, self.padding_mode, self.align_corners),
-            self.slab_voxels,
-            self.parts,
+            Slabs(self.slab_voxels, self.parts, torch.float32 if self.float32_out else None),
         )
 
     def _slabbable(self, src: torch.Tensor, theta: torch.Tensor) -> bool:
@@ -104,6 +107,15 @@ class SlabbedAffineTransform(AffineTransform):
         return theta[:, :3]
 
 
+class MonaiResampling(SlabbedAffineTransform):
+    """The one installed in MONAI's spatial functions (spatial_resample, rotate), whose callers
+    cast the result to float32 at once: written in float32 slab by slab, the float64 result of a
+    512 x 512 x 300 Invertd (630 MB) never exists. `install` checks that MONAI's own code, run
+    with it, gives MONAI's result, dtype included."""
+
+    float32_out = True
+
+
 def _linspace(count: int, dtype: torch.dtype, align_corners: bool) -> torch.Tensor:
     """torch's linspace_from_neg_one (AffineGridGenerator.cpp), step for step."""
     if count <= 1:
@@ -121,22 +133,26 @@ class Sampling:
     align_corners: bool
 
 
+@dataclass(frozen=True)
+class Slabs:
+    """How the output is cut and kept: voxels per slab, slabs per grid_sample call (None: one per
+    torch thread, up to four), the output's dtype (None: the input's)."""
+
+    voxels: int = SLAB_VOXELS
+    parts: int | None = None
+    dtype: torch.dtype | None = None
+
+
 def slabbed_resample(
-    src: torch.Tensor,
-    theta: torch.Tensor,
-    dst_size: tuple[int, ...],
-    sampling: Sampling,
-    slab_voxels: int = SLAB_VOXELS,
-    parts: int | None = None,
+    src: torch.Tensor, theta: torch.Tensor, dst_size: tuple[int, ...], sampling: Sampling, slabs: Slabs = Slabs()
 ) -> torch.Tensor:
     """grid_sample(src, affine_grid(theta, dst_size)) for a (1, C, D, H, W) src and a (1, 3, 4)
-    normalized theta, built and sampled a slab of D-planes at a time, as many slabs per
-    grid_sample call as torch has threads (up to four) unless `parts` says how many."""
+    normalized theta, built and sampled a slab of D-planes at a time, several slabs per call."""
     depth, height, width = dst_size
     channels = src.shape[1]
-    out = torch.empty((1, channels, depth, height, width), dtype=src.dtype)
-    planes = max(1, slab_voxels // max(1, height * width))
-    batch = max(1, min(torch.get_num_threads(), _MAX_PARTS) if parts is None else parts)
+    out = torch.empty((1, channels, depth, height, width), dtype=slabs.dtype or src.dtype)
+    planes = max(1, slabs.voxels // max(1, height * width))
+    batch = max(1, min(torch.get_num_threads(), _MAX_PARTS) if slabs.parts is None else slabs.parts)
     base = _BaseGrid(dst_size, theta.dtype, sampling.align_corners, planes * batch)
     transposed = theta.transpose(1, 2)
     contiguous = src.contiguous()
@@ -151,7 +167,8 @@ def slabbed_resample(
             padding_mode=sampling.padding_mode,
             align_corners=sampling.align_corners,
         )
-        # (parts, C, planes, H, W) -> (C, parts * planes, H, W): the slabs back in plane order.
+        # (parts, C, planes, H, W) -> (C, parts * planes, H, W): the slabs back in plane order (and
+        # rounded to the output's dtype, as MONAI's own cast of the whole result would round them).
         out[0, :, start:stop] = sampled.transpose(0, 1).reshape(channels, stop - start, height, width)
     return out
 
@@ -208,14 +225,37 @@ def self_check() -> bool:
     return True
 
 
+def monai_code_check() -> bool:
+    """Whether MONAI's own spatial_resample, run with MonaiResampling in place of its
+    AffineTransform (a copy of the function with its own globals: nothing is swapped while
+    checking), gives what it gives with AffineTransform: Spacing forward and back, both modes."""
+    original = spatial_functional.spatial_resample
+    candidate = types.FunctionType(
+        original.__code__, {**original.__globals__, "AffineTransform": MonaiResampling}, original.__name__
+    )
+    candidate.__defaults__ = original.__defaults__
+    resampler = SpatialResample()
+    generator = torch.Generator().manual_seed(1)
+    image = MetaTensor(
+        torch.rand((1, 9, 8, 7), generator=generator), affine=torch.diag(torch.tensor([0.8, 0.8, 2.5, 1.0]))
+    )
+    target = torch.diag(torch.tensor([1.25, 1.25, 1.25, 1.0], dtype=torch.float64))
+    for mode, size in itertools.product(("bilinear", "nearest"), (None, (40, 30, 20))):
+        arguments = (target, size, mode, "border", False, torch.float64, False, resampler.get_transform_info())
+        expected, got = original(image, *arguments), candidate(image, *arguments)
+        if expected.dtype != got.dtype or not torch.equal(torch.as_tensor(expected), torch.as_tensor(got)):
+            return False
+    return True
+
+
 def install() -> bool:
     """Make MONAI's spatial resampling (Spacing, its inverse in Invertd, SpatialResample) slabbed,
-    once per process, when the self-check passes; returns whether it is in place."""
+    once per process, when the self-checks pass; returns whether it is in place."""
     with _INSTALL:
         if not _installed:
-            ok = self_check()
+            ok = self_check() and monai_code_check()
             if ok:
-                spatial_functional.AffineTransform = SlabbedAffineTransform  # type: ignore[misc]
+                spatial_functional.AffineTransform = MonaiResampling  # type: ignore[misc]
             else:
                 log.warning("slabbed resampling differs from MONAI's on this machine; MONAI's own is used")
             _installed.append(ok)

@@ -11,7 +11,7 @@ from monai.transforms import Compose, EnsureChannelFirstd, Invertd, Orientationd
 from monai.transforms.spatial import functional as spatial_functional
 
 from models import resample
-from models.resample import SlabbedAffineTransform
+from models.resample import MonaiResampling, SlabbedAffineTransform
 
 
 def _theta(dtype: torch.dtype) -> torch.Tensor:
@@ -61,16 +61,23 @@ def _spacing_round_trip() -> tuple[torch.Tensor, torch.Tensor]:
 def test_spacingd_and_invertd_give_the_same_numbers_with_and_without_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(spatial_functional, "AffineTransform", AffineTransform)
     monai_forward, monai_back = _spacing_round_trip()
-    monkeypatch.setattr(spatial_functional, "AffineTransform", SlabbedAffineTransform)
-    monkeypatch.setattr(SlabbedAffineTransform, "slab_voxels", 2000)  # many slabs on this small volume
+    monkeypatch.setattr(spatial_functional, "AffineTransform", MonaiResampling)
+    monkeypatch.setattr(MonaiResampling, "slab_voxels", 2000)  # many slabs on this small volume
     forward, back = _spacing_round_trip()
-    assert torch.equal(forward, monai_forward)
-    assert torch.equal(back, monai_back)
+    assert forward.dtype == monai_forward.dtype and torch.equal(forward, monai_forward)
+    assert back.dtype == monai_back.dtype and torch.equal(back, monai_back)
     assert back.shape[1:] == (48, 40, 20)
 
 
-def test_install_checks_itself_and_is_idempotent() -> None:
-    assert resample.self_check()
+def test_in_monai_it_writes_float32_as_monai_casts_its_result() -> None:
+    src = torch.rand((1, 1, 20, 30, 10), generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    expected = AffineTransform(align_corners=False)(src, _theta(torch.float64), (25, 19, 9)).to(torch.float32)
+    got = MonaiResampling(align_corners=False)(src, _theta(torch.float64), (25, 19, 9))
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+
+
+def test_install_checks_itself_against_monais_code_and_is_idempotent() -> None:
+    assert resample.self_check() and resample.monai_code_check()
     assert resample.install() is True
     assert resample.install() is True
-    assert spatial_functional.AffineTransform is SlabbedAffineTransform
+    assert spatial_functional.AffineTransform is MonaiResampling
