@@ -268,9 +268,10 @@ class InferenceEngine:
             batch = pipeline.batch(pipeline.preprocess(scan_image(volume, affine, header), "scan.nii.gz"))
             inputs = batch[pipeline.image_key].to(self.device)
         with _timer(timings, "network"):
-            output = run_passes(pipeline, self.choice.predictor, inputs, run.flips, progress)
+            _add_output(batch, run_passes(pipeline, self.choice.predictor, inputs, run.flips, progress))
+            del inputs  # on a GPU, its copy there
         with _timer(timings, "postprocess"):
-            data, watched = self._postprocess(pipeline, batch, output, volume.shape)
+            data, watched = self._postprocess(pipeline, batch, volume.shape)
             pred = data["pred"]
             maps = to_label_maps(pred, data.get("prob", watched.probability), threshold, watched.discrete(pred))
             uncertainty = _inverted_uncertainty(pipeline, data)
@@ -288,13 +289,9 @@ class InferenceEngine:
             timings=timings,
         )
 
-    def _postprocess(
-        self, pipeline: Pipeline, batch: Data, output: NetworkOutput, shape: tuple[int, ...]
-    ) -> tuple[Data, Watched]:
-        """Run the bundle's post-processing, watching what it leaves in `pred` after each step."""
-        batch["pred"] = output.logits
-        if output.uncertainty is not None:
-            batch["uncertainty"] = _like(output.logits, output.uncertainty)
+    def _postprocess(self, pipeline: Pipeline, batch: Data, shape: tuple[int, ...]) -> tuple[Data, Watched]:
+        """Run the bundle's post-processing (it consumes the batch), watching what it leaves in
+        `pred` after each step."""
         watched = Watched(shape)
         data = pipeline.postprocess(batch, watched.step)
         return data, watched
@@ -322,6 +319,15 @@ class Watched:
     def discrete(self, pred: torch.Tensor) -> bool | None:
         """Whether `pred` is a label map, if it is the one seen last; None when not seen."""
         return self._last[1] if self._last is not None and self._last[0] is pred else None
+
+
+def _add_output(batch: Data, output: NetworkOutput) -> None:
+    """The network's output into the batch, as the only reference to it: the post-processing
+    drops the batch once decollated, so the logits are freed after the first step replaces them
+    (155 MB on a 512 x 512 x 300 CT at 1.25 mm)."""
+    batch["pred"] = output.logits
+    if output.uncertainty is not None:
+        batch["uncertainty"] = _like(output.logits, output.uncertainty)
 
 
 def _like(reference: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
