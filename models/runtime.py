@@ -250,7 +250,12 @@ class OpenVinoExporter:
         )
 
         def predict(x: torch.Tensor) -> torch.Tensor:
-            return torch.from_numpy(compiled(_plain(x))[0]).to(x.device)
+            # One window per call: OpenVINO keeps the buffers of the largest batch it has run
+            # (170 MB more RSS for 4 windows of 96^3, for good), and a window costs the same
+            # in batches of 1 and 4 here (measured 296 against 301 ms in bf16, 282 against 287 in f32).
+            windows = _plain(x)
+            outputs = [compiled(windows[i : i + 1])[0] for i in range(windows.shape[0])]
+            return torch.from_numpy(np.concatenate(outputs)).to(x.device)
 
         return predict
 
