@@ -27,6 +27,7 @@ class ServiceJob:
     lesions: int
     dice: float
     agreement: float | None = None  # share of voxels where the mask equals the plain script's
+    peak_by_phase: dict[str, int] = field(default_factory=dict)  # read / infer / write -> peak RSS
 
     @property
     def write(self) -> float:
@@ -163,9 +164,13 @@ def split_table(jobs: Sequence[ServiceJob], plains: Sequence[PlainRun], replicas
 
 
 def memory_table(jobs: Sequence[ServiceJob], idle: dict[str, int]) -> str:
-    headers = ["replica", "size", "profile", "idle RSS MB", "peak RSS MB", "after job MB"]
+    """Peak RSS per job and in each phase (fetch + read, inference, analysis + writing), and after it."""
+    headers = ["replica", "size", "profile", "idle RSS MB", "peak RSS MB", "read", "infer", "write", "after job MB"]
     rows = [
-        [j.replica, j.size, j.profile, idle.get(j.replica, 0) // MB, j.peak_rss // MB, j.rss_after // MB] for j in jobs
+        [j.replica, j.size, j.profile, idle.get(j.replica, 0) // MB, j.peak_rss // MB]
+        + [j.peak_by_phase[p] // MB if p in j.peak_by_phase else None for p in ("read", "infer", "write")]
+        + [j.rss_after // MB]
+        for j in jobs
     ]
     return markdown(headers, rows)
 

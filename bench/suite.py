@@ -46,6 +46,7 @@ SIZES: dict[str, tuple[tuple[int, int, int], tuple[float, float, float]]] = {
     "512x512x300": ((512, 512, 300), (0.8, 0.8, 1.5)),
 }
 JOB_TIMEOUT_S = 1800.0
+Phases = dict[str, tuple[float, float]]  # phase -> (start, end) on the monotonic clock
 BURST_PROFILE = Profile.FAST_DEBUG  # the service's default profile
 # The ratio's side (fp32 like the plain script; the runtime still the machine's pick) and the
 # service as deployed (runtime and precision chosen from the CPU).
@@ -168,15 +169,16 @@ async def publish(c: Client, key: str, profile: Profile, threshold: float) -> tu
 
 async def run_job(c: Client, scan: Scan, profile: Profile, threshold: float) -> tuple[ServiceJob, np.ndarray]:
     """One job, message to final event, with the replica's RSS over it; the job and its mask."""
-    assert c.replica.rss is not None
+    rss = c.replica.rss
+    assert rss is not None
     async with EventFollower(c.settings) as follower:
-        started, mark = time.perf_counter(), time.monotonic()
+        started = time.perf_counter()
         job, _ = await publish(c, scan.key, profile, threshold)
-        final = await follower.wait_final(job, JOB_TIMEOUT_S)
+        final, phases = await _follow(follower, job, time.monotonic())
         wall = time.perf_counter() - started
-    peak = c.replica.rss.peak(mark)
     if final is None or final["status"] != "completed":
         raise SystemExit(f"job {job} did not complete: {final}")
+    peaks = {name: rss.peak(start, end) for name, (start, end) in phases.items()}
     result = orjson.loads(await c.store.get_bytes(final["results_object"]))
     mask = await _mask(c.store, final["output_object"])
     await asyncio.sleep(1.0)  # what the process holds once the job's memory is given back
@@ -187,12 +189,35 @@ async def run_job(c: Client, scan: Scan, profile: Profile, threshold: float) -> 
         wall=round(wall, 3),
         steps=result["timings"],
         engine=c.replica.engine_timings(job),
-        peak_rss=peak,
-        rss_after=c.replica.rss.now(),
+        peak_rss=max(peaks.values()),
+        rss_after=rss.now(),
         lesions=int(result["summary"]["lesions_count"]),
         dice=round(dice(mask > 0, scan.lesions), 4),
+        peak_by_phase=peaks,
     )
     return record, mask
+
+
+async def _follow(follower: EventFollower, job: str, published: float) -> tuple[dict[str, Any] | None, Phases]:
+    """The job's final event, and when its phases ran by its events: fetch and read until the
+    `running` event of the infer step, inference until the `progress` event of analyse, then
+    analysis and writing until the final event."""
+    seen = {"read": published}
+    async for event in follower.events(time.monotonic() + JOB_TIMEOUT_S):
+        if event.get("job_uuid") != job:
+            continue
+        step = event.get("step")
+        if step in ("infer", "analyse") and step not in seen:
+            seen["infer" if step == "infer" else "write"] = time.monotonic()
+        if event.get("status") in FINAL_STATUSES:
+            return event, _phases(seen, time.monotonic())
+    return None, {}
+
+
+def _phases(seen: dict[str, float], end: float) -> Phases:
+    names = [name for name in ("read", "infer", "write") if name in seen]
+    ends = [seen[n] for n in names[1:]] + [end]
+    return {name: (seen[name], stop) for name, stop in zip(names, ends, strict=True)}
 
 
 async def _mask(store: ObjectStore, key: str) -> np.ndarray:
@@ -216,13 +241,13 @@ def run_plain(scan: Scan, profile: Profile, threshold: float, workdir: Path) -> 
     return PlainRun(scan.size, profile.value, json.loads(times.read_text())), mask
 
 
-async def first_and_second(c: Client, scan: Scan, plan: Plan, start: ColdStart) -> list[ServiceJob]:
-    """The first two jobs after start, the same production job twice."""
+async def first_and_second(c: Client, scan: Scan, plan: Plan, start: ColdStart) -> None:
+    """The first two jobs after start, the same production job twice (kept out of the comparison,
+    whose jobs run next to their plain script)."""
     first, _ = await run_job(c, scan, Profile.PRODUCTION, plan.threshold)
     second, _ = await run_job(c, scan, Profile.PRODUCTION, plan.threshold)
     start.first_job, start.second_job = first.wall, second.wall
     start.first_split, start.second_split = {**first.steps, **first.engine}, {**second.steps, **second.engine}
-    return [second]
 
 
 def runtime_rows(c: Client) -> list[RuntimeRow]:
@@ -336,10 +361,10 @@ async def _replicas(plan: Plan, scans: dict[str, Scan], stack: LocalStack, workd
         with progress("replica fp32: start, first and second job"):
             a = await replicas.enter_async_context(client(FP32, stack, workdir, results.cold_starts))
             await upload(a.store, scans)
-            results.jobs += await first_and_second(a, first, plan, results.cold_starts[-1])
+            await first_and_second(a, first, plan, results.cold_starts[-1])
         with progress("replica auto: start, first and second job"):
             b = await replicas.enter_async_context(client(AUTO, stack, workdir, results.cold_starts))
-            results.jobs += await first_and_second(b, first, plan, results.cold_starts[-1])
+            await first_and_second(b, first, plan, results.cold_starts[-1])
         await compare(a, b, scans, plan, results, workdir)
         await bursts(b, scans, plan, results)
         results.runtimes += runtime_rows(a) + runtime_rows(b)
