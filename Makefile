@@ -35,8 +35,10 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy consumer producer_tools models schemas
 
+# The service against the plain MONAI script, bursts, memory, cold start (~25 min on 2 busy
+# cores); `make bench BENCH_ARGS=--quick` for 256x256x128 only (~5 min).
 bench: install
-	$(PY) -m bench.jobs
+	$(PY) -m bench $(BENCH_ARGS)
 
 schemas: install
 	$(PY) -m schemas export

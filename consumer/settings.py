@@ -60,7 +60,9 @@ class Settings(BaseSettings):
     ml_reader_threads: int | None = Field(default=None, ge=1, description="Default: the CPU count")
     # The whole job, every retry inside it included (consumer.retry).
     ml_job_timeout_s: float = Field(default=1800.0, gt=0)
-    ml_max_concurrent_jobs: int = Field(default=1, ge=1)
+    # Two: while one job is in inference (the engine runs one prediction at a time), the next is
+    # fetched and read and the previous one written, so the engine does not wait for I/O.
+    ml_max_concurrent_jobs: int = Field(default=2, ge=1)
     ml_device: Literal["auto", "cpu", "cuda"] = "auto"
     ml_precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     ml_torch_threads: int | None = None

@@ -24,7 +24,9 @@ import torch
 from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import Invertd
+from monai.utils import ensure_tuple
 
+from models import memory, resample
 from models.bundle import BundleError, BundleSpec, first_line
 from models.device import choose_device, choose_precision
 from models.labels import is_discrete, to_label_maps
@@ -118,6 +120,8 @@ class InferenceEngine:
         started = time.perf_counter()
         if self.options.threads:
             torch.set_num_threads(self.options.threads)
+        resample.install()  # MONAI's Spacing/Invertd resampling in slabs: same numbers, far less memory
+        memory.keep_large_blocks_mapped()  # a job's volumes go back to the system when it ends
         with bundle_imports(self.spec.path):
             network = build_network(self.spec, self.spec.parser(self._base_overrides()), self.device)
         with self._lock:
@@ -125,6 +129,7 @@ class InferenceEngine:
             for profile in Profile:
                 self._pipeline(profile, None)
             self.choice = choose_runtime(network, self._runtime_request())
+            self._warm_up()
         self.load_seconds = time.perf_counter() - started
         log.info(
             "model %s %s loaded on %s (%s, %s) in %.2f s",
@@ -134,13 +139,43 @@ class InferenceEngine:
             self.runtime,
             self.precision,
             self.load_seconds,
+            extra={"model_loaded": self.load_report()},
         )
 
-    def _runtime_request(self) -> RuntimeRequest:
+    def load_report(self) -> dict[str, Any]:
+        """How the model runs here, for the load log line (and the benchmark that reads it)."""
+        choice = self.choice
+        return {
+            "model": self.spec.name,
+            "runtime": self.runtime,
+            "precision": self.precision,
+            "agreement": choice.agreement if choice else None,
+            "speedup": choice.speedup if choice else None,
+            "reason": choice.reason if choice else "",
+            "seconds": round(self.load_seconds, 3),
+        }
+
+    def _window(self) -> tuple[int, ...] | None:
+        """(channels, *roi) of one window of the production inferer; None without a fixed window."""
         inferer = self._pipeline(Profile.PRODUCTION, None).inferer
-        window = None
-        if isinstance(inferer, SlidingWindowInferer) and all(int(r) > 0 for r in inferer.roi_size):
-            window = (1, *(int(r) for r in inferer.roi_size))
+        if isinstance(inferer, SlidingWindowInferer) and all(int(r) > 0 for r in ensure_tuple(inferer.roi_size)):
+            return (1, *(int(r) for r in ensure_tuple(inferer.roi_size)))
+        return None
+
+    def _warm_up(self) -> None:
+        """One full batch of windows through the chosen runtime: the first call with a batch shape
+        pays for kernel selection and buffers (OpenVINO: ~0.5 s here), and that is not the first
+        job's to pay."""
+        inferer = self._pipeline(Profile.PRODUCTION, None).inferer
+        window = self._window()
+        if window is None or self.choice is None or not isinstance(inferer, SlidingWindowInferer):
+            return
+        batch = torch.zeros((max(1, int(inferer.sw_batch_size)), *window), device=self.device)
+        with torch.inference_mode():
+            self.choice.predictor(batch)
+
+    def _runtime_request(self) -> RuntimeRequest:
+        window = self._window()
         return RuntimeRequest(
             requested=self.options.runtime,
             device=self.device,
@@ -213,6 +248,8 @@ class InferenceEngine:
                 return self._predict(volume, affine, header, profile, threshold, progress, timings)
             except StageError as error:
                 raise InferenceFailed(f"bundle {self.spec.name}: {error}") from error
+            finally:
+                memory.release()
 
     def _predict(
         self,
@@ -231,10 +268,12 @@ class InferenceEngine:
             batch = pipeline.batch(pipeline.preprocess(scan_image(volume, affine, header), "scan.nii.gz"))
             inputs = batch[pipeline.image_key].to(self.device)
         with _timer(timings, "network"):
-            output = run_passes(pipeline, self.choice.predictor, inputs, run.flips, progress)
+            _add_output(batch, run_passes(pipeline, self.choice.predictor, inputs, run.flips, progress))
+            del inputs  # on a GPU, its copy there
         with _timer(timings, "postprocess"):
-            data, captured = self._postprocess(pipeline, batch, output, volume.shape)
-            maps = to_label_maps(data["pred"], data.get("prob", captured), threshold)
+            data, watched = self._postprocess(pipeline, batch, volume.shape)
+            pred = data["pred"]
+            maps = to_label_maps(pred, data.get("prob", watched.probability), threshold, watched.discrete(pred))
             uncertainty = _inverted_uncertainty(pipeline, data)
         if maps.labels.shape != volume.shape:
             raise StageError(
@@ -250,23 +289,45 @@ class InferenceEngine:
             timings=timings,
         )
 
-    def _postprocess(
-        self, pipeline: Pipeline, batch: Data, output: NetworkOutput, shape: tuple[int, ...]
-    ) -> tuple[Data, Any]:
-        """Run the bundle's post-processing; also returns the last float `pred` seen on the input grid."""
-        batch["pred"] = output.logits
-        if output.uncertainty is not None:
-            batch["uncertainty"] = _like(output.logits, output.uncertainty)
-        captured: list[Any] = [None]
+    def _postprocess(self, pipeline: Pipeline, batch: Data, shape: tuple[int, ...]) -> tuple[Data, Watched]:
+        """Run the bundle's post-processing (it consumes the batch), watching what it leaves in
+        `pred` after each step."""
+        watched = Watched(shape)
+        data = pipeline.postprocess(batch, watched.step)
+        return data, watched
 
-        def watch(data: Data) -> None:
-            pred = data.get("pred")
-            on_grid = isinstance(pred, torch.Tensor) and tuple(pred.shape[1:]) == shape
-            if on_grid and not is_discrete(pred):
-                captured[0] = pred
 
-        data = pipeline.postprocess(batch, watch)
-        return data, captured[0]
+class Watched:
+    """The last float `pred` on the input grid that was not a label map (the probability map),
+    and whether the final `pred` is a label map, so that it is not checked again. (Checked after
+    every step, even when a step returned the same tensor: it may have changed it in place.)"""
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.shape = shape
+        self.probability: torch.Tensor | None = None
+        self._last: tuple[torch.Tensor, bool] | None = None
+
+    def step(self, data: Data) -> None:
+        pred = data.get("pred")
+        if not isinstance(pred, torch.Tensor) or tuple(pred.shape[1:]) != self.shape:
+            return
+        discrete = is_discrete(pred)
+        self._last = (pred, discrete)
+        if not discrete:
+            self.probability = pred
+
+    def discrete(self, pred: torch.Tensor) -> bool | None:
+        """Whether `pred` is a label map, if it is the one seen last; None when not seen."""
+        return self._last[1] if self._last is not None and self._last[0] is pred else None
+
+
+def _add_output(batch: Data, output: NetworkOutput) -> None:
+    """The network's output into the batch, as the only reference to it: the post-processing
+    drops the batch once decollated, so the logits are freed after the first step replaces them
+    (155 MB on a 512 x 512 x 300 CT at 1.25 mm)."""
+    batch["pred"] = output.logits
+    if output.uncertainty is not None:
+        batch["uncertainty"] = _like(output.logits, output.uncertainty)
 
 
 def _like(reference: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

@@ -29,26 +29,44 @@ class LabelMaps:
     probability: np.ndarray | None  # float32, the input grid
 
 
+# Probability maps show a fractional value within a few thousand voxels spread over the volume;
+# only a map that passes that sample is scanned whole, in chunks (no volume-sized copy).
+_SAMPLE = 4096
+_CHUNK = 1 << 22
+
+
 def is_discrete(tensor: torch.Tensor) -> bool:
+    """Whether every value is a whole number (a label map), exactly."""
     if not torch.is_floating_point(tensor):
         return True
-    return bool(torch.equal(tensor, torch.round(tensor)))
+    flat = (tensor.as_tensor() if hasattr(tensor, "as_tensor") else tensor).reshape(-1)
+    sample = flat[:: max(1, flat.numel() // _SAMPLE)]
+    if not torch.equal(sample, torch.round(sample)):
+        return False
+    return all(
+        torch.equal(chunk, torch.round(chunk))
+        for chunk in (flat[i : i + _CHUNK] for i in range(0, flat.numel(), _CHUNK))
+    )
 
 
 def label_dtype(max_label: int) -> type[np.unsignedinteger]:
     return np.uint8 if max_label <= MAX_UINT8_LABEL else np.uint16
 
 
-def to_label_maps(pred: torch.Tensor, captured: torch.Tensor | None, threshold: float) -> LabelMaps:
-    """`pred` and `captured` are channel-first (C, X, Y, Z) tensors on the input grid."""
+def to_label_maps(
+    pred: torch.Tensor, captured: torch.Tensor | None, threshold: float, discrete: bool | None = None
+) -> LabelMaps:
+    """`pred` and `captured` are channel-first (C, X, Y, Z) tensors on the input grid; `discrete`:
+    whether `pred` is a label map, when the caller has checked already."""
     pred = pred.detach().cpu()
     channels = pred.shape[0]
-    if channels == 1 and not is_discrete(pred):
+    discrete = is_discrete(pred) if discrete is None else discrete
+    if channels == 1 and not discrete:
         probability = pred[0].float()
         return LabelMaps(_numpy(probability >= threshold, np.uint8), _numpy(probability, np.float32))
     if channels == 1:
         labels = pred[0]
-    elif not is_discrete(pred):
+    elif not discrete:
         probabilities = pred.float()
         labels = probabilities.max(0).indices  # argmax over channels is slow on the CPU
         captured = probabilities

@@ -112,8 +112,12 @@ class Pipeline:
             raise StageError(f"inferer ({type(self.inferer).__name__})", error) from error
 
     def postprocess(self, batch: Data, on_step: Callable[[Data], None] | None = None) -> Data:
-        """Decollate the batch and run the post-processing; `on_step` sees the data after each step."""
+        """Decollate the batch and run the post-processing; `on_step` sees the data after each step.
+
+        The batch is consumed: emptied once decollated, so that what a step replaces (the
+        network's output first) is freed then, not kept by the batch until the end."""
         data: Data = decollate_batch(batch)[0]
+        batch.clear()
         for stage, transform in self.postprocessing:
             try:
                 data = transform(data)

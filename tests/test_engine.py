@@ -438,3 +438,28 @@ def test_errors_read_as_one_clean_line() -> None:
     assert "\x1b" not in text and "\n" not in text
     assert text.startswith("Failed to evaluate ConfigExpression: $torch.load(@path)")
     assert "WeightsUnpickler error: Unsupported global: numpy" in text
+
+
+def test_the_speed_is_measured_once_and_the_agreement_at_every_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from models import runtime
+
+    network = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(4, 2, 1))
+    first = choose_runtime(network, _runtime_request(tmp_path, "openvino", network))
+    assert first.name == "openvino" and first.speedup is not None
+    assert len(list(tmp_path.glob("*.speed-fp32-2t-torch*.json"))) == 1
+    # The next load does not time torch again: the speed comes from beside the export.
+    monkeypatch.setattr(runtime, "_timed", lambda *a: (_ for _ in ()).throw(AssertionError("timed again")))
+    again = choose_runtime(network, _runtime_request(tmp_path, "openvino", network))
+    assert again.name == "openvino" and again.speedup == pytest.approx(first.speedup)
+    # But the agreement is checked again, and decides.
+    monkeypatch.setattr(runtime, "_agreement", lambda *a: 0.5)
+    assert choose_runtime(network, _runtime_request(tmp_path, "openvino", network)).name == "torch"
+
+
+def test_the_load_says_how_the_model_runs(engine: InferenceEngine) -> None:
+    report = engine.load_report()
+    assert report["model"] == "medical_segmentation_v1"
+    assert report["runtime"] == "torch" and report["precision"] == "fp32"
+    assert report["seconds"] > 0

@@ -76,7 +76,7 @@ async def infer(
 ) -> Prediction:
     try:
         engine = await asyncio.to_thread(models.engine, name)  # loads it again if it was unloaded
-        return await asyncio.to_thread(
+        prediction = await asyncio.to_thread(
             engine.predict, scan.data, scan.affine, profile, threshold, scan.header, progress
         )
     except InferenceFailed as error:
@@ -84,6 +84,17 @@ async def infer(
     except (RuntimeError, ValueError) as error:
         log.exception("inference failed")
         raise InferenceError(f"model {name}: inference failed: {error}") from error
+    # The engine's own split of the step (pre-processing, network, post-processing), for
+    # operators and the benchmark; the result JSON keeps the job's steps only.
+    log.info(
+        "inference on %s (%s, %s): %s",
+        engine.runtime,
+        engine.precision,
+        profile.value,
+        ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in prediction.timings.items()),
+        extra={"engine_timings": prediction.timings, "runtime": engine.runtime, "precision": engine.precision},
+    )
+    return prediction
 
 
 async def find_lesions(scan: Scan, prediction: Prediction) -> Analysis:

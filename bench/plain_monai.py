@@ -1,0 +1,151 @@
+"""The plain MONAI script the service is compared with: one scan, the bundle as a MONAI user runs it.
+
+    python -m bench.plain_monai SCAN.nii.gz OUT_DIR [--bundle DIR] [--profile production]
+                                [--threshold 0.55] [--json times.json]
+
+Same weights and same settings as the service: the config overrides are the ones the service's
+engine applies for the profile (`InferenceEngine.profile_run`), test-time flips included. What
+differs is everything around the network: the bundle's LoadImaged reads the NIfTI from disk, the
+bundle's preprocessing, its inferer with the network in torch fp32 (no export, no autocast),
+its postprocessing, and its SaveImaged writes the mask. Per-stage seconds are printed (and
+written as JSON): `setup` (config, network, weights, one warm-up batch) is not part of `total`,
+as the service's model load is not part of a job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.bundle import ConfigParser
+from monai.inferers import SlidingWindowInferer
+from monai.transforms import Compose
+from monai.utils import ensure_tuple
+
+from models.bundle import BundleSpec
+from models.engine import EngineOptions, InferenceEngine
+from models.evaluate import DEFAULT_BUNDLE
+from models.network import build_network, bundle_imports
+from models.passes import FLIPS
+from models.pipeline import is_writer
+from schemas.jobs import Profile
+
+STAGES = ("read", "preprocess", "network", "postprocess", "write")
+
+
+@dataclass
+class PlainRun:
+    """The bundle's parts, instantiated from one parser (Invertd refers to this preprocessing)."""
+
+    network: torch.nn.Module
+    preprocessing: list[Any]
+    inferer: Any
+    postprocessing: list[Any]
+    flips: tuple[tuple[int, ...], ...]
+    times: dict[str, float] = field(default_factory=dict)
+
+
+def plain_overrides(bundle: Path, profile: Profile, threshold: float, output_dir: Path) -> tuple[dict[str, Any], bool]:
+    """The config overrides the service uses for this profile (and the output folder), and whether
+    the profile runs test-time flips."""
+    engine = InferenceEngine(BundleSpec.load(bundle), EngineOptions(device="cpu", precision="fp32"))
+    run = engine.profile_run(profile, threshold)
+    return {**run.overrides, "output_dir": str(output_dir)}, len(run.flips) > 1
+
+
+def setup(bundle: Path, profile: Profile, threshold: float, output_dir: Path) -> PlainRun:
+    started = time.perf_counter()
+    overrides, tta = plain_overrides(bundle, profile, threshold, output_dir)
+    spec = BundleSpec.load(bundle)
+    parser = spec.parser(overrides)
+    with bundle_imports(spec.path):
+        network = build_network(spec, parser, torch.device("cpu"))
+        run = PlainRun(
+            network=network,
+            preprocessing=_transforms(parser, "preprocessing"),
+            inferer=parser.get_parsed_content("inferer"),
+            postprocessing=_transforms(parser, "postprocessing"),
+            flips=FLIPS if tta else ((),),
+        )
+    _warm_up(run)
+    run.times["setup"] = time.perf_counter() - started
+    return run
+
+
+def _transforms(parser: ConfigParser, config_id: str) -> list[Any]:
+    item = parser.get_parsed_content(config_id)
+    return list(item.transforms) if isinstance(item, Compose) else list(item)
+
+
+def _warm_up(run: PlainRun) -> None:
+    """One batch of windows through the network, as a script's first scan would pay for it."""
+    inferer = run.inferer
+    roi = [int(r) for r in ensure_tuple(getattr(inferer, "roi_size", ()))]
+    if isinstance(inferer, SlidingWindowInferer) and roi and all(r > 0 for r in roi):
+        batch = torch.zeros((int(inferer.sw_batch_size), 1, *roi))
+        with torch.inference_mode():
+            run.network(batch)
+
+
+def process(run: PlainRun, scan: Path) -> dict[str, float]:
+    """Read, preprocess, infer, postprocess and write one scan; seconds per stage and in total."""
+    times = run.times
+    with _timed(times, "read"):
+        data = run.preprocessing[0]({"image": str(scan)})
+    with _timed(times, "preprocess"):
+        for transform in run.preprocessing[1:]:
+            data = transform(data)
+    with _timed(times, "network"), torch.inference_mode():
+        data["pred"] = _infer(run, data["image"][None])[0]
+    for transform in run.postprocessing:
+        with _timed(times, "write" if is_writer(transform) else "postprocess"):
+            data = transform(data)
+    times["total"] = sum(times.get(stage, 0.0) for stage in STAGES)
+    return times
+
+
+def _infer(run: PlainRun, image: torch.Tensor) -> torch.Tensor:
+    """The inferer in fp32; with flips, the mean of the logits over the flipped passes."""
+    total: torch.Tensor | None = None
+    for dims in run.flips:
+        out = run.inferer(torch.flip(image, dims) if dims else image, run.network)
+        out = torch.flip(out, dims) if dims else out
+        total = out if total is None else total + out
+    assert total is not None
+    return total / len(run.flips)
+
+
+@contextlib.contextmanager
+def _timed(times: dict[str, float], stage: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        times[stage] = times.get(stage, 0.0) + time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("scan", type=Path, help="a NIfTI scan")
+    parser.add_argument("output", type=Path, help="folder the bundle's SaveImaged writes the mask to")
+    parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
+    parser.add_argument("--profile", type=Profile, default=Profile.PRODUCTION, choices=list(Profile))
+    parser.add_argument("--threshold", type=float, default=0.55)
+    parser.add_argument("--json", type=Path, help="write the per-stage seconds here")
+    args = parser.parse_args()
+    run = setup(args.bundle, args.profile, args.threshold, args.output)
+    times = process(run, args.scan)
+    print(" ".join(f"{stage} {times.get(stage, 0.0):.2f} s" for stage in ("setup", *STAGES, "total")))
+    if args.json:
+        args.json.write_text(json.dumps({k: round(v, 4) for k, v in times.items()}))
+
+
+if __name__ == "__main__":
+    main()

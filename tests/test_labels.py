@@ -1,0 +1,35 @@
+"""Label maps from what a bundle leaves in `pred`: the discreteness check, exact however it is sped up."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models import labels
+from models.labels import is_discrete, to_label_maps
+
+
+def test_a_fraction_the_sample_misses_still_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(labels, "_CHUNK", 1000)  # several chunks
+    values = torch.zeros(10_000)
+    values[1] = 0.5  # between two sampled voxels
+    assert not is_discrete(values)
+    values[1] = 1.0
+    assert is_discrete(values)
+    assert is_discrete(values.to(torch.uint8))
+
+
+def test_probability_maps_and_nan_are_not_discrete() -> None:
+    assert not is_discrete(torch.rand(4, 5, 6))
+    values = torch.zeros(3, 3)
+    values[2, 2] = float("nan")
+    assert not is_discrete(values)
+
+
+def test_the_callers_check_is_used_as_given() -> None:
+    pred = torch.tensor([[[[0.2, 0.7]]]])
+    thresholded = to_label_maps(pred, None, 0.5)
+    assert thresholded.labels.tolist() == [[[0, 1]]]
+    assert thresholded.probability is not None
+    as_labels = to_label_maps(torch.tensor([[[[0.0, 1.0]]]]), None, 0.5, discrete=True)
+    assert as_labels.labels.tolist() == [[[0, 1]]] and as_labels.probability is None
