@@ -1,0 +1,200 @@
+"""The bundle's own transforms: CT windows in, typed and gated findings out (pure logic)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Orientationd, Spacingd
+
+from models.transforms import (
+    HYPERDENSE,
+    HYPODENSE,
+    LUNG_NODULE,
+    InvertToInputd,
+    LesionFindingsd,
+    UnstackFindingsd,
+    body_mask,
+    calibrate,
+)
+
+SPACING = (1.5, 1.5, 1.5)
+
+
+def ball(shape: tuple[int, ...], centre: tuple[int, int, int], radius: float) -> np.ndarray:
+    grid = np.indices(shape)
+    return sum((g - c) ** 2 for g, c in zip(grid, centre, strict=True)) <= radius**2  # type: ignore[return-value]
+
+
+def scene() -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """A body (liver-like tissue, a lung, a vertebra) on a table, with candidate spots everywhere."""
+    shape = (120, 100, 40)
+    x, y, _ = np.indices(shape)
+    hu = np.full(shape, -1000.0, dtype=np.float32)
+    body = ((x - 60) / 50.0) ** 2 + ((y - 55) / 38.0) ** 2 <= 1.0
+    hu[body] = 60.0
+    lung = ((x - 85) / 14.0) ** 2 + ((y - 60) / 16.0) ** 2 <= 1.0
+    hu[lung] = -850.0
+    vertebra = ((x - 60) / 9.0) ** 2 + ((y - 28) / 9.0) ** 2 <= 1.0
+    hu[vertebra] = 900.0
+    hu[((x - 60) / 6.0) ** 2 + ((y - 28) / 6.0) ** 2 <= 1.0] = 200.0  # marrow
+    table = (y >= 5) & (y <= 8) & (np.abs(x - 60) < 55)  # an air gap below the body
+    hu[table] = 250.0
+    spots = {
+        "hypo": ball(shape, (40, 60, 20), 4),
+        "hyper": ball(shape, (55, 75, 20), 4),
+        "nodule": ball(shape, (85, 60, 20), 3),
+        "table": ball(shape, (30, 6, 20), 3) & table,
+        "air": ball(shape, (5, 90, 20), 3),
+        "marrow": ball(shape, (60, 28, 20), 4),
+        "speck": ball(shape, (35, 45, 20), 0.5),
+    }
+    hu[spots["hypo"]] = 15.0
+    hu[spots["hyper"]] = 140.0
+    hu[spots["nodule"]] = 30.0
+    return hu, spots
+
+
+def run(hu: np.ndarray, spots: dict[str, np.ndarray], **kwargs) -> dict:  # type: ignore[no-untyped-def]
+    prob = np.full(hu.shape, 0.02, dtype=np.float32)
+    for mask in spots.values():
+        prob[mask] = 0.9
+    affine = torch.diag(torch.tensor([*SPACING, 1.0], dtype=torch.float64))
+    data = {
+        "pred": MetaTensor(torch.from_numpy(prob)[None], affine=affine),
+        "hu": MetaTensor(torch.from_numpy(hu)[None], affine=affine),
+    }
+    transform = LesionFindingsd(keys="pred", threshold=0.5, min_volume_mm3=10.0, **kwargs)
+    return transform(data)
+
+
+def test_findings_are_typed_and_gated_by_tissue() -> None:
+    hu, spots = scene()
+    out = run(hu, spots)
+    labels = out["pred"][0].numpy()
+    assert set(np.unique(labels[spots["hypo"]])) == {HYPODENSE}
+    assert set(np.unique(labels[spots["hyper"]])) == {HYPERDENSE}
+    assert set(np.unique(labels[spots["nodule"]])) == {LUNG_NODULE}
+    for name in ("table", "air", "marrow", "speck"):
+        assert labels[spots[name]].max() == 0, f"{name} kept"
+    assert len(out["findings"]) == 3
+
+
+def test_confidence_is_painted_on_findings_and_the_rest_stays_below_threshold() -> None:
+    hu, spots = scene()
+    out = run(hu, spots, calibration={"a": 1.0, "b": 0.0, "c": -1.0})
+    prob, labels = out["prob"][0].numpy(), out["pred"][0].numpy()
+    expected = calibrate(0.9, 1.0, (1.0, 0.0, -1.0))
+    assert np.allclose(prob[labels > 0], expected, atol=1e-4)
+    assert prob[labels == 0].max() < 0.5
+    assert all(abs(f["confidence"] - round(expected, 4)) < 1e-4 for f in out["findings"])
+
+
+def test_minimum_volume_is_the_profile_setting() -> None:
+    hu, spots = scene()
+    small = {"hypo": spots["hypo"]}
+    voxel_mm3 = float(np.prod(SPACING))
+    volume = spots["hypo"].sum() * voxel_mm3
+    assert (
+        len(
+            run(
+                hu,
+                small,
+            )["findings"]
+        )
+        == 1
+    )
+    assert (
+        len(
+            LesionFindingsd(keys="pred", threshold=0.5, min_volume_mm3=volume + 1).findings(
+                np.where(spots["hypo"], 0.9, 0.0).astype(np.float32), hu, SPACING
+            )[2]
+        )
+        == 0
+    )
+
+
+def test_identity_calibration_is_the_mean_probability() -> None:
+    assert abs(calibrate(0.73, 500.0, (1.0, 0.0, 0.0)) - 0.73) < 1e-9
+    assert calibrate(0.73, 500.0, (1.0, 0.5, 0.0)) > calibrate(0.73, 50.0, (1.0, 0.5, 0.0))
+
+
+def test_body_mask_keeps_lungs_and_drops_the_table() -> None:
+    hu, _ = scene()
+    body = body_mask(hu, SPACING, -350.0, 4.0)
+    assert body[85, 60, 20] and body[60, 55, 20]  # lung inside, soft tissue inside
+    assert not body[30, 6, 20] and not body[5, 90, 20]  # table, air
+
+
+def test_stacked_maps_unstack_into_labels_and_confidence() -> None:
+    hu, spots = scene()
+    stacked = run(hu, spots, stack_prob=True)
+    plain = run(hu, spots)
+    assert stacked["pred"].shape[0] == 3 and "prob" not in stacked
+    out = UnstackFindingsd(keys="pred", prob_key="prob", threshold=0.5)(stacked)
+    assert out["pred"].dtype == torch.uint8
+    assert torch.equal(out["pred"], plain["pred"].to(torch.uint8))
+    assert torch.allclose(out["prob"], plain["prob"])
+
+
+def test_inversion_to_the_input_grid_matches_monai_invertd_for_any_axis_order() -> None:
+    from monai.transforms import Compose, EnsureChannelFirstd, Invertd
+
+    from models.bundle_run import as_loaded
+
+    rng = np.random.default_rng(0)
+    preprocessing = Compose(
+        [
+            EnsureChannelFirstd(keys="image", channel_dim="no_channel"),
+            Orientationd(keys="image", axcodes="RAS"),
+            Spacingd(keys="image", pixdim=(2.5, 2.5, 2.5)),
+        ]
+    )
+    for _ in range(4):
+        perm, flips = rng.permutation(3), rng.choice([-1.0, 1.0], 3)
+        affine = np.eye(4)
+        affine[:3, :3] = 0.0
+        for k in range(3):
+            affine[perm[k], k] = flips[k] * (0.7, 0.8, 3.0)[k]
+        affine[:3, 3] = rng.uniform(-50.0, 50.0, 3)
+        volume = rng.random((40, 50, 12)).astype(np.float32)
+        data = preprocessing({"image": as_loaded(volume, affine)})
+        data["pred"] = data["image"].clone()
+        expected = Invertd(keys="pred", transform=preprocessing, orig_keys="image", nearest_interp=True)(dict(data))
+        ours = InvertToInputd(keys="pred", orig_key="image")(dict(data))
+        assert ours["pred"].shape == (1, 40, 50, 12)
+        assert torch.equal(torch.as_tensor(ours["pred"]), torch.as_tensor(expected["pred"]))
+        assert np.allclose(np.asarray(ours["pred"].affine), affine)
+        # Linear: the same as MONAI's bilinear resampling away from the borders.
+        smooth = Invertd(keys="pred", transform=preprocessing, orig_keys="image", nearest_interp=False)(dict(data))
+        ours = InvertToInputd(keys="pred", orig_key="image", linear_channels=[0])(dict(data))
+        a, b = torch.as_tensor(ours["pred"])[0], torch.as_tensor(smooth["pred"])[0]
+        inner = (slice(4, -4), slice(4, -4), slice(2, -2))
+        assert torch.allclose(a[inner], b[inner], atol=1e-4)
+
+
+def test_oblique_inputs_fall_back_to_resampling() -> None:
+    from monai.transforms import Compose, EnsureChannelFirstd, Invertd
+
+    from models.bundle_run import as_loaded
+
+    angle = np.deg2rad(20.0)
+    affine = np.eye(4)
+    affine[:2, :2] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+    affine[:3, :3] = affine[:3, :3] @ np.diag([0.8, 0.8, 3.0])
+    preprocessing = Compose(
+        [
+            EnsureChannelFirstd(keys="image", channel_dim="no_channel"),
+            Orientationd(keys="image", axcodes="RAS"),
+            Spacingd(keys="image", pixdim=(1.5, 1.5, 1.5)),
+        ]
+    )
+    volume = np.zeros((30, 30, 10), dtype=np.float32)
+    volume[8:20, 10:22, 3:7] = 1.0
+    data = preprocessing({"image": as_loaded(volume, affine)})
+    data["pred"] = (data["image"] > 0.5).float()
+    expected = Invertd(keys="pred", transform=preprocessing, orig_keys="image", nearest_interp=True)(dict(data))
+    ours = InvertToInputd(keys="pred", orig_key="image")(dict(data))
+    assert ours["pred"].shape == (1, 30, 30, 10)
+    agreement = (torch.as_tensor(ours["pred"]) == torch.as_tensor(expected["pred"])).float().mean()
+    assert agreement > 0.98
