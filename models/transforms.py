@@ -25,6 +25,7 @@ from scipy import ndimage
 
 # Labels of the output map; metadata.json's label_def carries the same names.
 BACKGROUND, HYPODENSE, HYPERDENSE, LUNG_NODULE = 0, 1, 2, 3
+INPUT_META = ("filename_or_obj", "original_affine", "spatial_shape", "original_channel_dim", "space")
 LABEL_NAMES = {
     BACKGROUND: "background",
     HYPODENSE: "hypodense lesion",
@@ -61,8 +62,12 @@ class InvertToInputd(MapTransform):
         model_affine = np.asarray(reference.affine, dtype=np.float64)
         input_affine = np.asarray(reference.meta["original_affine"], dtype=np.float64)
         nx, ny, nz = (int(n) for n in np.asarray(reference.meta["spatial_shape"]).ravel()[:3])
+        # What writers name and place the output by, as Invertd leaves it.
+        carried = {k: reference.meta[k] for k in INPUT_META if k in reference.meta}
         for key in self.key_iterator(d):
-            d[key] = to_input_grid(d[key], model_affine, input_affine, (nx, ny, nz), self.linear_channels)
+            inverted = to_input_grid(d[key], model_affine, input_affine, (nx, ny, nz), self.linear_channels)
+            inverted.meta.update(carried)
+            d[key] = inverted
         return d
 
 

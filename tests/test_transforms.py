@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
@@ -66,6 +70,17 @@ def run(hu: np.ndarray, spots: dict[str, np.ndarray], **kwargs) -> dict:  # type
     }
     transform = LesionFindingsd(keys="pred", threshold=0.5, min_volume_mm3=10.0, **kwargs)
     return transform(data)
+
+
+def as_loaded(volume: np.ndarray, affine: np.ndarray) -> MetaTensor:
+    """The volume as MONAI's LoadImage delivers it from a NIfTI file (channel-less, RAS affine)."""
+    from monai.transforms import LoadImage
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "scan.nii.gz"
+        nib.save(nib.Nifti1Image(volume, affine), path)
+        loaded: MetaTensor = LoadImage(image_only=True)(path)
+    return loaded
 
 
 def test_findings_are_typed_and_gated_by_tissue() -> None:
@@ -140,8 +155,6 @@ def test_stacked_maps_unstack_into_labels_and_confidence() -> None:
 def test_inversion_to_the_input_grid_matches_monai_invertd_for_any_axis_order() -> None:
     from monai.transforms import Compose, EnsureChannelFirstd, Invertd
 
-    from models.bundle_run import as_loaded
-
     rng = np.random.default_rng(0)
     preprocessing = Compose(
         [
@@ -175,8 +188,6 @@ def test_inversion_to_the_input_grid_matches_monai_invertd_for_any_axis_order() 
 
 def test_oblique_inputs_fall_back_to_resampling() -> None:
     from monai.transforms import Compose, EnsureChannelFirstd, Invertd
-
-    from models.bundle_run import as_loaded
 
     angle = np.deg2rad(20.0)
     affine = np.eye(4)
