@@ -57,12 +57,16 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+# The default bundle types its findings (models.transforms.LesionFindingsd).
+DEFAULT_LABELS = {0: "background", 1: "hypodense lesion", 2: "hyperdense lesion", 3: "lung nodule"}
+
+
 def test_default_bundle_is_a_standard_monai_bundle() -> None:
     spec = BundleSpec.load(DEFAULT_BUNDLE)
     assert spec.name == "medical_segmentation_v1" and spec.version == spec.metadata["version"]
     for config_id in ("network_def", "preprocessing", "inferer", "postprocessing", "network"):
         assert config_id in spec.config
-    assert spec.labels == {0: "background", 1: "lesion"}
+    assert spec.labels == DEFAULT_LABELS
     assert spec.weights.state_dict == DEFAULT_BUNDLE / "models" / "model.pt"
     assert len(spec.weights.sha256) == 64
     assert (DEFAULT_BUNDLE / "models" / "model.pt").stat().st_size < 8 * 2**20
@@ -94,7 +98,8 @@ def test_prediction_is_in_the_input_grid(engine: InferenceEngine, small_phantom)
     assert prediction.labels.shape == small_phantom.image.shape and prediction.labels.dtype == np.uint8
     assert prediction.probability is not None and prediction.probability.dtype == np.float32
     assert prediction.probability.min() >= 0.0 and prediction.probability.max() <= 1.0
-    assert prediction.label_names == {0: "background", 1: "lesion"}
+    assert prediction.label_names == DEFAULT_LABELS
+    assert set(np.unique(prediction.labels)) <= set(DEFAULT_LABELS)
     assert set(prediction.timings) == {"preprocess", "network", "postprocess"}
 
 
