@@ -1,31 +1,52 @@
-"""Validate a bundle on held-out phantoms through the real inference engine.
+"""Validate a bundle on the held-out phantom family through the service's inference engine.
 
-    python -m models.evaluate [--bundle DIR] [--phantoms 8] [--write-metadata]
+    python -m models.evaluate [--bundle DIR] [--previous DIR] [--phantoms 8] [--normals 4]
+        [--profiles production ...] [--calibrate] [--write-metadata]
 
-For each profile: lesion Dice (per phantom, over all its lesion voxels, then averaged), lesion
-detection sensitivity and false positives per scan, on phantoms the training never saw, on
-their own acquisition grids (the mask is compared in the input geometry, as a user sees it).
-It also compares the chosen reduced precision with fp32 on the same inputs.
+The validation family (`models.phantoms`, family="validation": other lesion outlines, noise
+model, grids and stored axis orders than the training family) is never trained on. Every scan
+runs through `models.engine.InferenceEngine`, as a job does. Per profile: Dice (mean per scan,
+over its lesion voxels), detection of lesions >= 10 mm, 5-10 mm and < 5 mm (a lesion is found
+when a finding overlaps it), false positives a scan (findings touching no lesion), false
+findings a lesion-free scan, finding-type agreement, seconds a scan. The previous bundle
+(`--previous`, bundle 1.0 by default: the same weights without the tissue gating) runs on the
+same scans for a side-by-side table.
+
+Confidence: a finding's confidence is the mean of `prob` over it. The expected calibration error
+(ECE) of the production findings is reported as shipped and after a fit of
+confidence = sigmoid(a logit(confidence) + b ln(volume) + c) on a separate calibration split
+(same family, other seeds); --calibrate writes the fit into inference.json (only over an
+identity calibration, so fits never compound), --write-metadata records the report.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cc3d
 import numpy as np
 
+from models.bundle import BundleSpec
 from models.engine import InferenceEngine
-from models.phantom import Phantom, generate_phantom
+from models.phantoms import Phantom, generate_phantom
 from schemas.jobs import Profile
 
-VALIDATION_SEED_BASE = 90_000
 DEFAULT_BUNDLE = Path(__file__).parent / "medical_segmentation_v1"
-THRESHOLD = 0.55
+PREVIOUS_BUNDLE = Path(__file__).parent.parent / "tests" / "data" / "medical_segmentation_v1.0"
+VALIDATION_SEED_BASE = 90_000
+NORMAL_SEED_BASE = 95_000
+CALIBRATION_SEED_BASE = 97_000
+THRESHOLD = 0.55  # the service's default decision threshold
+IDENTITY = {"a": 1.0, "b": 0.0, "c": 0.0}
+SIZE_BINS = {"found_ge10mm": (10.0, math.inf), "found_5to10mm": (5.0, 10.0), "found_lt5mm": (0.0, 5.0)}
+EXPECTED_TYPE = {"hypodense": "hypodense lesion", "hyperdense": "hyperdense lesion", "lung nodule": "lung nodule"}
 
 
 def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
@@ -35,99 +56,270 @@ def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
 
 
 @dataclass
-class Detection:
-    found: int
-    missed: int
+class Finding:
+    confidence: float  # mean of the engine's probability over the finding
+    volume_mm3: float
+    true: bool  # touches a true lesion
+
+
+@dataclass
+class ScanResult:
+    dice: float | None  # None on lesion-free scans
+    found: dict[str, tuple[int, int]]  # size bin -> (found, total)
     false_positives: int
+    typed_right: tuple[int, int]  # (right type, found lesions); (0, 0) for an untyped bundle
+    seconds: float
+    findings: list[Finding] = field(default_factory=list)
 
 
-def detection(prediction: np.ndarray, truth: np.ndarray) -> Detection:
-    """A true lesion is found when any predicted component overlaps it."""
-    truth_labels = cc3d.connected_components(truth.astype(np.uint8), connectivity=26)
-    pred_labels = cc3d.connected_components(prediction.astype(np.uint8), connectivity=26)
-    n_truth, n_pred = int(truth_labels.max()), int(pred_labels.max())
-    hit_truth = np.unique(truth_labels[(pred_labels > 0) & (truth_labels > 0)])
-    hit_pred = np.unique(pred_labels[(pred_labels > 0) & (truth_labels > 0)])
-    return Detection(found=len(hit_truth), missed=n_truth - len(hit_truth), false_positives=n_pred - len(hit_pred))
+def score_findings(phantom: Phantom, labels: np.ndarray, prob: np.ndarray | None) -> list[Finding]:
+    truth = phantom.lesion_mask
+    predicted = cc3d.connected_components(labels > 0, connectivity=26)
+    voxel_mm3 = float(np.prod(phantom.spacing))
+    findings = []
+    for index, box in enumerate(cc3d.statistics(predicted)["bounding_boxes"][1:], start=1):
+        inside = predicted[box] == index
+        confidence = float(prob[box][inside].mean()) if prob is not None else 1.0
+        findings.append(Finding(confidence, float(inside.sum()) * voxel_mm3, bool(np.any(truth[box][inside]))))
+    return findings
 
 
-def validation_phantoms(count: int) -> list[Phantom]:
-    return [generate_phantom(VALIDATION_SEED_BASE + i) for i in range(count)]
+def score(
+    phantom: Phantom, labels: np.ndarray, names: dict[int, str], prob: np.ndarray | None, seconds: float
+) -> ScanResult:
+    truth = phantom.lesion_instances if phantom.lesion_instances is not None else phantom.lesion_mask
+    findings = score_findings(phantom, labels, prob)
+    found = {name: [0, 0] for name in SIZE_BINS}
+    typed = set(names.values()) & set(EXPECTED_TYPE.values())
+    right, detected = 0, 0
+    for number, lesion in enumerate(phantom.lesions, start=1):
+        overlap = labels[truth == number]
+        hit = bool(np.any(overlap > 0))
+        for name, (lo, hi) in SIZE_BINS.items():
+            if lo <= lesion.diameter_mm < hi:
+                found[name][0] += hit
+                found[name][1] += 1
+        if hit and typed:
+            detected += 1
+            value = int(np.bincount(overlap[overlap > 0]).argmax())
+            right += int(names.get(value) == EXPECTED_TYPE[lesion.density])
+    return ScanResult(
+        dice(labels > 0, phantom.lesion_mask) if phantom.lesions else None,
+        {k: (v[0], v[1]) for k, v in found.items()},
+        sum(not f.true for f in findings),
+        (right, detected),
+        seconds,
+        findings,
+    )
 
 
-def evaluate_profile(engine: InferenceEngine, phantoms: list[Phantom], profile: Profile) -> dict[str, float]:
-    dices, found, missed, fps, seconds = [], 0, 0, 0, 0.0
-    overlap, volume = 0, 0
-    for phantom in phantoms:
-        started = time.perf_counter()
-        prediction = engine.predict(phantom.image, phantom.affine, profile)
-        seconds += time.perf_counter() - started
-        mask = prediction.probability >= THRESHOLD
-        dices.append(dice(mask, phantom.lesion_mask))
-        overlap += 2 * int(np.logical_and(mask, phantom.lesion_mask).sum())
-        volume += int(mask.sum()) + int(phantom.lesion_mask.sum())
-        det = detection(mask, phantom.lesion_mask)
-        found, missed, fps = found + det.found, missed + det.missed, fps + det.false_positives
+def run_scan(engine: InferenceEngine, phantom: Phantom, profile: Profile) -> ScanResult:
+    started = time.perf_counter()
+    prediction = engine.predict(phantom.image, phantom.affine, profile, THRESHOLD)
+    seconds = time.perf_counter() - started
+    return score(phantom, prediction.labels, prediction.label_names, prediction.probability, seconds)
+
+
+def _mean(values: list[float], digits: int = 4) -> float | None:
+    return round(float(np.mean(values)), digits) if values else None
+
+
+def summarise(results: list[ScanResult]) -> dict[str, float | int | None]:
+    lesion_scans = [r for r in results if r.dice is not None]
+    normal_scans = [r for r in results if r.dice is None]
+    row: dict[str, float | int | None] = {
+        "dice": _mean([r.dice for r in lesion_scans if r.dice is not None]),
+        "dice_min": min((r.dice for r in lesion_scans if r.dice is not None), default=None),
+    }
+    for name in SIZE_BINS:
+        found = sum(r.found[name][0] for r in lesion_scans)
+        total = sum(r.found[name][1] for r in lesion_scans)
+        row[name] = round(found / total, 4) if total else None
+        row[name.replace("found", "lesions")] = total
+    row["false_positives_per_scan"] = _mean([r.false_positives for r in lesion_scans], 3)
+    row["false_findings_per_normal_scan"] = _mean([r.false_positives for r in normal_scans], 3)
+    right = sum(r.typed_right[0] for r in lesion_scans)
+    detected = sum(r.typed_right[1] for r in lesion_scans)
+    row["type_agreement"] = round(right / detected, 4) if detected else None
+    row["seconds_per_scan"] = _mean([r.seconds for r in results], 2)
+    return row
+
+
+# -- calibration ------------------------------------------------------------------------------
+def features(findings: list[Finding]) -> tuple[np.ndarray, np.ndarray]:
+    p = np.clip([f.confidence for f in findings], 1e-6, 1 - 1e-6)
+    x = np.stack([np.log(p / (1 - p)), np.log(np.maximum([f.volume_mm3 for f in findings], 1e-3))], axis=1)
+    return x, np.array([f.true for f in findings], dtype=float)
+
+
+def fit_calibration(findings: list[Finding], l2: float = 1e-2) -> dict[str, float]:
+    """Logistic regression (Newton steps, a small ridge) of "is a true lesion" on the features."""
+    if len(findings) < 4 or len({f.true for f in findings}) < 2:
+        return dict(IDENTITY)  # nothing to learn from: keep the confidence as it is
+    x, y = features(findings)
+    design = np.concatenate([x, np.ones((len(x), 1))], axis=1)
+    w = np.array([1.0, 0.0, 0.0])
+    for _ in range(50):
+        p = 1.0 / (1.0 + np.exp(-design @ w))
+        gradient = design.T @ (p - y) + l2 * np.array([w[0] - 1.0, w[1], 0.0])
+        hessian = design.T @ (design * (p * (1 - p))[:, None]) + l2 * np.diag([1.0, 1.0, 1e-6])
+        w -= np.linalg.solve(hessian, gradient)
+    return {"a": round(float(w[0]), 4), "b": round(float(w[1]), 4), "c": round(float(w[2]), 4)}
+
+
+def apply_calibration(findings: list[Finding], params: dict[str, float]) -> np.ndarray:
+    x, _ = features(findings)
+    return 1.0 / (1.0 + np.exp(-(params["a"] * x[:, 0] + params["b"] * x[:, 1] + params["c"])))
+
+
+def expected_calibration_error(confidence: np.ndarray, truth: np.ndarray, bins: int = 10) -> float:
+    """Sum over equal-width confidence bins of |accuracy - confidence| weighted by the bin's share."""
+    if len(confidence) == 0:
+        return 0.0
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        members = which == b
+        if members.any():
+            total += members.mean() * abs(float(truth[members].mean()) - float(confidence[members].mean()))
+    return round(total, 4)
+
+
+def calibration_report(fit_on: list[Finding], measured_on: list[Finding]) -> dict[str, Any]:
+    params = fit_calibration(fit_on)
+    if not measured_on:
+        return {"parameters": params, "findings": 0, "ece_shipped": None, "ece_fitted": None}
+    _, truth = features(measured_on)
+    shipped = np.array([f.confidence for f in measured_on])
     return {
-        "lesion_dice": round(float(np.mean(dices)), 4),
-        "lesion_dice_min": round(float(np.min(dices)), 4),
-        "lesion_dice_pooled": round(overlap / max(volume, 1), 4),
-        "sensitivity": round(found / max(found + missed, 1), 4),
-        "false_positives_per_scan": round(fps / len(phantoms), 3),
-        "seconds_per_scan": round(seconds / len(phantoms), 3),
+        "parameters": params,
+        "findings": len(measured_on),
+        "true_findings": int(truth.sum()),
+        "ece_shipped": expected_calibration_error(shipped, truth),
+        "ece_fitted": expected_calibration_error(apply_calibration(measured_on, params), truth),
     }
 
 
-def precision_agreement(bundle: Path, phantoms: list[Phantom], precision: str) -> dict[str, float]:
-    """Share of voxels whose thresholded decision matches fp32, and the largest probability gap."""
-    reference = InferenceEngine(bundle, precision="fp32")
-    reduced = InferenceEngine(bundle, precision=precision)
-    reference.load()
-    reduced.load()
-    agree, total, gap, dices = 0, 0, 0.0, []
-    for phantom in phantoms:
-        a = reference.predict(phantom.image, phantom.affine, Profile.PRODUCTION).probability
-        b = reduced.predict(phantom.image, phantom.affine, Profile.PRODUCTION).probability
-        agree += int(((a >= THRESHOLD) == (b >= THRESHOLD)).sum())
-        total += a.size
-        gap = max(gap, float(np.abs(a - b).max()))
-        dices.append(dice(b >= THRESHOLD, phantom.lesion_mask) - dice(a >= THRESHOLD, phantom.lesion_mask))
-    return {
-        "voxel_agreement": round(agree / total, 6),
-        "max_probability_gap": round(gap, 4),
-        "dice_change": round(float(np.mean(dices)), 4),
-    }
+# -- the whole evaluation -----------------------------------------------------------------------
+def scan_seeds(phantoms: int, normals: int) -> list[tuple[int, tuple[int, int]]]:
+    return [(VALIDATION_SEED_BASE + i, (1, 5)) for i in range(phantoms)] + [
+        (NORMAL_SEED_BASE + i, (0, 0)) for i in range(normals)
+    ]
+
+
+def evaluate(
+    engines: dict[str, InferenceEngine], seeds: list[tuple[int, tuple[int, int]]], profiles: list[Profile]
+) -> dict[str, dict[str, list[ScanResult]]]:
+    """model -> profile -> results; each phantom is generated once and run by every engine."""
+    results: dict[str, dict[str, list[ScanResult]]] = {m: {p.value: [] for p in profiles} for m in engines}
+    for seed, lesions in seeds:
+        phantom = generate_phantom(seed, family="validation", lesion_count=lesions)
+        for model, engine in engines.items():
+            for profile in profiles:
+                result = run_scan(engine, phantom, profile)
+                results[model][profile.value].append(result)
+                shown = "-" if result.dice is None else f"{result.dice:.3f}"
+                print(
+                    f"  {model:<10} {profile.value:<10} seed {seed}: {len(phantom.lesions)} lesions, "
+                    f"dice {shown}, false positives {result.false_positives}, {result.seconds:.1f} s",
+                    flush=True,
+                )
+    return results
+
+
+def calibration_findings(engine: InferenceEngine, count: int) -> list[Finding]:
+    findings: list[Finding] = []
+    for i in range(count):
+        phantom = generate_phantom(CALIBRATION_SEED_BASE + i, family="validation", lesion_count=(1, 5))
+        findings += run_scan(engine, phantom, Profile.PRODUCTION).findings
+    return findings
+
+
+def table(rows: dict[str, dict[str, dict[str, Any]]]) -> str:
+    head = (
+        "| model | profile | Dice | worst | >=10 mm found | 5-10 mm found | <5 mm found | FP / scan "
+        "| false findings / normal scan | type agreement | s / scan |"
+    )
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+
+    def fmt(value: Any, digits: int = 3) -> str:
+        return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+    for model, by_profile in rows.items():
+        for profile, r in by_profile.items():
+            lines.append(
+                f"| {model} | `{profile}` | {fmt(r['dice'])} | {fmt(r['dice_min'])} | {fmt(r['found_ge10mm'])} | "
+                f"{fmt(r['found_5to10mm'])} | {fmt(r['found_lt5mm'])} | {fmt(r['false_positives_per_scan'], 2)} | "
+                f"{fmt(r['false_findings_per_normal_scan'], 2)} | {fmt(r['type_agreement'])} | "
+                f"{fmt(r['seconds_per_scan'], 1)} |"
+            )
+    return "\n".join(lines)
+
+
+def loaded_engine(bundle: Path) -> InferenceEngine:
+    engine = InferenceEngine(BundleSpec.load(bundle))
+    engine.load()
+    return engine
+
+
+def write_calibration(bundle: Path, params: dict[str, float]) -> None:
+    config_file = bundle / "configs" / "inference.json"
+    text = config_file.read_text()
+    if json.loads(text).get("calibration") != IDENTITY:
+        raise SystemExit("--calibrate fits raw confidences: set inference.json's calibration to identity first")
+    # Only that entry changes: the rest of the file keeps its layout.
+    pattern = r'"calibration": \{[^}]*\}'
+    config_file.write_text(re.sub(pattern, '"calibration": ' + json.dumps(params), text, count=1))
+
+
+def arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
+    parser.add_argument("--previous", type=Path, default=PREVIOUS_BUNDLE, help="'none' to skip it")
+    parser.add_argument("--phantoms", type=int, default=8, help="validation scans with lesions")
+    parser.add_argument("--normals", type=int, default=4, help="validation scans without lesions")
+    parser.add_argument("--calibration-scans", type=int, default=4)
+    parser.add_argument("--profiles", nargs="+", default=[p.value for p in Profile], choices=[p.value for p in Profile])
+    parser.add_argument("--calibrate", action="store_true", help="write the fitted calibration into inference.json")
+    parser.add_argument("--write-metadata", action="store_true", help="record the report in configs/metadata.json")
+    return parser.parse_args()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
-    parser.add_argument("--phantoms", type=int, default=8)
-    parser.add_argument("--precision", default="auto")
-    parser.add_argument("--write-metadata", action="store_true", help="record the numbers in configs/metadata.json")
-    args = parser.parse_args()
-
-    phantoms = validation_phantoms(args.phantoms)
-    engine = InferenceEngine(args.bundle, precision=args.precision)
-    engine.load()
-    results = {profile.value: evaluate_profile(engine, phantoms, profile) for profile in Profile}
-    report: dict[str, object] = {
-        "phantoms": args.phantoms,
-        "seed_base": VALIDATION_SEED_BASE,
+    args = arguments()
+    started = time.perf_counter()
+    profiles = [Profile(p) for p in args.profiles]
+    engines = {"current": loaded_engine(args.bundle)}
+    if str(args.previous) != "none":
+        engines["previous"] = loaded_engine(args.previous)
+    current = engines["current"]
+    results = evaluate(engines, scan_seeds(args.phantoms, args.normals), profiles)
+    rows = {model: {p: summarise(r) for p, r in by_profile.items()} for model, by_profile in results.items()}
+    measured = [f for r in results["current"].get(Profile.PRODUCTION.value, []) for f in r.findings]
+    calibration = calibration_report(calibration_findings(current, args.calibration_scans), measured)
+    report: dict[str, Any] = {
+        "family": "validation (models.phantoms, never trained on)",
+        "scans_with_lesions": args.phantoms,
+        "scans_without_lesions": args.normals,
+        "seed_bases": {
+            "lesions": VALIDATION_SEED_BASE,
+            "normal": NORMAL_SEED_BASE,
+            "calibration": CALIBRATION_SEED_BASE,
+        },
         "threshold": THRESHOLD,
-        "precision": engine.precision,
-        "profiles": results,
+        "precision": current.precision,
+        "profiles": rows["current"],
+        "calibration": calibration,
     }
-    if engine.precision != "fp32":
-        report["precision_vs_fp32"] = precision_agreement(args.bundle, phantoms[:3], engine.precision)
-
-    print(f"{'profile':<12} {'dice':>7} {'min':>7} {'sens':>6} {'fp/scan':>8} {'s/scan':>7}")
-    for name, row in results.items():
-        print(
-            f"{name:<12} {row['lesion_dice']:>7.4f} {row['lesion_dice_min']:>7.4f} {row['sensitivity']:>6.3f} "
-            f"{row['false_positives_per_scan']:>8.3f} {row['seconds_per_scan']:>7.2f}"
-        )
+    if "previous" in rows:
+        report["previous_model"] = {"version": engines["previous"].spec.version, "profiles": rows["previous"]}
+    names = {model: f"{model} ({engine.spec.version})" for model, engine in engines.items()}
+    print(table({names[m]: r for m, r in rows.items()}))
+    print(f"confidence (production): {json.dumps(calibration)}; {time.perf_counter() - started:.0f} s")
     print(json.dumps(report, indent=2))
+    if args.calibrate:
+        write_calibration(args.bundle, calibration["parameters"])
     if args.write_metadata:
         metadata_file = args.bundle / "configs" / "metadata.json"
         metadata = json.loads(metadata_file.read_text())

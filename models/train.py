@@ -24,18 +24,20 @@ import torch.nn.functional as F
 from monai.bundle import ConfigParser
 from monai.losses import DiceLoss
 
-from models.geometry import ModelGrid, normalise_intensity
+from models.geometry import ModelGrid
 from models.phantom import generate_phantom
 
 log = logging.getLogger("models.train")
 
 TRAIN_SEED_BASE = 10_000
 POSITIVE_WEIGHT = 5.0  # validation phantoms use seeds from models.evaluate.VALIDATION_SEED_BASE
+AIR_HU = -1000.0
+SOFT_TISSUE_HU = -70.0  # what counts as body when patches are centred "in the body"
 
 
 @dataclass
 class Sample:
-    image: torch.Tensor  # (X, Y, Z) float32, normalised
+    image: torch.Tensor  # (X, Y, Z) float32 HU: the network windows it itself
     label: torch.Tensor  # (X, Y, Z) uint8
     lesion_voxels: np.ndarray  # (N, 3) indices of label voxels, for positive sampling
     body_voxels: np.ndarray  # (M, 3) a subsample of voxels inside the body
@@ -47,15 +49,14 @@ def load_bundle_config(bundle: Path) -> ConfigParser:
     return parser
 
 
-def make_sample(seed: int, spacing_mm: tuple[float, float, float], a_min: float, a_max: float) -> Sample:
+def make_sample(seed: int, spacing_mm: tuple[float, float, float]) -> Sample:
     # More lesions per scan than the validation phantoms: more positive patches per phantom.
     phantom = generate_phantom(seed, lesion_count=(3, 8))
     grid = ModelGrid.for_input(phantom.image.shape, phantom.affine, spacing_mm)
     img_t = grid.to_model(phantom.image)[0, 0]
     lab_t = grid.to_model(phantom.lesion_mask)[0, 0]
-    img_t = normalise_intensity(img_t, a_min, a_max)
     label_u8 = (lab_t >= 0.5).to(torch.uint8)
-    body = np.argwhere((img_t > 0.1).numpy())
+    body = np.argwhere((img_t > SOFT_TISSUE_HU).numpy())
     rng = np.random.default_rng(seed)
     body = body[rng.choice(len(body), size=min(len(body), 20_000), replace=False)]
     return Sample(img_t.contiguous(), label_u8, np.argwhere(label_u8.numpy() > 0), body)
@@ -69,7 +70,7 @@ def crop(sample: Sample, center: np.ndarray, patch: int) -> tuple[torch.Tensor, 
     lab = sample.label[sl]
     pad = [p for n in reversed(img.shape) for p in (0, patch - n)]
     if any(pad):
-        img = torch.nn.functional.pad(img, pad, value=0.0)
+        img = torch.nn.functional.pad(img, pad, value=AIR_HU)  # as the sliding window pads (cval)
         lab = torch.nn.functional.pad(lab, pad, value=0)
     return img, lab
 
@@ -94,7 +95,7 @@ def draw_batch(
             if rng.random() < 0.5:
                 img, lab = img.flip(axis), lab.flip(axis)
         # Small window shifts: scanners differ by a few HU in calibration.
-        img = (img + float(rng.normal(0.0, 0.01))).clamp(0.0, 1.0)
+        img = img + float(rng.normal(0.0, 3.0))
         images.append(img)
         labels.append(lab)
     return torch.stack(images)[:, None], torch.stack(labels)[:, None].float()
@@ -116,10 +117,10 @@ def train(
     torch.set_num_threads(threads)
     rng = np.random.default_rng(seed)
     config = load_bundle_config(bundle)
-    profiles = config["profiles"]
-    fine = tuple(profiles["production"]["spacing_mm"])
-    coarse = tuple(profiles["fast_debug"]["spacing_mm"])
-    a_min, a_max = config["intensity"]["a_min"], config["intensity"]["a_max"]
+    # The network reads HU (its CT window is inside it); production's grid is the config's
+    # spacing, fast_debug's comes from profiles.json.
+    fine = tuple(config["spacing"])
+    coarse = tuple(json.loads((bundle / "configs" / "profiles.json").read_text())["fast_debug"]["spacing"])
 
     t0 = time.perf_counter()
     if cache is not None and cache.exists():
@@ -129,7 +130,7 @@ def train(
         samples = []
         for i in range(n_phantoms):
             spacing = coarse if i % 3 == 2 else fine
-            samples.append(make_sample(TRAIN_SEED_BASE + i, spacing, a_min, a_max))
+            samples.append(make_sample(TRAIN_SEED_BASE + i, spacing))
         log.info("generated %d training phantoms in %.0f s", n_phantoms, time.perf_counter() - t0)
         if cache is not None:
             torch.save(samples, cache)
