@@ -16,6 +16,7 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.bundle import ConfigParser
+from monai.config import PathLike
 from monai.data import NibabelReader, decollate_batch, list_data_collate
 from monai.inferers import Inferer
 from monai.transforms import Compose, LoadImaged
@@ -44,10 +45,10 @@ class InMemoryReader(NibabelReader):
         super().__init__(**kwargs)
         self.image = image
 
-    def verify_suffix(self, filename: Sequence[str] | str) -> bool:
+    def verify_suffix(self, filename: Sequence[PathLike] | PathLike) -> bool:
         return True
 
-    def read(self, data: Sequence[str] | str, **kwargs: Any) -> nib.Nifti1Image:
+    def read(self, data: Sequence[PathLike] | PathLike, **kwargs: Any) -> nib.Nifti1Image:
         self.filenames = ensure_tuple(data)
         return self.image
 
