@@ -86,7 +86,9 @@ def _probability(captured: torch.Tensor | None, labels: torch.Tensor) -> np.ndar
         return _numpy(captured[0], np.float32)
     index = labels.to(torch.int64).clamp_(0, captured.shape[0] - 1)
     of_label = captured.gather(0, index[None])[0]
-    foreground = 1.0 - captured[0]
+    # The foreground channels summed, not 1 - p(background): the same for softmax, but sigmoid
+    # channels need not sum to 1 (and regions an inverted crop padded back hold 0 in every channel).
+    foreground = captured[1:].sum(0).clamp_(0.0, 1.0)
     return _numpy(torch.where(labels > 0, of_label, foreground), np.float32)
 
 
