@@ -273,7 +273,9 @@ class InferenceEngine:
         with _timer(timings, "postprocess"):
             data, watched = self._postprocess(pipeline, batch, volume.shape)
             pred = data["pred"]
-            maps = to_label_maps(pred, data.get("prob", watched.probability), threshold, watched.discrete(pred))
+            maps = to_label_maps(
+                pred, data.get("prob", watched.probability), threshold, watched.discrete(pred), watched.labelled
+            )
             uncertainty = _inverted_uncertainty(pipeline, data)
         if maps.labels.shape != volume.shape:
             raise StageError(
@@ -292,7 +294,7 @@ class InferenceEngine:
     def _postprocess(self, pipeline: Pipeline, batch: Data, shape: tuple[int, ...]) -> tuple[Data, Watched]:
         """Run the bundle's post-processing (it consumes the batch), watching what it leaves in
         `pred` after each step."""
-        watched = Watched(shape)
+        watched = Watched(shape, pipeline.label_step)
         data = pipeline.postprocess(batch, watched.step)
         return data, watched
 
@@ -300,20 +302,32 @@ class InferenceEngine:
 class Watched:
     """The last float `pred` on the input grid that was not a label map (the probability map),
     and whether the final `pred` is a label map, so that it is not checked again. (Checked after
-    every step, even when a step returned the same tensor: it may have changed it in place.)"""
+    every step, even when a step returned the same tensor: it may have changed it in place.)
 
-    def __init__(self, shape: tuple[int, ...]):
+    From the step that makes `pred` labels (`label_step`, an AsDiscreted) on, a float `pred` is
+    an interpolated label map (e.g. prostate_mri_anatomy: argmax, then Invertd with
+    `nearest_interp: false`), never a probability: it is not taken as one."""
+
+    def __init__(self, shape: tuple[int, ...], label_step: int | None = None):
         self.shape = shape
+        self.label_step = label_step
         self.probability: torch.Tensor | None = None
+        self._steps = 0
         self._last: tuple[torch.Tensor, bool] | None = None
 
+    @property
+    def labelled(self) -> bool:
+        """Whether the post-processing has made `pred` a label map by now."""
+        return self.label_step is not None and self._steps > self.label_step
+
     def step(self, data: Data) -> None:
+        self._steps += 1
         pred = data.get("pred")
         if not isinstance(pred, torch.Tensor) or tuple(pred.shape[1:]) != self.shape:
             return
         discrete = is_discrete(pred)
         self._last = (pred, discrete)
-        if not discrete:
+        if not discrete and not self.labelled:
             self.probability = pred
 
     def discrete(self, pred: torch.Tensor) -> bool | None:

@@ -19,7 +19,7 @@ from monai.bundle import ConfigParser
 from monai.config import PathLike
 from monai.data import NibabelReader, decollate_batch, list_data_collate
 from monai.inferers import Inferer
-from monai.transforms import Compose, LoadImaged
+from monai.transforms import AsDiscreted, Compose, LoadImaged
 from monai.transforms.compose import execute_compose
 from monai.utils import ensure_tuple
 
@@ -78,6 +78,12 @@ class Pipeline:
             inferer=inferer,
             postprocessing=_stages(post),
         )
+
+    @property
+    def label_step(self) -> int | None:
+        """Index of the first post-processing step that makes `pred` a label map; None when the
+        bundle leaves `pred` as probabilities."""
+        return next((i for i, (_, t) in enumerate(self.postprocessing) if makes_labels(t, "pred")), None)
 
     def preprocess(self, image: nib.Nifti1Image, name: str) -> Data:
         """The bundle's preprocessing of the scan, as if LoadImaged had read it from `name`."""
@@ -140,6 +146,16 @@ def _flatten(transforms: Sequence[Any]) -> list[Any]:
     for transform in transforms:
         flat.extend(_flatten(transform.transforms) if isinstance(transform, Compose) else [transform])
     return flat
+
+
+def makes_labels(transform: object, key: str) -> bool:
+    """Whether `transform` is an AsDiscreted that turns `key` into labels (argmax, a threshold, rounding)."""
+    if not isinstance(transform, AsDiscreted) or key not in transform.keys:
+        return False
+    index = list(transform.keys).index(key)
+    threshold = transform.threshold[index]
+    has_threshold = threshold is not None and threshold is not False  # False: MONAI's old "no threshold"
+    return bool(transform.argmax[index]) or has_threshold or transform.rounding[index] is not None
 
 
 def is_writer(transform: object) -> bool:

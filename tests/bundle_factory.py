@@ -100,6 +100,25 @@ def inference_config(spacing: float = 2.0, roi: int = 32) -> dict[str, Any]:
     }
 
 
+def labels_first_postprocessing(nearest_interp: bool) -> dict[str, Any]:
+    """Argmax on the model grid, then Invertd (as prostate_mri_anatomy does): with `nearest_interp`
+    false, the label map comes back to the input grid interpolated, as floats between labels."""
+    return {
+        "_target_": "Compose",
+        "transforms": [
+            {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
+            {
+                "_target_": "Invertd",
+                "keys": "pred",
+                "transform": "@preprocessing",
+                "orig_keys": "image",
+                "nearest_interp": nearest_interp,
+                "to_tensor": True,
+            },
+        ],
+    }
+
+
 def metadata(name: str, version: str = "0.1.0", modality: str = "CT") -> dict[str, Any]:
     return {
         "name": name,

@@ -30,6 +30,7 @@ from tests.bundle_factory import (
     inference_config,
     intensity_volume,
     intensity_weights,
+    labels_first_postprocessing,
     write_intensity_bundle,
 )
 
@@ -162,6 +163,22 @@ def test_a_model_zoo_bundle_gives_its_known_answer(bundles: Path) -> None:
     assert np.array_equal(prediction.labels, expected_labels(volume))
     assert prediction.probability is not None
     assert float(prediction.probability[expected_labels(volume) == 2].min()) > 0.9
+
+
+def test_a_label_map_that_invertd_interpolated_is_rounded_not_thresholded(tmp_path: Path) -> None:
+    """prostate_mri_anatomy: AsDiscreted(argmax) on the model grid, then Invertd with bilinear
+    interpolation back to the scan: `pred` holds floats between labels, not a probability."""
+    volume = intensity_volume()
+    predictions = {}
+    for nearest in (True, False):
+        config = inference_config(spacing=3.0)  # not the scan's 2 mm: Invertd really interpolates
+        config["postprocessing"] = labels_first_postprocessing(nearest_interp=nearest)
+        engine = make_engine(write_intensity_bundle(tmp_path, f"labels_first_{nearest}", config=config))
+        predictions[nearest] = engine.predict(volume, flipped_affine(), Profile.FAST_DEBUG, 0.5)
+    interpolated, nearest_labels = predictions[False], predictions[True]
+    assert set(np.unique(interpolated.labels).tolist()) == {0, 1, 2}
+    assert float(np.mean(interpolated.labels == nearest_labels.labels)) > 0.95
+    assert interpolated.probability is None  # the only float `pred` on the scan's grid was labels
 
 
 def test_each_bundle_keeps_its_own_scripts_package(tmp_path: Path) -> None:

@@ -48,3 +48,13 @@ def test_background_voxels_get_the_foreground_channels_summed() -> None:
     three = torch.tensor([[[[0.2]]], [[[0.7]]], [[[0.6]]]])
     clamped = to_label_maps(torch.zeros(1, 1, 1, 1), three, 0.5)
     assert clamped.probability is not None and clamped.probability.tolist() == [[[1.0]]]
+
+
+def test_labels_the_bundle_made_are_never_probabilities() -> None:
+    """After the bundle's own AsDiscreted, interpolation leaves floats between labels: one channel
+    is rounded to the nearest label, one-hot channels give their largest; neither is a probability."""
+    one = to_label_maps(torch.tensor([[[[0.0, 0.4, 1.6, 2.0]]]]), None, 0.5, labelled=True)
+    assert one.labels.tolist() == [[[0, 0, 2, 2]]] and one.probability is None
+    one_hot = torch.tensor([[[[0.8, 0.3]]], [[[0.2, 0.0]]], [[[0.0, 0.7]]]])
+    several = to_label_maps(one_hot, None, 0.5, labelled=True)
+    assert several.labels.tolist() == [[[0, 2]]] and several.probability is None
