@@ -2,12 +2,13 @@
 
 The bundle runs as MONAI runs it, with two differences the service needs: its leading
 `LoadImaged` reads the scan the service has already read (through an in-memory reader, so every
-option of that LoadImaged still applies), and writers in its post-processing are skipped (the
+option of that LoadImaged still applies, and the reader it names is never built), and writers in its post-processing are skipped (the
 service writes the outputs).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -66,6 +67,8 @@ class Pipeline:
 
     @classmethod
     def build(cls, parser: ConfigParser) -> Pipeline:
+        """The stages of `parser`'s config (which this changes: see `drop_loader_reader`)."""
+        drop_loader_reader(parser)
         preprocessing = _as_compose(parser.get_parsed_content("preprocessing"))
         inferer = parser.get_parsed_content("inferer")
         post = _as_compose(parser.get_parsed_content("postprocessing"))
@@ -133,6 +136,38 @@ class Pipeline:
             if on_step is not None:
                 on_step(data)
         return data
+
+
+def drop_loader_reader(parser: ConfigParser) -> None:
+    """The leading LoadImaged reads the scan through InMemoryReader, never through the `reader`
+    the bundle names (e.g. ITKReader, which needs `itk` just to be instantiated): that reader is
+    set to None, so it is not built. Other LoadImaged options still apply."""
+    config_id = _first_transform_id(parser)
+    item = parser.get(config_id) if config_id else None
+    if isinstance(item, dict) and str(item.get("_target_", "")).endswith("LoadImaged") and "reader" in item:
+        parser[f"{config_id}#reader"] = None
+
+
+# A config value that starts with a reference: "@preprocessing_transforms", "$@transforms + @extra".
+_LEADING_REFERENCE = re.compile(r"^\$?\s*@([\w#]+)")
+
+
+def _first_transform_id(parser: ConfigParser) -> str | None:
+    """Config id of the first preprocessing transform, following a Compose's `transforms`, lists
+    and leading references (the Model Zoo's `"transforms": "$@preprocessing_transforms + ..."`)."""
+    config_id = "preprocessing"
+    for _ in range(16):  # a chain of references, never a cycle
+        item = parser.get(config_id)
+        reference = _LEADING_REFERENCE.match(item) if isinstance(item, str) else None
+        if reference:
+            config_id = reference.group(1)
+        elif isinstance(item, dict) and "transforms" in item and str(item.get("_target_", "")).endswith("Compose"):
+            config_id = f"{config_id}#transforms"
+        elif isinstance(item, list) and item:
+            config_id = f"{config_id}#0"
+        else:
+            return config_id if isinstance(item, dict) else None
+    return None
 
 
 def _as_compose(item: Any) -> Compose:

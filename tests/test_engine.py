@@ -181,6 +181,30 @@ def test_a_label_map_that_invertd_interpolated_is_rounded_not_thresholded(tmp_pa
     assert interpolated.probability is None  # the only float `pred` on the scan's grid was labels
 
 
+@pytest.mark.parametrize("layout", ["inline", "by reference"])
+def test_the_readers_a_bundle_names_are_never_built(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: str
+) -> None:
+    """swin_unetr_btcv_segmentation and others: LoadImaged names ITKReader, which needs `itk` just
+    to be built; the service reads the scan itself, so a machine without `itk` runs them."""
+    from monai.data import ITKReader
+    from monai.utils import OptionalImportError
+
+    def without_itk(self: object, *args: object, **kwargs: object) -> None:
+        raise OptionalImportError("required package `itk` is not installed")
+
+    monkeypatch.setattr(ITKReader, "__init__", without_itk)
+    config = inference_config()
+    config["preprocessing"]["transforms"][0]["reader"] = "ITKReader"
+    if layout == "by reference":  # spleen_deepedit_annotation's layout
+        config["preprocessing_transforms"] = config["preprocessing"]["transforms"]
+        config["preprocessing"]["transforms"] = "$@preprocessing_transforms + []"
+    engine = make_engine(write_intensity_bundle(tmp_path, "itk_reader", config=config))
+    volume = intensity_volume()
+    labels = engine.predict(volume, flipped_affine(), Profile.FAST_DEBUG, 0.5).labels
+    assert np.array_equal(labels, expected_labels(volume))
+
+
 def test_each_bundle_keeps_its_own_scripts_package(tmp_path: Path) -> None:
     """Two bundles whose code packages are both called `scripts`, with different networks."""
     first = make_engine(write_intensity_bundle(tmp_path, "first"))
