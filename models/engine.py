@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -21,10 +22,11 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
+from monai.bundle.scripts import _get_fake_spatial_shape  # MONAI's reading of "16*n" shapes
 from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import Invertd
-from monai.utils import ensure_tuple
+from monai.utils import ensure_tuple_rep
 
 from models import memory, resample
 from models.bundle import BundleError, BundleSpec, first_line
@@ -48,6 +50,10 @@ TTA_PROFILES = frozenset({Profile.RESEARCH})
 # Keys of configs/profiles.json that the engine reads itself instead of passing to the config.
 ENGINE_KEYS = frozenset({"tta"})
 _PIPELINE_CACHE = 8
+SPATIAL_DIMS = 3  # scans are volumes: an inferer's single roi number is one for each axis
+# A whole-volume input larger than this is not tried at load (it is the first job's to run).
+_TRIAL_MAX_VOXELS = 160**3
+_TRIAL_MIN_SIDE = 16
 
 
 class InferenceFailed(RuntimeError):
@@ -98,6 +104,7 @@ class InferenceEngine:
         self._network: torch.nn.Module | None = None
         self._pipelines: OrderedDict[tuple[Profile, float | None], Pipeline] = OrderedDict()
         self.load_seconds = 0.0
+        self._trial = ""  # what the load ran through the network to check it, or why nothing
 
     @property
     def runtime(self) -> str:
@@ -126,10 +133,14 @@ class InferenceEngine:
             network = build_network(self.spec, self.spec.parser(self._base_overrides()), self.device)
         with self._lock:
             self._network = network
-            for profile in Profile:
-                self._pipeline(profile, None)
-            self.choice = choose_runtime(network, self._runtime_request())
-            self._warm_up()
+            try:
+                for profile in Profile:
+                    self._pipeline(profile, None)
+                self.choice = choose_runtime(network, self._runtime_request())
+                self._trial = self._trial_run()
+            except BaseException:
+                self._unload()  # half-loaded is not loaded: the registry loads it again, or /health says so
+                raise
         self.load_seconds = time.perf_counter() - started
         log.info(
             "model %s %s loaded on %s (%s, %s) in %.2f s",
@@ -152,27 +163,47 @@ class InferenceEngine:
             "agreement": choice.agreement if choice else None,
             "speedup": choice.speedup if choice else None,
             "reason": choice.reason if choice else "",
+            "trial": self._trial,
             "seconds": round(self.load_seconds, 3),
         }
 
     def _window(self) -> tuple[int, ...] | None:
         """(channels, *roi) of one window of the production inferer; None without a fixed window."""
         inferer = self._pipeline(Profile.PRODUCTION, None).inferer
-        if isinstance(inferer, SlidingWindowInferer) and all(int(r) > 0 for r in ensure_tuple(inferer.roi_size)):
-            return (1, *(int(r) for r in ensure_tuple(inferer.roi_size)))
-        return None
+        if not isinstance(inferer, SlidingWindowInferer):
+            return None
+        roi = ensure_tuple_rep(inferer.roi_size, SPATIAL_DIMS)  # one number: every axis of the scan
+        return (1, *(int(r) for r in roi)) if all(int(r) > 0 for r in roi) else None
 
-    def _warm_up(self) -> None:
-        """One full batch of windows through the chosen runtime: the first call with a batch shape
-        pays for kernel selection and buffers (OpenVINO: ~0.5 s here), and that is not the first
-        job's to pay."""
+    def _trial_run(self) -> str:
+        """One input through the chosen runtime, so that a network that cannot run (an import in its
+        forward, a shape it cannot take) fails the load with one line instead of every job; and
+        the first call with a batch shape pays for kernel selection and buffers (OpenVINO: ~0.5 s
+        here), which is not the first job's to pay. Returns what it ran, or why it ran nothing."""
+        assert self.choice is not None
+        shape, reason = self._trial_shape()
+        if shape is None:
+            log.info("model %s: no trial run at load: %s; the first job runs the network first", self.name, reason)
+            return f"none: {reason}"
+        try:
+            with torch.inference_mode():
+                self.choice.predictor(torch.zeros(shape, device=self.device))
+        except Exception as error:
+            raise BundleError(
+                self.spec.name,
+                f"the network does not run on a {shape} input: {type(error).__name__}: {first_line(error)}",
+            ) from error
+        return f"ran {shape}"
+
+    def _trial_shape(self) -> tuple[tuple[int, ...] | None, str]:
+        """A full batch of windows of a sliding-window inferer; else the input the metadata says the
+        network takes; else None, and why."""
         inferer = self._pipeline(Profile.PRODUCTION, None).inferer
         window = self._window()
-        if window is None or self.choice is None or not isinstance(inferer, SlidingWindowInferer):
-            return
-        batch = torch.zeros((max(1, int(inferer.sw_batch_size)), *window), device=self.device)
-        with torch.inference_mode():
-            self.choice.predictor(batch)
+        if window is not None and isinstance(inferer, SlidingWindowInferer):
+            return (max(1, int(inferer.sw_batch_size)), *window), ""
+        shape, reason = _metadata_input(self.spec.metadata)
+        return shape, f"{type(inferer).__name__} has no fixed window, and {reason}" if shape is None else ""
 
     def _runtime_request(self) -> RuntimeRequest:
         window = self._window()
@@ -188,9 +219,12 @@ class InferenceEngine:
 
     def unload(self) -> None:
         with self._lock:
-            self._network = None
-            self.choice = None
-            self._pipelines.clear()
+            self._unload()
+
+    def _unload(self) -> None:
+        self._network = None
+        self.choice = None
+        self._pipelines.clear()
 
     def profile_run(self, profile: Profile, threshold: float | None) -> ProfileRun:
         overrides = self._base_overrides()
@@ -333,6 +367,24 @@ class Watched:
     def discrete(self, pred: torch.Tensor) -> bool | None:
         """Whether `pred` is a label map, if it is the one seen last; None when not seen."""
         return self._last[1] if self._last is not None and self._last[0] is pred else None
+
+
+def _metadata_input(metadata: dict[str, Any]) -> tuple[tuple[int, ...] | None, str]:
+    """(1, 1, *spatial_shape) of the metadata's image input, with "16*n"-style sides at the smallest
+    n that makes every side at least 16 voxels (n = 1 would give networks that downsample a few
+    times a side of 1); else None and why."""
+    image = metadata.get("network_data_format", {}).get("inputs", {}).get("image", {})
+    spatial = image.get("spatial_shape") if isinstance(image, dict) else None
+    if not isinstance(spatial, list) or len(spatial) < 2 or "*" in spatial:
+        return None, "the metadata gives no spatial_shape of the image"
+    try:
+        shapes = (_get_fake_spatial_shape(spatial, p=n, n=n) for n in range(1, 65))
+        shape = next(s for s in shapes if min(s) >= _TRIAL_MIN_SIDE)
+    except (ValueError, TypeError, StopIteration) as error:
+        return None, f"the metadata's spatial_shape {spatial} is not one ({first_line(error)})"
+    if math.prod(shape) > _TRIAL_MAX_VOXELS:
+        return None, f"the metadata's spatial_shape {shape} is too large to try at load"
+    return (1, 1, *(int(side) for side in shape)), ""
 
 
 def _add_output(batch: Data, output: NetworkOutput) -> None:

@@ -25,6 +25,7 @@ from models.registry import ModelNotFound, ModelRegistry
 from models.runtime import RuntimeRequest, check_input, choose_runtime
 from schemas.jobs import Profile
 from tests.bundle_factory import (
+    break_forward,
     expected_labels,
     flipped_affine,
     inference_config,
@@ -265,6 +266,40 @@ def test_bad_bundles_fail_at_load_with_one_line(tmp_path: Path, case: str, messa
         make_engine(path)
     text = str(caught.value)
     assert text.startswith("bundle broken: ") and "\n" not in text
+
+
+def test_a_network_that_cannot_run_fails_the_load_with_one_line(tmp_path: Path) -> None:
+    """What fails only when the network runs (an import in its forward, a shape it cannot take)
+    fails the load, as a BundleError of one clean line, and leaves the model unloaded."""
+    path = write_intensity_bundle(tmp_path, "broken")
+    break_forward(path, 'raise RuntimeError("\\x1b[31mexpected a 4-D input\\x1b[0m\\n  at layer conv")')
+    engine = InferenceEngine(BundleSpec.load(path), EngineOptions(device="cpu", precision="fp32", threads=2))
+    with pytest.raises(BundleError, match=r"does not run on a \(2, 1, 32, 32, 32\) input") as caught:
+        engine.load()
+    text = str(caught.value)
+    assert text.startswith("bundle broken: ") and "\n" not in text and "\x1b" not in text
+    assert text.endswith("RuntimeError: expected a 4-D input")
+    assert not engine.loaded
+
+
+@pytest.mark.parametrize("spatial_shape", [["8*n", "8*n", "8*n"], None])
+def test_a_whole_volume_inferer_gets_its_trial_run_from_the_metadata(
+    tmp_path: Path, spatial_shape: list[int | str] | None
+) -> None:
+    """A SimpleInferer has no window: the trial input is the metadata's spatial_shape ("8*n" at the
+    smallest n giving 16 voxels a side); without one, the load says why nothing was tried."""
+    config = inference_config()
+    config["inferer"] = {"_target_": "SimpleInferer"}
+    working = make_engine(write_intensity_bundle(tmp_path, "whole", config=config, spatial_shape=spatial_shape))
+    broken = write_intensity_bundle(tmp_path, "broken", config=config, spatial_shape=spatial_shape)
+    break_forward(broken, "import a_package_this_machine_lacks")
+    if spatial_shape is None:
+        assert working.load_report()["trial"].startswith("none: SimpleInferer has no fixed window")
+        assert make_engine(broken).loaded  # nothing to try it with: the first job finds out
+        return
+    assert working.load_report()["trial"] == "ran (1, 1, 16, 16, 16)"
+    with pytest.raises(BundleError, match=r"\(1, 1, 16, 16, 16\) input: ModuleNotFoundError"):
+        make_engine(broken)
 
 
 def test_checkpoints_are_unwrapped() -> None:
