@@ -95,9 +95,7 @@ class InferenceEngine:
         self.options = options or EngineOptions()
         self.device = choose_device(self.options.device)
         # A bundle that says `"amp": false` (the Model Zoo's key) was validated in fp32 only.
-        requested = (
-            "fp32" if spec.config.get("amp") is False and self.options.precision == "auto" else self.options.precision
-        )
+        requested = "fp32" if bundle_amp(spec) is False and self.options.precision == "auto" else self.options.precision
         self._precision = choose_precision(self.device, requested)
         self.choice: RuntimeChoice | None = None
         self._lock = threading.Lock()
@@ -367,6 +365,28 @@ class Watched:
     def discrete(self, pred: torch.Tensor) -> bool | None:
         """Whether `pred` is a label map, if it is the one seen last; None when not seen."""
         return self._last[1] if self._last is not None and self._last[0] is pred else None
+
+
+def bundle_amp(spec: BundleSpec) -> bool | None:
+    """The bundle's `amp`: top level, else its evaluator's, resolved as MONAI would ("@amp",
+    "$True"; a "false" string too); None when it says nothing that is a yes or no."""
+    parser = spec.parser()
+    for config_id in ("amp", "evaluator#amp"):
+        if config_id not in parser:
+            continue
+        try:
+            with bundle_imports(spec.path):  # the config's `imports` may name the bundle's own code
+                value = parser.get_parsed_content(config_id)
+        except Exception as error:  # noqa: BLE001 - a precision hint: the model still runs without it
+            log.warning(
+                "bundle %s: %s does not evaluate (%s); precision as configured", spec.name, config_id, first_line(error)
+            )
+            return None
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            value = value.strip().lower() == "true"
+        if isinstance(value, bool):
+            return value
+    return None
 
 
 def _metadata_input(metadata: dict[str, Any]) -> tuple[tuple[int, ...] | None, str]:

@@ -302,6 +302,31 @@ def test_a_whole_volume_inferer_gets_its_trial_run_from_the_metadata(
         make_engine(broken)
 
 
+@pytest.mark.parametrize(
+    ("amp", "requested"),
+    [
+        ({"amp": False}, "fp32"),
+        ({"amp": "$False"}, "fp32"),
+        ({"amp": "false"}, "fp32"),
+        ({"evaluator": {"_target_": "SupervisedEvaluator", "amp": "$False"}}, "fp32"),
+        ({"use_amp": "$1 == 2", "evaluator": {"_target_": "SupervisedEvaluator", "amp": "@use_amp"}}, "fp32"),
+        ({"amp": "$True", "evaluator": {"_target_": "SupervisedEvaluator", "amp": False}}, "auto"),
+        ({}, "auto"),
+    ],
+)
+def test_a_bundle_that_says_no_amp_runs_in_fp32(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, amp: dict[str, object], requested: str
+) -> None:
+    """The Model Zoo's `amp`, top level or its evaluator's, as MONAI resolves it (the evaluator
+    itself is never built: it would need ignite)."""
+    from models import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "choose_precision", lambda device, precision: precision)
+    path = write_intensity_bundle(tmp_path, "amp", config={**inference_config(), **amp})
+    engine = InferenceEngine(BundleSpec.load(path), EngineOptions(device="cpu", precision="auto"))
+    assert engine.precision == requested
+
+
 def test_checkpoints_are_unwrapped() -> None:
     state = {"conv.weight": torch.zeros(1)}
     assert unwrap_state({"model": state, "epoch": 3}, "model") == state
