@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -21,10 +22,11 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
+from monai.bundle.scripts import _get_fake_spatial_shape  # MONAI's reading of "16*n" shapes
 from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import Invertd
-from monai.utils import ensure_tuple
+from monai.utils import ensure_tuple_rep
 
 from models import memory, resample
 from models.bundle import BundleError, BundleSpec, first_line
@@ -48,6 +50,10 @@ TTA_PROFILES = frozenset({Profile.RESEARCH})
 # Keys of configs/profiles.json that the engine reads itself instead of passing to the config.
 ENGINE_KEYS = frozenset({"tta"})
 _PIPELINE_CACHE = 8
+SPATIAL_DIMS = 3  # scans are volumes: an inferer's single roi number is one for each axis
+# A whole-volume input larger than this is not tried at load (it is the first job's to run).
+_TRIAL_MAX_VOXELS = 160**3
+_TRIAL_MIN_SIDE = 16
 
 
 class InferenceFailed(RuntimeError):
@@ -89,15 +95,14 @@ class InferenceEngine:
         self.options = options or EngineOptions()
         self.device = choose_device(self.options.device)
         # A bundle that says `"amp": false` (the Model Zoo's key) was validated in fp32 only.
-        requested = (
-            "fp32" if spec.config.get("amp") is False and self.options.precision == "auto" else self.options.precision
-        )
+        requested = "fp32" if bundle_amp(spec) is False and self.options.precision == "auto" else self.options.precision
         self._precision = choose_precision(self.device, requested)
         self.choice: RuntimeChoice | None = None
         self._lock = threading.Lock()
         self._network: torch.nn.Module | None = None
         self._pipelines: OrderedDict[tuple[Profile, float | None], Pipeline] = OrderedDict()
         self.load_seconds = 0.0
+        self._trial = ""  # what the load ran through the network to check it, or why nothing
 
     @property
     def runtime(self) -> str:
@@ -126,10 +131,14 @@ class InferenceEngine:
             network = build_network(self.spec, self.spec.parser(self._base_overrides()), self.device)
         with self._lock:
             self._network = network
-            for profile in Profile:
-                self._pipeline(profile, None)
-            self.choice = choose_runtime(network, self._runtime_request())
-            self._warm_up()
+            try:
+                for profile in Profile:
+                    self._pipeline(profile, None)
+                self.choice = choose_runtime(network, self._runtime_request())
+                self._trial = self._trial_run()
+            except BaseException:
+                self._unload()  # half-loaded is not loaded: the registry loads it again, or /health says so
+                raise
         self.load_seconds = time.perf_counter() - started
         log.info(
             "model %s %s loaded on %s (%s, %s) in %.2f s",
@@ -152,27 +161,47 @@ class InferenceEngine:
             "agreement": choice.agreement if choice else None,
             "speedup": choice.speedup if choice else None,
             "reason": choice.reason if choice else "",
+            "trial": self._trial,
             "seconds": round(self.load_seconds, 3),
         }
 
     def _window(self) -> tuple[int, ...] | None:
         """(channels, *roi) of one window of the production inferer; None without a fixed window."""
         inferer = self._pipeline(Profile.PRODUCTION, None).inferer
-        if isinstance(inferer, SlidingWindowInferer) and all(int(r) > 0 for r in ensure_tuple(inferer.roi_size)):
-            return (1, *(int(r) for r in ensure_tuple(inferer.roi_size)))
-        return None
+        if not isinstance(inferer, SlidingWindowInferer):
+            return None
+        roi = ensure_tuple_rep(inferer.roi_size, SPATIAL_DIMS)  # one number: every axis of the scan
+        return (1, *(int(r) for r in roi)) if all(int(r) > 0 for r in roi) else None
 
-    def _warm_up(self) -> None:
-        """One full batch of windows through the chosen runtime: the first call with a batch shape
-        pays for kernel selection and buffers (OpenVINO: ~0.5 s here), and that is not the first
-        job's to pay."""
+    def _trial_run(self) -> str:
+        """One input through the chosen runtime, so that a network that cannot run (an import in its
+        forward, a shape it cannot take) fails the load with one line instead of every job; and
+        the first call with a batch shape pays for kernel selection and buffers (OpenVINO: ~0.5 s
+        here), which is not the first job's to pay. Returns what it ran, or why it ran nothing."""
+        assert self.choice is not None
+        shape, reason = self._trial_shape()
+        if shape is None:
+            log.info("model %s: no trial run at load: %s; the first job runs the network first", self.name, reason)
+            return f"none: {reason}"
+        try:
+            with torch.inference_mode():
+                self.choice.predictor(torch.zeros(shape, device=self.device))
+        except Exception as error:
+            raise BundleError(
+                self.spec.name,
+                f"the network does not run on a {shape} input: {type(error).__name__}: {first_line(error)}",
+            ) from error
+        return f"ran {shape}"
+
+    def _trial_shape(self) -> tuple[tuple[int, ...] | None, str]:
+        """A full batch of windows of a sliding-window inferer; else the input the metadata says the
+        network takes; else None, and why."""
         inferer = self._pipeline(Profile.PRODUCTION, None).inferer
         window = self._window()
-        if window is None or self.choice is None or not isinstance(inferer, SlidingWindowInferer):
-            return
-        batch = torch.zeros((max(1, int(inferer.sw_batch_size)), *window), device=self.device)
-        with torch.inference_mode():
-            self.choice.predictor(batch)
+        if window is not None and isinstance(inferer, SlidingWindowInferer):
+            return (max(1, int(inferer.sw_batch_size)), *window), ""
+        shape, reason = _metadata_input(self.spec.metadata)
+        return shape, f"{type(inferer).__name__} has no fixed window, and {reason}" if shape is None else ""
 
     def _runtime_request(self) -> RuntimeRequest:
         window = self._window()
@@ -188,9 +217,12 @@ class InferenceEngine:
 
     def unload(self) -> None:
         with self._lock:
-            self._network = None
-            self.choice = None
-            self._pipelines.clear()
+            self._unload()
+
+    def _unload(self) -> None:
+        self._network = None
+        self.choice = None
+        self._pipelines.clear()
 
     def profile_run(self, profile: Profile, threshold: float | None) -> ProfileRun:
         overrides = self._base_overrides()
@@ -273,7 +305,9 @@ class InferenceEngine:
         with _timer(timings, "postprocess"):
             data, watched = self._postprocess(pipeline, batch, volume.shape)
             pred = data["pred"]
-            maps = to_label_maps(pred, data.get("prob", watched.probability), threshold, watched.discrete(pred))
+            maps = to_label_maps(
+                pred, data.get("prob", watched.probability), threshold, watched.discrete(pred), watched.labelled
+            )
             uncertainty = _inverted_uncertainty(pipeline, data)
         if maps.labels.shape != volume.shape:
             raise StageError(
@@ -292,7 +326,7 @@ class InferenceEngine:
     def _postprocess(self, pipeline: Pipeline, batch: Data, shape: tuple[int, ...]) -> tuple[Data, Watched]:
         """Run the bundle's post-processing (it consumes the batch), watching what it leaves in
         `pred` after each step."""
-        watched = Watched(shape)
+        watched = Watched(shape, pipeline.label_step)
         data = pipeline.postprocess(batch, watched.step)
         return data, watched
 
@@ -300,25 +334,77 @@ class InferenceEngine:
 class Watched:
     """The last float `pred` on the input grid that was not a label map (the probability map),
     and whether the final `pred` is a label map, so that it is not checked again. (Checked after
-    every step, even when a step returned the same tensor: it may have changed it in place.)"""
+    every step, even when a step returned the same tensor: it may have changed it in place.)
 
-    def __init__(self, shape: tuple[int, ...]):
+    From the step that makes `pred` labels (`label_step`, an AsDiscreted) on, a float `pred` is
+    an interpolated label map (e.g. prostate_mri_anatomy: argmax, then Invertd with
+    `nearest_interp: false`), never a probability: it is not taken as one."""
+
+    def __init__(self, shape: tuple[int, ...], label_step: int | None = None):
         self.shape = shape
+        self.label_step = label_step
         self.probability: torch.Tensor | None = None
+        self._steps = 0
         self._last: tuple[torch.Tensor, bool] | None = None
 
+    @property
+    def labelled(self) -> bool:
+        """Whether the post-processing has made `pred` a label map by now."""
+        return self.label_step is not None and self._steps > self.label_step
+
     def step(self, data: Data) -> None:
+        self._steps += 1
         pred = data.get("pred")
         if not isinstance(pred, torch.Tensor) or tuple(pred.shape[1:]) != self.shape:
             return
         discrete = is_discrete(pred)
         self._last = (pred, discrete)
-        if not discrete:
+        if not discrete and not self.labelled:
             self.probability = pred
 
     def discrete(self, pred: torch.Tensor) -> bool | None:
         """Whether `pred` is a label map, if it is the one seen last; None when not seen."""
         return self._last[1] if self._last is not None and self._last[0] is pred else None
+
+
+def bundle_amp(spec: BundleSpec) -> bool | None:
+    """The bundle's `amp`: top level, else its evaluator's, resolved as MONAI would ("@amp",
+    "$True"; a "false" string too); None when it says nothing that is a yes or no."""
+    parser = spec.parser()
+    for config_id in ("amp", "evaluator#amp"):
+        if config_id not in parser:
+            continue
+        try:
+            with bundle_imports(spec.path):  # the config's `imports` may name the bundle's own code
+                value = parser.get_parsed_content(config_id)
+        except Exception as error:  # noqa: BLE001 - a precision hint: the model still runs without it
+            log.warning(
+                "bundle %s: %s does not evaluate (%s); precision as configured", spec.name, config_id, first_line(error)
+            )
+            return None
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            value = value.strip().lower() == "true"
+        if isinstance(value, bool):
+            return value
+    return None
+
+
+def _metadata_input(metadata: dict[str, Any]) -> tuple[tuple[int, ...] | None, str]:
+    """(1, 1, *spatial_shape) of the metadata's image input, with "16*n"-style sides at the smallest
+    n that makes every side at least 16 voxels (n = 1 would give networks that downsample a few
+    times a side of 1); else None and why."""
+    image = metadata.get("network_data_format", {}).get("inputs", {}).get("image", {})
+    spatial = image.get("spatial_shape") if isinstance(image, dict) else None
+    if not isinstance(spatial, list) or len(spatial) < 2 or "*" in spatial:
+        return None, "the metadata gives no spatial_shape of the image"
+    try:
+        shapes = (_get_fake_spatial_shape(spatial, p=n, n=n) for n in range(1, 65))
+        shape = next(s for s in shapes if min(s) >= _TRIAL_MIN_SIDE)
+    except (ValueError, TypeError, StopIteration) as error:
+        return None, f"the metadata's spatial_shape {spatial} is not one ({first_line(error)})"
+    if math.prod(shape) > _TRIAL_MAX_VOXELS:
+        return None, f"the metadata's spatial_shape {shape} is too large to try at load"
+    return (1, 1, *(int(side) for side in shape)), ""
 
 
 def _add_output(batch: Data, output: NetworkOutput) -> None:

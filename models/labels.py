@@ -5,7 +5,9 @@ Bundles end in different shapes, and all of them are honoured:
   threshold makes it a mask, label 1;
 - one integer-valued channel (after AsDiscreted(argmax)): the label map itself;
 - several float channels (softmax probabilities): the most probable channel is the label;
-- several 0/1 channels (one-hot, or overlapping sigmoid labels): the highest channel set wins.
+- several 0/1 channels (one-hot, or overlapping sigmoid labels): the highest channel set wins;
+- float values after the bundle's own AsDiscreted (a label map that Invertd interpolated, as
+  prostate_mri_anatomy's does): the nearest label, never a probability to threshold.
 
 The probability map holds, for a labelled voxel, the probability of its label, and for a
 background voxel, the probability that it is foreground after all; it comes from the last float
@@ -54,13 +56,20 @@ def label_dtype(max_label: int) -> type[np.unsignedinteger]:
 
 
 def to_label_maps(
-    pred: torch.Tensor, captured: torch.Tensor | None, threshold: float, discrete: bool | None = None
+    pred: torch.Tensor,
+    captured: torch.Tensor | None,
+    threshold: float,
+    discrete: bool | None = None,
+    labelled: bool = False,
 ) -> LabelMaps:
     """`pred` and `captured` are channel-first (C, X, Y, Z) tensors on the input grid; `discrete`:
-    whether `pred` is a label map, when the caller has checked already."""
+    whether `pred` is a label map, when the caller has checked already; `labelled`: the bundle's
+    post-processing made `pred` labels (AsDiscreted), so a float `pred` is an interpolated label map."""
     pred = pred.detach().cpu()
     channels = pred.shape[0]
     discrete = is_discrete(pred) if discrete is None else discrete
+    if labelled and not discrete:
+        return _interpolated_labels(pred, captured)
     if channels == 1 and not discrete:
         probability = pred[0].float()
         return LabelMaps(_numpy(probability >= threshold, np.uint8), _numpy(probability, np.float32))
@@ -78,6 +87,17 @@ def to_label_maps(
     return LabelMaps(label_array, _probability(captured, labels))
 
 
+def _interpolated_labels(pred: torch.Tensor, captured: torch.Tensor | None) -> LabelMaps:
+    """A label map resampled with interpolation: each voxel's nearest label (one channel), or its
+    largest one-hot channel; never thresholded as a probability, nor taken as one."""
+    if pred.shape[0] == 1:
+        labels = torch.round(pred[0].float()).clamp_(min=0).to(torch.int64)
+    else:
+        labels = pred.float().max(0).indices
+    max_label = int(labels.max()) if labels.numel() else 0
+    return LabelMaps(_numpy(labels, label_dtype(max_label)), _probability(captured, labels))
+
+
 def _probability(captured: torch.Tensor | None, labels: torch.Tensor) -> np.ndarray | None:
     if captured is None or tuple(captured.shape[1:]) != tuple(labels.shape) or is_discrete(captured):
         return None
@@ -86,7 +106,9 @@ def _probability(captured: torch.Tensor | None, labels: torch.Tensor) -> np.ndar
         return _numpy(captured[0], np.float32)
     index = labels.to(torch.int64).clamp_(0, captured.shape[0] - 1)
     of_label = captured.gather(0, index[None])[0]
-    foreground = 1.0 - captured[0]
+    # The foreground channels summed, not 1 - p(background): the same for softmax, but sigmoid
+    # channels need not sum to 1 (and regions an inverted crop padded back hold 0 in every channel).
+    foreground = captured[1:].sum(0).clamp_(0.0, 1.0)
     return _numpy(torch.where(labels > 0, of_label, foreground), np.float32)
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import Activationsd
+from monai.utils import ensure_tuple_rep
 
 from models.pipeline import Pipeline
 
@@ -50,10 +51,13 @@ def expected_calls(inferer: object, spatial: Sequence[int]) -> int:
     """How many network calls a sliding window makes (MONAI's scan: windows every roi*(1-overlap))."""
     if not isinstance(inferer, SlidingWindowInferer):
         return 1
-    roi = [r if r > 0 else s for r, s in zip(inferer.roi_size, spatial, strict=False)]
+    # roi_size and overlap may be one number for every axis; a roi of 0 or less spans its axis.
+    rois = ensure_tuple_rep(inferer.roi_size, len(spatial))
+    overlaps = ensure_tuple_rep(inferer.overlap, len(spatial))
     windows = 1
-    for size, r in zip(spatial, roi, strict=False):
-        step = max(1, int(r * (1 - inferer.overlap))) if r < size else r
+    for size, roi, overlap in zip(spatial, rois, overlaps, strict=True):
+        r = int(roi) if int(roi) > 0 else size
+        step = max(1, int(r * (1 - float(overlap)))) if r < size else r
         windows *= 1 if size <= r else math.ceil((size - r) / step) + 1
     return math.ceil(windows / max(1, int(inferer.sw_batch_size)))
 

@@ -2,12 +2,13 @@
 
 The bundle runs as MONAI runs it, with two differences the service needs: its leading
 `LoadImaged` reads the scan the service has already read (through an in-memory reader, so every
-option of that LoadImaged still applies), and writers in its post-processing are skipped (the
+option of that LoadImaged still applies, and the reader it names is never built), and writers in its post-processing are skipped (the
 service writes the outputs).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,9 +17,10 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.bundle import ConfigParser
+from monai.config import PathLike
 from monai.data import NibabelReader, decollate_batch, list_data_collate
 from monai.inferers import Inferer
-from monai.transforms import Compose, LoadImaged
+from monai.transforms import AsDiscreted, Compose, LoadImaged
 from monai.transforms.compose import execute_compose
 from monai.utils import ensure_tuple
 
@@ -44,10 +46,10 @@ class InMemoryReader(NibabelReader):
         super().__init__(**kwargs)
         self.image = image
 
-    def verify_suffix(self, filename: Sequence[str] | str) -> bool:
+    def verify_suffix(self, filename: Sequence[PathLike] | PathLike) -> bool:
         return True
 
-    def read(self, data: Sequence[str] | str, **kwargs: Any) -> nib.Nifti1Image:
+    def read(self, data: Sequence[PathLike] | PathLike, **kwargs: Any) -> nib.Nifti1Image:
         self.filenames = ensure_tuple(data)
         return self.image
 
@@ -65,6 +67,8 @@ class Pipeline:
 
     @classmethod
     def build(cls, parser: ConfigParser) -> Pipeline:
+        """The stages of `parser`'s config (which this changes: see `drop_loader_reader`)."""
+        drop_loader_reader(parser)
         preprocessing = _as_compose(parser.get_parsed_content("preprocessing"))
         inferer = parser.get_parsed_content("inferer")
         post = _as_compose(parser.get_parsed_content("postprocessing"))
@@ -77,6 +81,12 @@ class Pipeline:
             inferer=inferer,
             postprocessing=_stages(post),
         )
+
+    @property
+    def label_step(self) -> int | None:
+        """Index of the first post-processing step that makes `pred` a label map; None when the
+        bundle leaves `pred` as probabilities."""
+        return next((i for i, (_, t) in enumerate(self.postprocessing) if makes_labels(t, "pred")), None)
 
     def preprocess(self, image: nib.Nifti1Image, name: str) -> Data:
         """The bundle's preprocessing of the scan, as if LoadImaged had read it from `name`."""
@@ -128,6 +138,38 @@ class Pipeline:
         return data
 
 
+def drop_loader_reader(parser: ConfigParser) -> None:
+    """The leading LoadImaged reads the scan through InMemoryReader, never through the `reader`
+    the bundle names (e.g. ITKReader, which needs `itk` just to be instantiated): that reader is
+    set to None, so it is not built. Other LoadImaged options still apply."""
+    config_id = _first_transform_id(parser)
+    item = parser.get(config_id) if config_id else None
+    if isinstance(item, dict) and str(item.get("_target_", "")).endswith("LoadImaged") and "reader" in item:
+        parser[f"{config_id}#reader"] = None
+
+
+# A config value that starts with a reference: "@preprocessing_transforms", "$@transforms + @extra".
+_LEADING_REFERENCE = re.compile(r"^\$?\s*@([\w#]+)")
+
+
+def _first_transform_id(parser: ConfigParser) -> str | None:
+    """Config id of the first preprocessing transform, following a Compose's `transforms`, lists
+    and leading references (the Model Zoo's `"transforms": "$@preprocessing_transforms + ..."`)."""
+    config_id = "preprocessing"
+    for _ in range(16):  # a chain of references, never a cycle
+        item = parser.get(config_id)
+        reference = _LEADING_REFERENCE.match(item) if isinstance(item, str) else None
+        if reference:
+            config_id = reference.group(1)
+        elif isinstance(item, dict) and "transforms" in item and str(item.get("_target_", "")).endswith("Compose"):
+            config_id = f"{config_id}#transforms"
+        elif isinstance(item, list) and item:
+            config_id = f"{config_id}#0"
+        else:
+            return config_id if isinstance(item, dict) else None
+    return None
+
+
 def _as_compose(item: Any) -> Compose:
     if isinstance(item, Compose):
         return item
@@ -139,6 +181,16 @@ def _flatten(transforms: Sequence[Any]) -> list[Any]:
     for transform in transforms:
         flat.extend(_flatten(transform.transforms) if isinstance(transform, Compose) else [transform])
     return flat
+
+
+def makes_labels(transform: object, key: str) -> bool:
+    """Whether `transform` is an AsDiscreted that turns `key` into labels (argmax, a threshold, rounding)."""
+    if not isinstance(transform, AsDiscreted) or key not in transform.keys:
+        return False
+    index = list(transform.keys).index(key)
+    threshold = transform.threshold[index]
+    has_threshold = threshold is not None and threshold is not False  # False: MONAI's old "no threshold"
+    return bool(transform.argmax[index]) or has_threshold or transform.rounding[index] is not None
 
 
 def is_writer(transform: object) -> bool:

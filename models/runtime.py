@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import logging
 import time
@@ -274,19 +273,21 @@ class OnnxRuntimeExporter:
     def build(self, network: torch.nn.Module, example: torch.Tensor, cache: Path, precision: str) -> Predictor:
         path = cache.with_suffix(".onnx")
         if not path.is_file():
-            buffer = io.BytesIO()
+            # Written beside the export and renamed into place: an export that fails half-way
+            # leaves no file that the next load would take for a finished one.
+            partial = path.with_suffix(".onnx.partial")
+            path.parent.mkdir(parents=True, exist_ok=True)
             # The TorchScript-based exporter: it needs no onnxscript and handles MONAI's UNets.
             torch.onnx.export(
                 network.cpu(),
                 (example,),
-                buffer,
+                str(partial),
                 dynamo=False,
                 input_names=["input"],
                 output_names=["output"],
                 dynamic_axes={"input": {0: "windows"}, "output": {0: "windows"}},
             )
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(buffer.getvalue())
+            partial.replace(path)
         options = self.ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         session = self.ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

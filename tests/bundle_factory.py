@@ -100,13 +100,37 @@ def inference_config(spacing: float = 2.0, roi: int = 32) -> dict[str, Any]:
     }
 
 
-def metadata(name: str, version: str = "0.1.0", modality: str = "CT") -> dict[str, Any]:
+def labels_first_postprocessing(nearest_interp: bool) -> dict[str, Any]:
+    """Argmax on the model grid, then Invertd (as prostate_mri_anatomy does): with `nearest_interp`
+    false, the label map comes back to the input grid interpolated, as floats between labels."""
+    return {
+        "_target_": "Compose",
+        "transforms": [
+            {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
+            {
+                "_target_": "Invertd",
+                "keys": "pred",
+                "transform": "@preprocessing",
+                "orig_keys": "image",
+                "nearest_interp": nearest_interp,
+                "to_tensor": True,
+            },
+        ],
+    }
+
+
+def metadata(
+    name: str, version: str = "0.1.0", modality: str = "CT", spatial_shape: list[int | str] | None = None
+) -> dict[str, Any]:
+    image: dict[str, Any] = {"type": "image", "modality": modality, "num_channels": 1}
+    if spatial_shape is not None:
+        image["spatial_shape"] = spatial_shape
     return {
         "name": name,
         "version": version,
         "task": "label voxels by intensity (test bundle)",
         "network_data_format": {
-            "inputs": {"image": {"type": "image", "modality": modality, "num_channels": 1}},
+            "inputs": {"image": image},
             "outputs": {"pred": {"type": "image", "num_channels": 3, "channel_def": LABELS}},
         },
     }
@@ -120,19 +144,29 @@ def write_intensity_bundle(
     version: str = "0.1.0",
     config: dict[str, Any] | None = None,
     weights: dict[str, torch.Tensor] | None = None,
+    spatial_shape: list[int | str] | None = None,
 ) -> Path:
-    """A complete bundle under root/name; `config`/`weights` replace the defaults (for broken bundles)."""
+    """A complete bundle under root/name; `config`/`weights` replace the defaults (for broken bundles);
+    `spatial_shape`: the input the metadata says the network takes."""
     path = root / name
     (path / "configs").mkdir(parents=True, exist_ok=True)
     (path / "models").mkdir(exist_ok=True)
     (path / "scripts").mkdir(exist_ok=True)
-    (path / "configs" / "metadata.json").write_text(json.dumps(metadata(name, version, modality), indent=2))
+    (path / "configs" / "metadata.json").write_text(
+        json.dumps(metadata(name, version, modality, spatial_shape), indent=2)
+    )
     (path / "configs" / "inference.json").write_text(json.dumps(config or inference_config(), indent=2))
     (path / "scripts" / "__init__.py").write_text("from . import network, transforms  # noqa: F401\n")
     (path / "scripts" / "network.py").write_text(_NETWORK_CODE)
     (path / "scripts" / "transforms.py").write_text(_TRANSFORM_CODE)
     torch.save(weights if weights is not None else intensity_weights(), path / "models" / "model.pt")
     return path
+
+
+def break_forward(path: Path, statement: str) -> None:
+    """The bundle's network runs `statement` (e.g. a `raise`) instead of its forward pass."""
+    code = path / "scripts" / "network.py"
+    code.write_text(code.read_text().replace("return self.conv(x)", statement))
 
 
 def intensity_volume(shape: tuple[int, int, int] = (40, 36, 24), seed: int = 0) -> np.ndarray:

@@ -25,11 +25,13 @@ from models.registry import ModelNotFound, ModelRegistry
 from models.runtime import RuntimeRequest, check_input, choose_runtime
 from schemas.jobs import Profile
 from tests.bundle_factory import (
+    break_forward,
     expected_labels,
     flipped_affine,
     inference_config,
     intensity_volume,
     intensity_weights,
+    labels_first_postprocessing,
     write_intensity_bundle,
 )
 
@@ -169,6 +171,46 @@ def test_a_model_zoo_bundle_gives_its_known_answer(bundles: Path) -> None:
     assert float(prediction.probability[expected_labels(volume) == 2].min()) > 0.9
 
 
+def test_a_label_map_that_invertd_interpolated_is_rounded_not_thresholded(tmp_path: Path) -> None:
+    """prostate_mri_anatomy: AsDiscreted(argmax) on the model grid, then Invertd with bilinear
+    interpolation back to the scan: `pred` holds floats between labels, not a probability."""
+    volume = intensity_volume()
+    predictions = {}
+    for nearest in (True, False):
+        config = inference_config(spacing=3.0)  # not the scan's 2 mm: Invertd really interpolates
+        config["postprocessing"] = labels_first_postprocessing(nearest_interp=nearest)
+        engine = make_engine(write_intensity_bundle(tmp_path, f"labels_first_{nearest}", config=config))
+        predictions[nearest] = engine.predict(volume, flipped_affine(), Profile.FAST_DEBUG, 0.5)
+    interpolated, nearest_labels = predictions[False], predictions[True]
+    assert set(np.unique(interpolated.labels).tolist()) == {0, 1, 2}
+    assert float(np.mean(interpolated.labels == nearest_labels.labels)) > 0.95
+    assert interpolated.probability is None  # the only float `pred` on the scan's grid was labels
+
+
+@pytest.mark.parametrize("layout", ["inline", "by reference"])
+def test_the_readers_a_bundle_names_are_never_built(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: str
+) -> None:
+    """swin_unetr_btcv_segmentation and others: LoadImaged names ITKReader, which needs `itk` just
+    to be built; the service reads the scan itself, so a machine without `itk` runs them."""
+    from monai.data import ITKReader
+    from monai.utils import OptionalImportError
+
+    def without_itk(self: object, *args: object, **kwargs: object) -> None:
+        raise OptionalImportError("required package `itk` is not installed")
+
+    monkeypatch.setattr(ITKReader, "__init__", without_itk)
+    config = inference_config()
+    config["preprocessing"]["transforms"][0]["reader"] = "ITKReader"
+    if layout == "by reference":  # spleen_deepedit_annotation's layout
+        config["preprocessing_transforms"] = config["preprocessing"]["transforms"]
+        config["preprocessing"]["transforms"] = "$@preprocessing_transforms + []"
+    engine = make_engine(write_intensity_bundle(tmp_path, "itk_reader", config=config))
+    volume = intensity_volume()
+    labels = engine.predict(volume, flipped_affine(), Profile.FAST_DEBUG, 0.5).labels
+    assert np.array_equal(labels, expected_labels(volume))
+
+
 def test_each_bundle_keeps_its_own_scripts_package(tmp_path: Path) -> None:
     """Two bundles whose code packages are both called `scripts`, with different networks."""
     first = make_engine(write_intensity_bundle(tmp_path, "first"))
@@ -229,6 +271,65 @@ def test_bad_bundles_fail_at_load_with_one_line(tmp_path: Path, case: str, messa
         make_engine(path)
     text = str(caught.value)
     assert text.startswith("bundle broken: ") and "\n" not in text
+
+
+def test_a_network_that_cannot_run_fails_the_load_with_one_line(tmp_path: Path) -> None:
+    """What fails only when the network runs (an import in its forward, a shape it cannot take)
+    fails the load, as a BundleError of one clean line, and leaves the model unloaded."""
+    path = write_intensity_bundle(tmp_path, "broken")
+    break_forward(path, 'raise RuntimeError("\\x1b[31mexpected a 4-D input\\x1b[0m\\n  at layer conv")')
+    engine = InferenceEngine(BundleSpec.load(path), EngineOptions(device="cpu", precision="fp32", threads=2))
+    with pytest.raises(BundleError, match=r"does not run on a \(2, 1, 32, 32, 32\) input") as caught:
+        engine.load()
+    text = str(caught.value)
+    assert text.startswith("bundle broken: ") and "\n" not in text and "\x1b" not in text
+    assert text.endswith("RuntimeError: expected a 4-D input")
+    assert not engine.loaded
+
+
+@pytest.mark.parametrize("spatial_shape", [["8*n", "8*n", "8*n"], None])
+def test_a_whole_volume_inferer_gets_its_trial_run_from_the_metadata(
+    tmp_path: Path, spatial_shape: list[int | str] | None
+) -> None:
+    """A SimpleInferer has no window: the trial input is the metadata's spatial_shape ("8*n" at the
+    smallest n giving 16 voxels a side); without one, the load says why nothing was tried."""
+    config = inference_config()
+    config["inferer"] = {"_target_": "SimpleInferer"}
+    working = make_engine(write_intensity_bundle(tmp_path, "whole", config=config, spatial_shape=spatial_shape))
+    broken = write_intensity_bundle(tmp_path, "broken", config=config, spatial_shape=spatial_shape)
+    break_forward(broken, "import a_package_this_machine_lacks")
+    if spatial_shape is None:
+        assert working.load_report()["trial"].startswith("none: SimpleInferer has no fixed window")
+        assert make_engine(broken).loaded  # nothing to try it with: the first job finds out
+        return
+    assert working.load_report()["trial"] == "ran (1, 1, 16, 16, 16)"
+    with pytest.raises(BundleError, match=r"\(1, 1, 16, 16, 16\) input: ModuleNotFoundError"):
+        make_engine(broken)
+
+
+@pytest.mark.parametrize(
+    ("amp", "requested"),
+    [
+        ({"amp": False}, "fp32"),
+        ({"amp": "$False"}, "fp32"),
+        ({"amp": "false"}, "fp32"),
+        ({"evaluator": {"_target_": "SupervisedEvaluator", "amp": "$False"}}, "fp32"),
+        ({"use_amp": "$1 == 2", "evaluator": {"_target_": "SupervisedEvaluator", "amp": "@use_amp"}}, "fp32"),
+        ({"amp": "$True", "evaluator": {"_target_": "SupervisedEvaluator", "amp": False}}, "auto"),
+        ({}, "auto"),
+    ],
+)
+def test_a_bundle_that_says_no_amp_runs_in_fp32(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, amp: dict[str, object], requested: str
+) -> None:
+    """The Model Zoo's `amp`, top level or its evaluator's, as MONAI resolves it (the evaluator
+    itself is never built: it would need ignite)."""
+    from models import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "choose_precision", lambda device, precision: precision)
+    path = write_intensity_bundle(tmp_path, "amp", config={**inference_config(), **amp})
+    engine = InferenceEngine(BundleSpec.load(path), EngineOptions(device="cpu", precision="auto"))
+    assert engine.precision == requested
 
 
 def test_checkpoints_are_unwrapped() -> None:
