@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.phantoms import generate_phantom
 from models.phantoms import acquisition as acq
-from models.phantoms import anatomy
+from models.phantoms import anatomy, generate_phantom
 from models.phantoms.lesions import KINDS, cluster_outline, radial_outline
 
 SMALL = ((128, 128, 48), (2.6, 2.6, 4.0))  # 333 mm in-plane, 192 mm along z: quick to generate
