@@ -26,6 +26,7 @@ from monai.losses import DiceLoss
 
 from models.geometry import ModelGrid
 from models.phantom import generate_phantom
+from models.phantoms import generate_phantom as realistic_phantom
 
 log = logging.getLogger("models.train")
 
@@ -49,9 +50,15 @@ def load_bundle_config(bundle: Path) -> ConfigParser:
     return parser
 
 
-def make_sample(seed: int, spacing_mm: tuple[float, float, float]) -> Sample:
+def make_sample(seed: int, spacing_mm: tuple[float, float, float], realistic: bool = False) -> Sample:
     # More lesions per scan than the validation phantoms: more positive patches per phantom.
-    phantom = generate_phantom(seed, lesion_count=(3, 8))
+    # The realistic world (bone, table, bowel, lungs...) teaches what to leave alone; the simple
+    # one keeps the clean lesion cases the model started from.
+    phantom = (
+        realistic_phantom(seed, family="train", lesion_count=(2, 8))
+        if realistic
+        else generate_phantom(seed, lesion_count=(3, 8))
+    )
     grid = ModelGrid.for_input(phantom.image.shape, phantom.affine, spacing_mm)
     img_t = grid.to_model(phantom.image)[0, 0]
     lab_t = grid.to_model(phantom.lesion_mask)[0, 0]
@@ -112,6 +119,7 @@ def train(
     cache: Path | None = None,
     lr: float = 1e-3,
     init: Path | None = None,
+    realistic_share: float = 0.0,
 ) -> None:
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
@@ -130,7 +138,8 @@ def train(
         samples = []
         for i in range(n_phantoms):
             spacing = coarse if i % 3 == 2 else fine
-            samples.append(make_sample(TRAIN_SEED_BASE + i, spacing))
+            realistic = int((i + 1) * realistic_share) > int(i * realistic_share)  # spread evenly
+            samples.append(make_sample(TRAIN_SEED_BASE + i, spacing, realistic))
         log.info("generated %d training phantoms in %.0f s", n_phantoms, time.perf_counter() - t0)
         if cache is not None:
             torch.save(samples, cache)
@@ -205,6 +214,12 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, help="keep the generated training set here and reuse it")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--init", type=Path, help="start from these weights (fine-tuning)")
+    parser.add_argument(
+        "--realistic-share",
+        type=float,
+        default=0.0,
+        help="share of phantoms from the realistic world (models.phantoms)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     train(
@@ -218,6 +233,7 @@ def main() -> None:
         args.cache,
         args.lr,
         args.init,
+        args.realistic_share,
     )
     print(json.dumps({"weights": str(args.out / "models" / "model.pt"), "steps": args.steps}))
 
