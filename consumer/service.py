@@ -122,11 +122,20 @@ class Service:
     async def start(self) -> None:
         # What a killed process of ours left in the work directory goes first.
         await asyncio.to_thread(self.workspace.open)
-        await asyncio.to_thread(self.models.load_all)
+        # The group join (seconds of the broker's rebalance) overlaps the models' load; no record
+        # is fetched before they are loaded.
+        loading = asyncio.create_task(asyncio.to_thread(self.models.load_all), name="load-models")
+        try:
+            await self.producer.start()
+            await self.consumer.start()
+            models_loaded = asyncio.Event()
+            self._worker_task = asyncio.create_task(self.worker.run(models_loaded), name="kafka-worker")
+            await loading
+        finally:
+            if not loading.done():  # the clients failed: let the load end before stop() runs
+                await asyncio.gather(loading, return_exceptions=True)
+        models_loaded.set()
         self.metrics.model_loaded.set(1)
-        await self.producer.start()
-        await self.consumer.start()
-        self._worker_task = asyncio.create_task(self.worker.run(), name="kafka-worker")
         self._lag_task = asyncio.create_task(self.lag_monitor.run(), name="lag-monitor")
         await self._start_http()
         settings = self.settings

@@ -634,3 +634,31 @@ async def test_text_from_the_input_is_text_in_the_report_and_exact_in_the_json(
     assert all(cell.data_type == "s" for cell in warnings)
     description = next(cell for name, cell in rows if name == "Series description")
     assert description.value == "'=HYPERLINK(1)" and description.data_type == "s"
+
+
+async def test_the_group_is_joined_while_the_models_load(stack: LocalStack, producer) -> None:
+    """Cold start: partitions are assigned during the models' load (the rebalance no longer comes
+    after it), yet no record is fetched before the models are loaded."""
+    settings = isolated_settings(stack, f"startup-{job_id()[:8]}", **LIGHT)
+    await ensure_topics(settings)
+    await producer.send_and_wait(settings.kafka_jobs_topic, b"not json: waits for the models")
+    service = Service(settings)
+    load, seen = service.models.load_all, {}
+
+    def slow_load() -> None:
+        deadline = time.monotonic() + 30.0
+        while not service.consumer.assignment() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        seen["assigned"] = bool(service.consumer.assignment())
+        time.sleep(1.0)  # a poll would have fetched the record by now
+        seen["fetched"] = bool(service.worker.lanes)
+        load()
+
+    service.models.load_all = slow_load  # type: ignore[method-assign]
+    await service.start()
+    try:
+        assert seen == {"assigned": True, "fetched": False}
+        # Then the record is handled (a dead letter: it is not JSON) and committed.
+        await eventually(lambda: service.worker.committed >= 1, what="the record committed")
+    finally:
+        await service.stop()

@@ -26,8 +26,9 @@ import functools
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
@@ -157,9 +158,11 @@ class KafkaWorker:
         self._stopping = asyncio.Event()
         self.joined = asyncio.Event()
 
-    async def run(self) -> None:
-        """Poll until stop() is called."""
+    async def run(self, ready: asyncio.Event | None = None) -> None:
+        """Join the group at once; poll, from when `ready` is set, until stop() is called."""
         self.consumer.subscribe(list(self.topics), listener=_Listener(self))
+        if ready is not None:
+            await _first_of(ready.wait(), self._stopping.wait())
         while not self._stopping.is_set():
             try:
                 batches = await self.consumer.getmany(timeout_ms=self.poll_timeout_ms)
@@ -319,3 +322,12 @@ class KafkaWorker:
             for tp, lane in sorted(self.lanes.items())
             if lane.activity.stalled_since is not None
         ]
+
+
+async def _first_of(*waits: Coroutine[Any, Any, Any]) -> None:
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
