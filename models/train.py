@@ -32,6 +32,9 @@ log = logging.getLogger("models.train")
 
 TRAIN_SEED_BASE = 10_000
 POSITIVE_WEIGHT = 5.0  # validation phantoms use seeds from models.evaluate.VALIDATION_SEED_BASE
+# Where patches are centred: on a lesion, in the body, anywhere (air included: sliding windows
+# cover the whole volume). Lower the first share to learn more of what to leave alone.
+PATCH_SHARES = (0.7, 0.15, 0.15)
 AIR_HU = -1000.0
 SOFT_TISSUE_HU = -70.0  # what counts as body when patches are centred "in the body"
 
@@ -83,16 +86,21 @@ def crop(sample: Sample, center: np.ndarray, patch: int) -> tuple[torch.Tensor, 
 
 
 def draw_batch(
-    samples: list[Sample], batch: int, patch: int, rng: np.random.Generator
+    samples: list[Sample],
+    batch: int,
+    patch: int,
+    rng: np.random.Generator,
+    shares: tuple[float, float, float] = PATCH_SHARES,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    lesion_share, body_share, _ = shares
     images, labels = [], []
     for _ in range(batch):
         sample = samples[int(rng.integers(len(samples)))]
         draw = rng.random()
-        if draw < 0.7 and len(sample.lesion_voxels):
+        if draw < lesion_share and len(sample.lesion_voxels):
             center = sample.lesion_voxels[int(rng.integers(len(sample.lesion_voxels)))]
             center = center + rng.integers(-patch // 4, patch // 4 + 1, size=3)
-        elif draw < 0.85:
+        elif draw < lesion_share + body_share:
             center = sample.body_voxels[int(rng.integers(len(sample.body_voxels)))]
         else:
             # Anywhere, air included: sliding windows at inference cover the whole volume.
@@ -120,6 +128,8 @@ def train(
     lr: float = 1e-3,
     init: Path | None = None,
     realistic_share: float = 0.0,
+    shares: tuple[float, float, float] = PATCH_SHARES,
+    positive_weight: float = POSITIVE_WEIGHT,
 ) -> None:
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
@@ -154,7 +164,7 @@ def train(
     # (measured). Up-weighting lesion voxels in the BCE breaks that at once; the batch Dice
     # term then sharpens the boundaries.
     dice_loss = DiceLoss(sigmoid=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
-    pos_weight = torch.tensor(POSITIVE_WEIGHT)
+    pos_weight = torch.tensor(positive_weight)
 
     def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         bce = F.binary_cross_entropy_with_logits(logits, labels, pos_weight=pos_weight)
@@ -166,7 +176,7 @@ def train(
     running = 0.0
     t0 = time.perf_counter()
     for step in range(1, steps + 1):
-        images, labels = draw_batch(samples, batch, patch, rng)
+        images, labels = draw_batch(samples, batch, patch, rng, shares)
         loss = loss_fn(net(images), labels)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
@@ -220,6 +230,10 @@ def main() -> None:
         default=0.0,
         help="share of phantoms from the realistic world (models.phantoms)",
     )
+    parser.add_argument(
+        "--patch-shares", type=float, nargs=3, default=PATCH_SHARES, metavar=("LESION", "BODY", "ANYWHERE")
+    )
+    parser.add_argument("--positive-weight", type=float, default=POSITIVE_WEIGHT, help="of lesion voxels in the BCE")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     train(
@@ -234,6 +248,8 @@ def main() -> None:
         args.lr,
         args.init,
         args.realistic_share,
+        tuple(args.patch_shares),
+        args.positive_weight,
     )
     print(json.dumps({"weights": str(args.out / "models" / "model.pt"), "steps": args.steps}))
 
