@@ -43,12 +43,15 @@ bench: install
 schemas: install
 	$(PY) -m schemas export
 
+# e.g. make train TRAIN_ARGS="--init tests/data/medical_segmentation_v1.0/models/model.pt --realistic-share 0.67"
+TRAIN_ARGS ?=
+EVAL_ARGS ?=
 train: install
-	$(PY) -m models.train
-	$(PY) -m models.evaluate --write-metadata
+	$(PY) -m models.train $(TRAIN_ARGS)
+	$(PY) -m models.evaluate --previous none --write-metadata $(EVAL_ARGS)
 
 evaluate: install
-	$(PY) -m models.evaluate
+	$(PY) -m models.evaluate $(EVAL_ARGS)
 
 clean:
 	rm -rf .dev .pytest_cache .ruff_cache .mypy_cache

@@ -107,6 +107,25 @@ class BundleSpec:
     def has_id(self, config_id: str) -> bool:
         return config_id in self.config
 
+    def network_key(self) -> str:
+        """What an exported network depends on: the weights and the network's definition (its
+        `@` references replaced by their values), so an edited network_def is exported afresh."""
+        parser = self.parser()
+        definition = _resolved(parser, parser.get("network_def")) if "network_def" in parser else None
+        digest = hashlib.sha256(self.weights.sha256.encode())
+        digest.update(json.dumps(definition, sort_keys=True, default=str).encode())
+        return digest.hexdigest()
+
+
+def _resolved(parser: ConfigParser, value: Any, depth: int = 0) -> Any:
+    if isinstance(value, str) and value.startswith("@") and depth < 8:
+        return _resolved(parser, parser.get(value[1:]), depth + 1)
+    if isinstance(value, dict):
+        return {k: _resolved(parser, v, depth) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolved(parser, v, depth) for v in value]
+    return value
+
 
 def _read_json(name: str, path: Path) -> dict[str, Any]:
     if not path.is_file():

@@ -211,7 +211,7 @@ class InferenceEngine:
             precision=self._precision,
             threads=torch.get_num_threads(),
             cache_dir=self.options.export_cache,
-            weights_sha256=self.spec.weights.sha256,
+            network_key=self.spec.network_key(),
             input_shape=window,
         )
 

@@ -2,7 +2,7 @@
 torch and is faster on this machine, else torch itself.
 
 `auto` decides at load, per bundle and per machine: the network is exported (or the export is
-read from a cache keyed by the weights' sha256, the runtime's version and the CPU), a fixed
+read from a cache keyed by the weights' sha256 and the network's definition, the runtime's version and the CPU), a fixed
 input is run through torch and the runtime, and the runtime is used only when at least 99.9 %
 of voxels get the same decision and it is faster (the agreement is checked at every load; the
 speed is measured once per export, precision, thread count and torch version, and kept beside
@@ -62,7 +62,7 @@ class RuntimeRequest:
     precision: str
     threads: int
     cache_dir: Path
-    weights_sha256: str
+    network_key: str  # weights and network definition (BundleSpec.network_key)
     input_shape: tuple[int, ...] | None  # (channels, *roi) of one window; None: no fixed window
 
 
@@ -134,7 +134,7 @@ def _try(
     # behaviour into constants shows up as disagreement.
     example, check = check_input(request.input_shape, seed=1), check_input(request.input_shape, seed=0)
     window = "x".join(str(v) for v in request.input_shape)
-    cache = request.cache_dir / f"{request.weights_sha256[:16]}-{window}-{name}-{exporter.version()}-{cpu_signature()}"
+    cache = request.cache_dir / f"{request.network_key[:16]}-{window}-{name}-{exporter.version()}-{cpu_signature()}"
     try:
         with warnings.catch_warnings():
             # Exporters trace the network and warn about what tracing cannot see (and that

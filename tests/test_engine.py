@@ -569,3 +569,17 @@ def test_the_load_says_how_the_model_runs(engine: InferenceEngine) -> None:
     assert report["model"] == "medical_segmentation_v1"
     assert report["runtime"] == "torch" and report["precision"] == "fp32"
     assert report["seconds"] > 0
+
+
+def test_an_edited_network_definition_is_exported_afresh(tmp_path: Path) -> None:
+    """The export cache is keyed by the weights and the network's definition with its references
+    resolved: bundle 1.1 kept 1.0's weights but moved the CT window into the network."""
+    copy = tmp_path / "medical_segmentation_v1"
+    shutil.copytree(DEFAULT_BUNDLE, copy)
+    key = BundleSpec.load(DEFAULT_BUNDLE).network_key()
+    assert BundleSpec.load(copy).network_key() == key
+    config_file = copy / "configs" / "inference.json"
+    config = json.loads(config_file.read_text())
+    config["windows"] = [[-150.0, 250.0]]  # reached only through network_def's "@windows"
+    config_file.write_text(json.dumps(config))
+    assert BundleSpec.load(copy).network_key() != key

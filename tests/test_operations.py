@@ -178,7 +178,11 @@ async def test_service_logs_name_the_job_and_step(
     records = [r for r in caplog.records if getattr(r, "job_uuid", None) == job]
     assert records, "no log line carried the job id"
     done = next(r for r in records if "completed" in r.getMessage())
-    assert done.duration > 0 and done.model_version == service.models.card(service.models.default).version and done.source == "http"  # type: ignore[attr-defined]
+    assert (
+        done.duration > 0
+        and done.model_version == service.models.card(service.models.default).version
+        and done.source == "http"
+    )  # type: ignore[attr-defined]
 
 
 # --- the operator's command line ----------------------------------------------------------------
