@@ -106,7 +106,7 @@ async def _one_job(
     job = f"bench-{profile.value}-{uuid.uuid4().hex[:8]}"
     async with EventFollower(settings) as follower:
         started = time.perf_counter()
-        message = {"job_uuid": job, "input_object": key, "profile": profile.value}
+        message = {"job_uuid": job, "input_object": key, "profile": profile.value, "no_cache": True}
         await producer.send_and_wait(settings.kafka_jobs_topic, orjson.dumps(message), key=job.encode())
         final = await follower.wait_final(job, 900)
         wall = time.perf_counter() - started

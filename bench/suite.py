@@ -132,11 +132,11 @@ def make_scans(plan: Plan, workdir: Path) -> dict[str, Scan]:
 
 
 def export_cache_state(settings: Settings) -> str:
-    """'warm' when the export cache holds an export of the default bundle's weights."""
+    """'warm' when the export cache holds an export of the default bundle's network."""
     from models.bundle import BundleSpec
 
-    sha = BundleSpec.load(DEFAULT_BUNDLE).weights.sha256[:16]
-    return "warm" if any(settings.ml_export_cache.glob(f"{sha}-*")) else "cold"
+    key = BundleSpec.load(DEFAULT_BUNDLE).network_key()[:16]
+    return "warm" if any(settings.ml_export_cache.glob(f"{key}-*")) else "cold"
 
 
 @contextlib.asynccontextmanager
@@ -162,7 +162,8 @@ async def upload(store: ObjectStore, scans: dict[str, Scan]) -> None:
 async def publish(c: Client, key: str, profile: Profile, threshold: float) -> tuple[str, int]:
     """Publish one job; its id and the partition it went to."""
     job = f"bench-{c.replica.config.name}-{profile.value}-{uuid.uuid4().hex[:8]}"
-    message = {"job_uuid": job, "input_object": key, "profile": profile.value, "threshold": threshold}
+    # Every job runs: the result cache would answer a scan already analysed from its outputs.
+    message = {"job_uuid": job, "input_object": key, "profile": profile.value, "threshold": threshold, "no_cache": True}
     sent = await c.producer.send_and_wait(c.settings.kafka_jobs_topic, orjson.dumps(message), key=job.encode())
     return job, int(sent.partition)
 
