@@ -103,7 +103,10 @@ def to_input_grid(
         )
         return MetaTensor(out, affine=torch.as_tensor(input_affine))
     plain = tensor.as_tensor() if isinstance(tensor, MetaTensor) else tensor
-    channels = []
+    # Filled channel by channel: a scan-sized channel is 315 MB at 512 x 512 x 300, so no
+    # concatenated or permuted copy of all of them is ever made.
+    dtype = torch.promote_types(plain.dtype, torch.float32) if linear else plain.dtype
+    result = torch.empty((plain.shape[0], *input_shape), dtype=dtype)
     for c in range(plain.shape[0]):
         out = plain[c : c + 1]
         # For each input axis k: model coordinate = scale * i + offset along model axis axes[k].
@@ -111,9 +114,9 @@ def to_input_grid(
             j = int(axes[k])
             coordinate = matrix[j, k] * np.arange(input_shape[k]) + mapping[j, 3]
             out = _gather(out, 1 + j, coordinate, plain.shape[1 + j], c in linear)
-        channels.append(out)
-    # Dimension 1 + j now runs over input axis k where j = axes[k]: put input axes in order.
-    result = torch.cat(channels).permute(0, *(1 + axes)).contiguous()
+        # Dimension j now runs over input axis k where j = axes[k]: put input axes in order.
+        result[c] = out[0].permute(*axes)
+        del out
     return MetaTensor(result, affine=torch.as_tensor(input_affine))
 
 
@@ -129,7 +132,7 @@ def _gather(array: torch.Tensor, dim: int, coordinate: np.ndarray, size: int, in
     weight = torch.from_numpy((coordinate - low).astype(np.float32)).view(shape)
     a = array.index_select(dim, torch.from_numpy(low)).float()
     b = array.index_select(dim, torch.from_numpy(high)).float()
-    return a + (b - a) * weight
+    return b.sub_(a).mul_(weight).add_(a)  # in place: the last gather is scan-sized
 
 
 class UnstackFindingsd(MapTransform):
@@ -152,11 +155,17 @@ class UnstackFindingsd(MapTransform):
         d = dict(data)
         below = float(np.nextafter(np.float32(self.threshold), np.float32(0.0)))
         for key in self.key_iterator(d):
-            stacked = d[key]
-            labels = stacked[0:1].round().to(torch.uint8)
-            probability = stacked[1:2].float()
-            labels = torch.where(probability >= self.threshold, labels, torch.zeros_like(labels))
-            d[self.prob_key] = torch.where(labels > 0, stacked[2:3].float(), probability.clamp(max=below))
+            # In place where it can be (the stack is this transform's to consume): each of its
+            # channels is scan-sized.
+            stacked = torch.as_tensor(d.pop(key)).float()
+            labels = stacked[0:1].round_().to(torch.uint8)
+            probability = stacked[1:2]
+            labels[probability < self.threshold] = 0
+            found = labels > 0
+            prob = probability.clamp(max=below)
+            prob[found] = stacked[2:3][found]
+            del stacked, probability
+            d[self.prob_key] = prob
             d[key] = labels
         return d
 
