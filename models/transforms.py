@@ -241,8 +241,7 @@ class LesionFindingsd(MapTransform):
             # labels and confidence grown by one voxel (nearest), and the probability of kept
             # findings (linear), which is thresholded again there for sub-voxel outlines.
             kept = np.where(labels > 0, prob, painted)
-            grown = ndimage.grey_dilation(labels, size=3)
-            confidence = ndimage.grey_dilation(np.where(labels > 0, painted, 0.0).astype(np.float32), size=3)
+            grown, confidence = grow_findings(labels, np.where(labels > 0, painted, 0.0).astype(np.float32))
             d[key] = _like(prob_t, np.stack([grown.astype(np.float32), kept, confidence]))
         else:
             d[key] = _like(prob_t, labels[None].astype(np.float32))
@@ -302,6 +301,22 @@ class LesionFindingsd(MapTransform):
             "mean_probability": round(mean_p, 4),
             "confidence": round(calibrate(mean_p, volume_mm3, self.calibration), 4),
         }
+
+
+def grow_findings(labels: np.ndarray, confidence: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`ndimage.grey_dilation(x, size=3)` of both maps, computed only around the findings (a few
+    boxes, not the whole grid: seconds on a 512 x 512 x 300 scan). Equal to the whole-grid
+    dilation: a voxel next to a finding lies inside that finding's box grown by one."""
+    grown = np.zeros_like(labels)
+    spread = np.zeros_like(confidence)
+    components = cc3d.connected_components(labels > 0, connectivity=26)
+    for box in ndimage.find_objects(components):
+        if box is None:
+            continue
+        box = _grow(box, labels.shape, margin=1)
+        np.maximum(grown[box], ndimage.grey_dilation(labels[box], size=3), out=grown[box])
+        np.maximum(spread[box], ndimage.grey_dilation(confidence[box], size=3), out=spread[box])
+    return grown, spread
 
 
 def calibrate(mean_probability: float, volume_mm3: float, params: tuple[float, float, float]) -> float:

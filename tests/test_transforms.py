@@ -209,3 +209,19 @@ def test_oblique_inputs_fall_back_to_resampling() -> None:
     assert ours["pred"].shape == (1, 30, 30, 10)
     agreement = (torch.as_tensor(ours["pred"]) == torch.as_tensor(expected["pred"])).float().mean()
     assert agreement > 0.98
+
+
+def test_findings_grow_as_a_whole_grid_dilation_would() -> None:
+    from scipy import ndimage
+
+    from models.transforms import grow_findings
+
+    rng = np.random.default_rng(3)
+    labels = np.zeros((40, 30, 20), dtype=np.uint8)
+    for _ in range(12):  # some touching each other, some at the grid's edge
+        x, y, z = rng.integers(0, (40, 30, 20))
+        labels[max(0, x - 2) : x + 2, max(0, y - 1) : y + 2, z : z + 3] = rng.integers(1, 4)
+    confidence = np.where(labels > 0, rng.random(labels.shape), 0.0).astype(np.float32)
+    grown, spread = grow_findings(labels, confidence)
+    assert np.array_equal(grown, ndimage.grey_dilation(labels, size=3))
+    assert np.array_equal(spread, ndimage.grey_dilation(confidence, size=3))
