@@ -15,9 +15,12 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage
+
+from models.phantoms import save_phantom
+
+__all__ = ["Phantom", "generate_phantom", "save_phantom"]
 
 AIR_HU = -1000.0
 FAT_HU = -100.0
@@ -307,20 +310,6 @@ class _Builder:
         noise *= float(self.rng.uniform(*noise_hu)) / max(float(noise.std()), 1e-6)
         image += noise
         return image.astype(np.float32)
-
-
-def save_phantom(phantom: Phantom, image_path: Path, mask_path: Path | None = None) -> None:
-    """Write the image (int16 HU, like a scanner's export) and optionally its lesion mask."""
-    image = nib.Nifti1Image(np.round(phantom.image).astype(np.int16), phantom.affine)
-    image.set_qform(phantom.affine, code=1)
-    image.set_sform(phantom.affine, code=1)
-    image.header.set_xyzt_units("mm", "sec")
-    nib.save(image, image_path)
-    if mask_path is not None:
-        mask = nib.Nifti1Image(phantom.lesion_mask, phantom.affine)
-        mask.set_qform(phantom.affine, code=1)
-        mask.set_sform(phantom.affine, code=1)
-        nib.save(mask, mask_path)
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import nibabel as nib
 import numpy as np
@@ -105,7 +106,15 @@ def generate_phantom(
     )
 
 
-def save_phantom(phantom: Phantom, image_path: Path, mask_path: Path | None = None) -> None:
+class Savable(Protocol):
+    """What writing a phantom needs: both phantom worlds (this one and models.phantom) have it."""
+
+    image: np.ndarray
+    lesion_mask: np.ndarray
+    affine: np.ndarray
+
+
+def save_phantom(phantom: Savable, image_path: Path, mask_path: Path | None = None) -> None:
     """Write the image (int16 HU, like a scanner's export) and optionally its lesion mask."""
     image = nib.Nifti1Image(np.round(phantom.image).astype(np.int16), phantom.affine)
     image.set_qform(phantom.affine, code=1)
