@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,8 @@ from models.phantom import generate_phantom
 from models.phantoms import generate_phantom as realistic_phantom
 
 log = logging.getLogger("models.train")
+
+Spacing = tuple[float, float, float]
 
 TRAIN_SEED_BASE = 10_000
 POSITIVE_WEIGHT = 5.0  # validation phantoms use seeds from models.evaluate.VALIDATION_SEED_BASE
@@ -116,6 +119,49 @@ def draw_batch(
     return torch.stack(images)[:, None], torch.stack(labels)[:, None].float()
 
 
+def as_spacing(values: list[float]) -> Spacing:
+    x, y, z = (float(v) for v in values)
+    return (x, y, z)
+
+
+def training_samples(
+    count: int, spacings: tuple[Spacing, Spacing], realistic_share: float, cache: Path | None
+) -> list[Sample]:
+    """Phantoms on the model grid: 2 of 3 at the production spacing, 1 of 3 at fast_debug's."""
+    if cache is not None and cache.exists():
+        samples: list[Sample] = torch.load(cache, weights_only=False)
+        log.info("loaded %d training phantoms from %s", len(samples), cache)
+        return samples
+    t0 = time.perf_counter()
+    fine, coarse = spacings
+    samples = []
+    for i in range(count):
+        realistic = int((i + 1) * realistic_share) > int(i * realistic_share)  # spread evenly
+        samples.append(make_sample(TRAIN_SEED_BASE + i, coarse if i % 3 == 2 else fine, realistic))
+    log.info("generated %d training phantoms in %.0f s", count, time.perf_counter() - t0)
+    if cache is not None:
+        torch.save(samples, cache)
+    return samples
+
+
+def lesion_loss(positive_weight: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """BCE with lesion voxels up-weighted, plus batch Dice.
+
+    Lesions are under 1 % of the voxels even in lesion-centred patches: plain BCE (and BCE
+    inside DiceCE) settles on "no lesion anywhere" first and stays there for hundreds of steps
+    (measured). Up-weighting lesion voxels in the BCE breaks that at once; the batch Dice term
+    then sharpens the boundaries.
+    """
+    dice_loss = DiceLoss(sigmoid=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
+    pos_weight = torch.tensor(positive_weight)
+
+    def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        bce = F.binary_cross_entropy_with_logits(logits, labels, pos_weight=pos_weight)
+        return bce + dice_loss(logits, labels)
+
+    return loss_fn
+
+
 def train(
     bundle: Path,
     steps: int,
@@ -137,39 +183,16 @@ def train(
     config = load_bundle_config(bundle)
     # The network reads HU (its CT window is inside it); production's grid is the config's
     # spacing, fast_debug's comes from profiles.json.
-    fine = tuple(config["spacing"])
-    coarse = tuple(json.loads((bundle / "configs" / "profiles.json").read_text())["fast_debug"]["spacing"])
+    fine = as_spacing(config["spacing"])
+    coarse = as_spacing(json.loads((bundle / "configs" / "profiles.json").read_text())["fast_debug"]["spacing"])
 
-    t0 = time.perf_counter()
-    if cache is not None and cache.exists():
-        samples = torch.load(cache, weights_only=False)
-        log.info("loaded %d training phantoms from %s", len(samples), cache)
-    else:
-        samples = []
-        for i in range(n_phantoms):
-            spacing = coarse if i % 3 == 2 else fine
-            realistic = int((i + 1) * realistic_share) > int(i * realistic_share)  # spread evenly
-            samples.append(make_sample(TRAIN_SEED_BASE + i, spacing, realistic))
-        log.info("generated %d training phantoms in %.0f s", n_phantoms, time.perf_counter() - t0)
-        if cache is not None:
-            torch.save(samples, cache)
-
+    samples = training_samples(n_phantoms, (fine, coarse), realistic_share, cache)
     net = config.get_parsed_content("network_def")
     if init is not None:
         net.load_state_dict(torch.load(init, map_location="cpu", weights_only=True))
         log.info("continuing from %s", init)
     net.train()
-    # Lesions are under 1 % of the voxels even in lesion-centred patches: plain BCE (and BCE
-    # inside DiceCE) settles on "no lesion anywhere" first and stays there for hundreds of steps
-    # (measured). Up-weighting lesion voxels in the BCE breaks that at once; the batch Dice
-    # term then sharpens the boundaries.
-    dice_loss = DiceLoss(sigmoid=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
-    pos_weight = torch.tensor(positive_weight)
-
-    def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        bce = F.binary_cross_entropy_with_logits(logits, labels, pos_weight=pos_weight)
-        return bce + dice_loss(logits, labels)
-
+    loss_fn = lesion_loss(positive_weight)
     optimiser = torch.optim.Adam(net.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=steps, eta_min=1e-5)
     monitor = draw_batch(samples, 8, patch, np.random.default_rng(seed + 1))
