@@ -1,9 +1,9 @@
 """MONAI transforms of the default bundle: radiologist-style findings out of a lesion probability.
 
 `LesionFindingsd` turns the network's lesion
-probability into findings a reader expects: only inside the body, never in air, bone or the
+probability into findings a reader expects: only inside the body, never in air, gas, bone or the
 table, none below a minimum volume, each typed (hypodense, hyperdense, lung nodule), with a
-calibrated confidence, in the model grid; `InvertToInputd` and `UnstackFindingsd` bring the
+calibrated confidence, in the model grid; `InvertToInputd` and `PaintFindingsd` bring the
 results to the input's own grid.
 """
 
@@ -25,6 +25,7 @@ from scipy import ndimage
 
 # Labels of the output map; metadata.json's label_def carries the same names.
 BACKGROUND, HYPODENSE, HYPERDENSE, LUNG_NODULE = 0, 1, 2, 3
+_SLAB = 16  # input slices per slab of the inversion and of the painting
 INPUT_META = ("filename_or_obj", "original_affine", "spatial_shape", "original_channel_dim", "space")
 LABEL_NAMES = {
     BACKGROUND: "background",
@@ -103,20 +104,22 @@ def to_input_grid(
         )
         return MetaTensor(out, affine=torch.as_tensor(input_affine))
     plain = tensor.as_tensor() if isinstance(tensor, MetaTensor) else tensor
-    # Filled channel by channel: a scan-sized channel is 315 MB at 512 x 512 x 300, so no
-    # concatenated or permuted copy of all of them is ever made.
     dtype = torch.promote_types(plain.dtype, torch.float32) if linear else plain.dtype
     result = torch.empty((plain.shape[0], *input_shape), dtype=dtype)
+    # Filled channel by channel and in slabs of the last input axis: a scan-sized map is 315 MB
+    # at 512 x 512 x 300 in float32, so no copy of a whole channel is ever made. The slab's own
+    # axis is gathered first, so that each slab only reads the model-grid rows it needs.
+    order = [2, *(k for k in np.argsort(axes) if k != 2)]
     for c in range(plain.shape[0]):
-        out = plain[c : c + 1]
-        # For each input axis k: model coordinate = scale * i + offset along model axis axes[k].
-        for k in np.argsort(axes):  # model axes 0, 1, 2 in turn
-            j = int(axes[k])
-            coordinate = matrix[j, k] * np.arange(input_shape[k]) + mapping[j, 3]
-            out = _gather(out, 1 + j, coordinate, plain.shape[1 + j], c in linear)
-        # Dimension j now runs over input axis k where j = axes[k]: put input axes in order.
-        result[c] = out[0].permute(*axes)
-        del out
+        for start in range(0, input_shape[2], _SLAB):
+            stop = min(start + _SLAB, input_shape[2])
+            out = plain[c : c + 1]
+            for k in order:
+                j = int(axes[k])  # model coordinate = scale * i + offset along model axis j
+                index = np.arange(start, stop) if k == 2 else np.arange(input_shape[k])
+                out = _gather(out, 1 + j, matrix[j, k] * index + mapping[j, 3], plain.shape[1 + j], c in linear)
+            # Dimension j now runs over input axis k where j = axes[k]: put input axes in order.
+            result[c, :, :, start:stop] = out[0].permute(*(int(a) for a in axes))
     return MetaTensor(result, affine=torch.as_tensor(input_affine))
 
 
@@ -135,39 +138,61 @@ def _gather(array: torch.Tensor, dim: int, coordinate: np.ndarray, size: int, in
     return b.sub_(a).mul_(weight).add_(a)  # in place: the last gather is scan-sized
 
 
-class UnstackFindingsd(MapTransform):
-    """The stacked maps of `LesionFindingsd(stack_prob=True)`, in the input grid -> pred + prob.
+class PaintFindingsd(MapTransform):
+    """The maps of `LesionFindingsd(index_key=...)`, in the input grid -> labels + confidence.
 
-    pred (1, ...) uint8: the (grown) finding label where the interpolated probability of kept
-    findings reaches the threshold, so outlines are drawn at the input's resolution, not in
-    model-grid steps. prob (1, ...) float32: the finding's calibrated confidence on its voxels,
-    elsewhere the interpolated probability capped below the threshold.
+    In: pred (1, ...) float, the linearly interpolated probability of kept findings (capped below
+    the threshold elsewhere); `index_key` (1, ...) each finding's number, grown by a voxel and
+    inverted nearest; `findings_key` the findings in number order. Out: pred (1, ...) uint8, the
+    finding's label where the probability reaches the threshold, so that outlines are drawn at the
+    input's resolution, not in model-grid steps; `prob_key` (1, ...) float32, the finding's
+    confidence on its voxels, elsewhere the probability capped below the threshold. Works in slabs
+    and in place: each map is scan-sized, so it consumes pred and the index (their tensors become
+    the outputs) and must not be given tensors its caller still reads. One key.
     """
 
     def __init__(
-        self, keys: KeysCollection, prob_key: str = "prob", threshold: float = 0.5, allow_missing_keys: bool = False
+        self,
+        keys: KeysCollection,
+        index_key: str = "finding_index",
+        findings_key: str = "findings",
+        prob_key: str = "prob",
+        threshold: float = 0.5,
+        allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
-        self.prob_key = prob_key
+        self.index_key, self.findings_key, self.prob_key = index_key, findings_key, prob_key
         self.threshold = float(threshold)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
-        below = float(np.nextafter(np.float32(self.threshold), np.float32(0.0)))
-        for key in self.key_iterator(d):
-            # In place where it can be (the stack is this transform's to consume): each of its
-            # channels is scan-sized.
-            stacked = torch.as_tensor(d.pop(key)).float()
-            labels = stacked[0:1].round_().to(torch.uint8)
-            probability = stacked[1:2]
-            labels[probability < self.threshold] = 0
-            found = labels > 0
-            prob = probability.clamp(max=below)
-            prob[found] = stacked[2:3][found]
-            del stacked, probability
-            d[self.prob_key] = prob
-            d[key] = labels
+        key = self.first_key(d)
+        if key == []:
+            return d
+        source = d.pop(key)
+        probability = _plain(source).float()  # the source's storage when it is float32
+        labels = self.paint(probability, _plain(d.pop(self.index_key)), d[self.findings_key])
+        # With the source's meta data: writers name and place the outputs by it.
+        d[self.prob_key] = _like(source, probability)
+        d[key] = _like(source, labels)
         return d
+
+    def paint(self, probability: torch.Tensor, index: torch.Tensor, findings: list[dict[str, Any]]) -> torch.Tensor:
+        """-> labels; `probability` becomes the confidence map in place."""
+        kinds = torch.tensor([BACKGROUND, *(f["label"] for f in findings)], dtype=torch.uint8)
+        confidence = torch.tensor([0.0, *(f["confidence"] for f in findings)], dtype=torch.float32)
+        below = float(np.nextafter(np.float32(self.threshold), np.float32(0.0)))
+        # The labels overwrite the numbers slab by slab when both are bytes (the usual case).
+        labels = index if index.dtype == torch.uint8 else torch.empty(index.shape, dtype=torch.uint8)
+        for start in range(0, probability.shape[-1], _SLAB):
+            slab = (..., slice(start, start + _SLAB))
+            number = index[slab].long()
+            p = probability[slab]
+            found = (p >= self.threshold) & (number > 0)
+            labels[slab] = torch.where(found, kinds[number], 0)
+            p.clamp_(max=below)
+            p[found] = confidence[number[found]]
+        return labels
 
 
 @dataclass(frozen=True)
@@ -180,6 +205,9 @@ class TissueRules:
     cortex_hu: float = 500.0  # bone cortex; what it encloses in an axial slice is marrow
     bone_fraction: float = 0.5  # a finding with more of its voxels in bone (cortex or marrow) is dropped
     lung_hu: float = -400.0  # a finding whose surroundings are below sits in lung parenchyma
+    # Outside lung, a finding whose mean is below is gas or fat (bowel gas, a fat plane): solid
+    # lesions and cysts are above it; only lung nodules (part-solid ones) are this dark.
+    gas_hu: float = -150.0
 
 
 class LesionFindingsd(MapTransform):
@@ -190,7 +218,7 @@ class LesionFindingsd(MapTransform):
     nodule); `prob_key` = the probability map with each kept finding's voxels set to its
     calibrated confidence and everything else capped below the threshold, so any mean or max of
     `prob` over a finding reads its confidence; `findings_key` = a list of per-finding dicts.
-    With stack_prob they travel as channels of pred until `UnstackFindingsd` (see there).
+    With `index_key` they travel to the input grid as the findings' numbers (see `PaintFindingsd`).
 
     Calibration: confidence = sigmoid(a * logit(mean probability) + b * ln(volume mm3) + c),
     fitted on the validation family (models.evaluate); a=1, b=c=0 is the raw mean probability.
@@ -207,12 +235,12 @@ class LesionFindingsd(MapTransform):
         calibration: Mapping[str, float] | None = None,
         rules: Mapping[str, float] | None = None,
         body_voxel_mm: float = 4.0,
-        stack_prob: bool = False,
+        index_key: str | None = None,
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
         self.hu_key, self.prob_key, self.findings_key = hu_key, prob_key, findings_key
-        self.stack_prob = stack_prob
+        self.index_key = index_key
         self.threshold = float(threshold)
         self.min_volume_mm3 = float(min_volume_mm3)
         calibration = dict(calibration or {})
@@ -235,16 +263,18 @@ class LesionFindingsd(MapTransform):
         hu = torch.as_tensor(hu_t, dtype=torch.float32).detach().cpu().numpy()[0]
         # The HU image carries the model grid's affine for sure; pred may have lost its meta.
         spacing = _spacing(hu_t if isinstance(hu_t, MetaTensor) else prob_t)
-        labels, painted, findings = self.findings(prob, hu, spacing)
-        if self.stack_prob:
-            # Three channels that travel together to the input grid (one inversion, not three):
-            # labels and confidence grown by one voxel (nearest), and the probability of kept
-            # findings (linear), which is thresholded again there for sub-voxel outlines.
-            kept = np.where(labels > 0, prob, painted)
-            grown, confidence = grow_findings(labels, np.where(labels > 0, painted, 0.0).astype(np.float32))
-            d[key] = _like(prob_t, np.stack([grown.astype(np.float32), kept, confidence]))
+        numbers, painted, findings = self.findings(prob, hu, spacing)
+        if self.index_key is not None:
+            # For the input grid (`PaintFindingsd`): the probability of kept findings (to be
+            # interpolated and thresholded there for sub-voxel outlines) and the findings'
+            # numbers grown by a voxel (nearest). A number per finding, not a confidence map:
+            # a byte a voxel instead of four where the scan is largest.
+            kept = np.where(numbers > 0, prob, painted)
+            d[key] = _like(prob_t, kept[None])
+            d[self.index_key] = _like(prob_t, grow_findings(numbers)[None])
         else:
-            d[key] = _like(prob_t, labels[None].astype(np.float32))
+            labels = np.array([BACKGROUND, *(f["label"] for f in findings)], dtype=np.float32)[numbers]
+            d[key] = _like(prob_t, labels[None])
             d[self.prob_key] = _like(prob_t, painted[None])
         d[self.findings_key] = findings
         return d
@@ -252,16 +282,19 @@ class LesionFindingsd(MapTransform):
     def findings(
         self, prob: np.ndarray, hu: np.ndarray, spacing: tuple[float, float, float]
     ) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+        """-> each kept finding's number (1, 2, ... in the order of the list), the probability
+        with findings painted at their confidence and the rest capped below the threshold, and
+        the findings."""
         voxel_mm3 = float(np.prod(spacing))
         body = body_mask(hu, spacing, self.rules.body_hu, self.body_voxel_mm)
         bone = bone_mask(hu, spacing, self.rules.cortex_hu, self.body_voxel_mm / 2.0)
         components = cc3d.connected_components((prob >= self.threshold) & body, connectivity=26)
-        labels = np.zeros(prob.shape, dtype=np.uint8)
+        numbers = np.zeros(prob.shape, dtype=np.int32)
         # Outside a kept finding the probability stays, capped just below the threshold.
         painted = np.minimum(prob, np.float32(np.nextafter(np.float32(self.threshold), np.float32(0.0))))
         findings: list[dict[str, Any]] = []
         if components.max() == 0:
-            return labels, painted, findings
+            return numbers, painted, findings
         stats = cc3d.statistics(components)
         for index in range(1, int(components.max()) + 1):
             count = int(stats["voxel_counts"][index])
@@ -274,10 +307,11 @@ class LesionFindingsd(MapTransform):
             finding = self.describe(inside, prob[box], hu[box], count * voxel_mm3)
             if finding is None:
                 continue
-            labels[box][inside] = finding["label"]
-            painted[box][inside] = finding["confidence"]
             findings.append(finding)
-        return labels, painted, findings
+            numbers[box][inside] = len(findings)
+            painted[box][inside] = finding["confidence"]
+        # A byte a voxel unless more than 255 findings are kept (candidates may be many more).
+        return numbers.astype(np.uint8) if len(findings) <= 255 else numbers, painted, findings
 
     def describe(
         self, inside: np.ndarray, prob: np.ndarray, hu: np.ndarray, volume_mm3: float
@@ -290,6 +324,8 @@ class LesionFindingsd(MapTransform):
         shell = ndimage.binary_dilation(inside, iterations=2) & ~inside
         around = hu[shell] if shell.any() else hu[inside]
         surround = float(np.median(around))
+        if surround >= rules.lung_hu and mean_hu < rules.gas_hu:
+            return None
         label = LUNG_NODULE if surround < rules.lung_hu else HYPODENSE if mean_hu < surround else HYPERDENSE
         mean_p = float(prob[inside].mean())
         return {
@@ -303,20 +339,17 @@ class LesionFindingsd(MapTransform):
         }
 
 
-def grow_findings(labels: np.ndarray, confidence: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`ndimage.grey_dilation(x, size=3)` of both maps, computed only around the findings (a few
-    boxes, not the whole grid: seconds on a 512 x 512 x 300 scan). Equal to the whole-grid
-    dilation: a voxel next to a finding lies inside that finding's box grown by one."""
-    grown = np.zeros_like(labels)
-    spread = np.zeros_like(confidence)
-    components = cc3d.connected_components(labels > 0, connectivity=26)
-    for box in ndimage.find_objects(components):
+def grow_findings(numbers: np.ndarray) -> np.ndarray:
+    """`ndimage.grey_dilation(numbers, size=3)`, computed only around the findings (a few boxes,
+    not the whole grid: seconds on a 512 x 512 x 300 scan). Equal to the whole-grid dilation: a
+    voxel next to a finding lies inside that finding's box grown by one."""
+    grown = np.zeros_like(numbers)
+    for box in ndimage.find_objects(cc3d.connected_components(numbers > 0, connectivity=26)):
         if box is None:
             continue
-        box = _grow(box, labels.shape, margin=1)
-        np.maximum(grown[box], ndimage.grey_dilation(labels[box], size=3), out=grown[box])
-        np.maximum(spread[box], ndimage.grey_dilation(confidence[box], size=3), out=spread[box])
-    return grown, spread
+        box = _grow(box, numbers.shape, margin=1)
+        np.maximum(grown[box], ndimage.grey_dilation(numbers[box], size=3), out=grown[box])
+    return grown
 
 
 def calibrate(mean_probability: float, volume_mm3: float, params: tuple[float, float, float]) -> float:
@@ -378,8 +411,13 @@ def _spacing(image: Any) -> tuple[float, float, float]:
     return (1.0, 1.0, 1.0)
 
 
-def _like(reference: Any, array: np.ndarray) -> Any:
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
+def _plain(tensor: Any) -> torch.Tensor:
+    tensor = torch.as_tensor(tensor)
+    return tensor.as_tensor() if isinstance(tensor, MetaTensor) else tensor
+
+
+def _like(reference: Any, array: np.ndarray | torch.Tensor) -> Any:
+    tensor = array if isinstance(array, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(array))
     if isinstance(reference, MetaTensor):
         return MetaTensor(tensor, meta=dict(reference.meta), applied_operations=list(reference.applied_operations))
     return tensor

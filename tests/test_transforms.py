@@ -17,7 +17,7 @@ from models.transforms import (
     LUNG_NODULE,
     InvertToInputd,
     LesionFindingsd,
-    UnstackFindingsd,
+    PaintFindingsd,
     body_mask,
     calibrate,
 )
@@ -52,7 +52,9 @@ def scene() -> tuple[np.ndarray, dict[str, np.ndarray]]:
         "air": ball(shape, (5, 90, 20), 3),
         "marrow": ball(shape, (60, 28, 20), 4),
         "speck": ball(shape, (35, 45, 20), 0.5),
+        "gas": ball(shape, (70, 80, 20), 3),  # a bowel gas bubble in soft tissue
     }
+    hu[spots["gas"]] = -600.0
     hu[spots["hypo"]] = 15.0
     hu[spots["hyper"]] = 140.0
     hu[spots["nodule"]] = 30.0
@@ -90,7 +92,7 @@ def test_findings_are_typed_and_gated_by_tissue() -> None:
     assert set(np.unique(labels[spots["hypo"]])) == {HYPODENSE}
     assert set(np.unique(labels[spots["hyper"]])) == {HYPERDENSE}
     assert set(np.unique(labels[spots["nodule"]])) == {LUNG_NODULE}
-    for name in ("table", "air", "marrow", "speck"):
+    for name in ("table", "air", "marrow", "speck", "gas"):
         assert labels[spots[name]].max() == 0, f"{name} kept"
     assert len(out["findings"]) == 3
 
@@ -141,15 +143,52 @@ def test_body_mask_keeps_lungs_and_drops_the_table() -> None:
     assert not body[30, 6, 20] and not body[5, 90, 20]  # table, air
 
 
-def test_stacked_maps_unstack_into_labels_and_confidence() -> None:
+def test_finding_numbers_paint_into_labels_and_confidence() -> None:
     hu, spots = scene()
-    stacked = run(hu, spots, stack_prob=True)
+    numbered = run(hu, spots, index_key="finding_index")
     plain = run(hu, spots)
-    assert stacked["pred"].shape[0] == 3 and "prob" not in stacked
-    out = UnstackFindingsd(keys="pred", prob_key="prob", threshold=0.5)(stacked)
-    assert out["pred"].dtype == torch.uint8
+    assert numbered["finding_index"].dtype == torch.uint8 and "prob" not in numbered
+    assert int(numbered["finding_index"].max()) == len(numbered["findings"]) == 3
+    out = PaintFindingsd(keys="pred", index_key="finding_index", threshold=0.5)(numbered)
+    assert out["pred"].dtype == torch.uint8 and "finding_index" not in out
     assert torch.equal(out["pred"], plain["pred"].to(torch.uint8))
     assert torch.allclose(out["prob"], plain["prob"])
+
+
+def test_painting_thresholds_the_interpolated_probability_inside_the_grown_findings() -> None:
+    # Along the last axis, 40 voxels (slabs of 16 and a partial one), a pattern of 6 repeated.
+    probability = torch.tensor([0.2, 0.6, 0.9, 0.6, 0.4, 0.7]).repeat(7)[:40][None, None, None].repeat(1, 2, 1, 1)
+    index = torch.tensor([0, 1, 1, 1, 2, 0], dtype=torch.uint8).repeat(7)[:40][None, None, None].repeat(1, 2, 1, 1)
+    findings = [{"label": HYPODENSE, "confidence": 0.8}, {"label": LUNG_NODULE, "confidence": 0.7}]
+    affine = torch.diag(torch.tensor([0.7, 0.7, 2.0, 1.0], dtype=torch.float64))
+    data = {"pred": MetaTensor(probability, affine=affine), "finding_index": index, "findings": findings}
+    out = PaintFindingsd(keys="pred", threshold=0.5)(data)
+    below = float(np.nextafter(np.float32(0.5), np.float32(0.0)))
+    assert out["pred"][0, 1, 0].tolist() == [0, HYPODENSE, HYPODENSE, HYPODENSE, 0, 0] * 6 + [
+        0,
+        HYPODENSE,
+        HYPODENSE,
+        HYPODENSE,
+    ]
+    expected = torch.tensor([0.2, 0.8, 0.8, 0.8, 0.4, below]).repeat(7)[:40]
+    assert torch.allclose(out["prob"][0, 1, 0], expected)
+    assert torch.equal(out["pred"].affine, affine) and torch.equal(out["prob"].affine, affine)
+
+
+def test_more_than_255_findings_are_numbered_in_a_wider_type() -> None:
+    shape = (60, 60, 12)
+    prob = np.zeros(shape, dtype=np.float32)
+    prob[1::3, 1::3, 2:4] = 0.9  # 400 separate 1x1x2 findings
+    hu = np.full(shape, 60.0, dtype=np.float32)
+    affine = torch.diag(torch.tensor([*SPACING, 1.0], dtype=torch.float64))
+    data = {
+        "pred": MetaTensor(torch.from_numpy(prob)[None], affine=affine),
+        "hu": MetaTensor(torch.from_numpy(hu)[None], affine=affine),
+    }
+    numbered = LesionFindingsd(keys="pred", threshold=0.5, min_volume_mm3=1.0, body_voxel_mm=1.5, index_key="i")(data)
+    assert len(numbered["findings"]) == 400 and numbered["i"].dtype == torch.int32
+    out = PaintFindingsd(keys="pred", index_key="i", threshold=0.5)(numbered)
+    assert out["pred"].dtype == torch.uint8 and int((out["pred"] > 0).sum()) == 800
 
 
 def test_inversion_to_the_input_grid_matches_monai_invertd_for_any_axis_order() -> None:
@@ -170,12 +209,12 @@ def test_inversion_to_the_input_grid_matches_monai_invertd_for_any_axis_order() 
         for k in range(3):
             affine[perm[k], k] = flips[k] * (0.7, 0.8, 3.0)[k]
         affine[:3, 3] = rng.uniform(-50.0, 50.0, 3)
-        volume = rng.random((40, 50, 12)).astype(np.float32)
+        volume = rng.random((40, 50, 37)).astype(np.float32)  # slabs of 16 and a partial one
         data = preprocessing({"image": as_loaded(volume, affine)})
         data["pred"] = data["image"].clone()
         expected = Invertd(keys="pred", transform=preprocessing, orig_keys="image", nearest_interp=True)(dict(data))
         ours = InvertToInputd(keys="pred", orig_key="image")(dict(data))
-        assert ours["pred"].shape == (1, 40, 50, 12)
+        assert ours["pred"].shape == (1, 40, 50, 37)
         assert torch.equal(torch.as_tensor(ours["pred"]), torch.as_tensor(expected["pred"]))
         assert np.allclose(np.asarray(ours["pred"].affine), affine)
         # Linear: the same as MONAI's bilinear resampling away from the borders.
@@ -221,7 +260,4 @@ def test_findings_grow_as_a_whole_grid_dilation_would() -> None:
     for _ in range(12):  # some touching each other, some at the grid's edge
         x, y, z = rng.integers(0, (40, 30, 20))
         labels[max(0, x - 2) : x + 2, max(0, y - 1) : y + 2, z : z + 3] = rng.integers(1, 4)
-    confidence = np.where(labels > 0, rng.random(labels.shape), 0.0).astype(np.float32)
-    grown, spread = grow_findings(labels, confidence)
-    assert np.array_equal(grown, ndimage.grey_dilation(labels, size=3))
-    assert np.array_equal(spread, ndimage.grey_dilation(confidence, size=3))
+    assert np.array_equal(grow_findings(labels), ndimage.grey_dilation(labels, size=3))
