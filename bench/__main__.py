@@ -45,6 +45,8 @@ def print_report(results: Results, seconds: float) -> None:
          report.comparison_table(results.jobs, results.plains, replicas)),
         ("Stage split, seconds (the service's infer step split by the engine)",
          report.split_table(results.jobs, results.plains, replicas)),
+        ("fast_debug against production (whole job, same scan and replica)",
+         report.profile_table(results.jobs, replicas)),
         ("Bursts", report.burst_table(results.bursts)),
         ("Memory (RSS of the replica process)", report.memory_table(results.jobs, results.idle_rss)),
         ("Cold start", report.cold_start_table(results.cold_starts)),

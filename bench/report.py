@@ -163,6 +163,22 @@ def split_table(jobs: Sequence[ServiceJob], plains: Sequence[PlainRun], replicas
     return markdown(headers, rows)
 
 
+def profile_table(jobs: Sequence[ServiceJob], replicas: Sequence[str]) -> str:
+    """fast_debug against production on the same scan and replica: the speed-up and the Dice of each."""
+    headers = ["replica", "size", "production s", "fast_debug s", "speed-up", "production dice", "fast_debug dice"]
+    rows: list[list[object]] = []
+    for replica in replicas:
+        for size in dict.fromkeys(j.size for j in jobs):
+            fine = _jobs(jobs, replica, size, "production")
+            coarse = _jobs(jobs, replica, size, "fast_debug")
+            if not fine or not coarse:
+                continue
+            slow, fast = median([j.wall for j in fine]), median([j.wall for j in coarse])
+            dice = [median([j.dice for j in fine]), median([j.dice for j in coarse])]
+            rows.append([replica, size, slow, fast, slow / fast if fast else None, *dice])
+    return markdown(headers, rows)
+
+
 def memory_table(jobs: Sequence[ServiceJob], idle: dict[str, int]) -> str:
     """Peak RSS per job and in each phase (fetch + read, inference, analysis + writing), and after it."""
     headers = ["replica", "size", "profile", "idle RSS MB", "peak RSS MB", "read", "infer", "write", "after job MB"]

@@ -14,7 +14,7 @@ import torch
 
 from bench import gpu, plain_monai
 from bench.replica import ReplicaConfig
-from bench.report import Burst, PlainRun, ServiceJob, comparison_table, markdown, split_table
+from bench.report import Burst, PlainRun, ServiceJob, comparison_table, markdown, profile_table, split_table
 from models.bundle import BundleSpec
 from models.engine import EngineOptions, InferenceEngine
 from schemas.jobs import Profile
@@ -38,10 +38,10 @@ def test_the_plain_script_runs_the_bundle_with_the_services_settings(tmp_path: P
     assert np.array_equal(mask.astype(np.uint8), expected_labels(volume))
 
 
-def _job(replica: str, profile: str, wall: float) -> ServiceJob:
+def _job(replica: str, profile: str, wall: float, dice: float = 0.9) -> ServiceJob:
     steps = {"fetch": 0.1, "read": 0.2, "infer": wall - 1.0, "analyse": 0.3}
     engine = {"preprocess": 0.5, "network": wall - 2.0, "postprocess": 0.4}
-    return ServiceJob(replica, "256x256x128", profile, wall, steps, engine, 2**30, 2**29, 1, 0.9, 0.9999)
+    return ServiceJob(replica, "256x256x128", profile, wall, steps, engine, 2**30, 2**29, 1, dice, 0.9999)
 
 
 def test_tables_give_the_ratio_to_the_plain_script_and_the_write_step() -> None:
@@ -51,6 +51,17 @@ def test_tables_give_the_ratio_to_the_plain_script_and_the_write_step() -> None:
     assert "| 256x256x128 | production |" in table and "0.50" in table and "0.25" in table
     assert jobs[0].write == pytest.approx(0.4)  # the wall time the result JSON's steps leave over
     assert "plain MONAI" in split_table(jobs, plains, ["fp32", "auto"])
+
+
+def test_the_profile_table_gives_fast_debugs_speed_up_over_production() -> None:
+    jobs = [
+        _job("auto", "production", 8.0, 0.9),
+        _job("auto", "fast_debug", 2.0, 0.85),
+        _job("fp32", "production", 9.0),
+    ]
+    table = profile_table(jobs, ["fp32", "auto"])
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in table.splitlines()[2:]]
+    assert rows == [["auto", "256x256x128", "8.00", "2.00", "4.00", "0.90", "0.85"]]  # no fp32 fast_debug: no row
 
 
 def test_a_burst_is_measured_against_the_inference_time_of_one_job() -> None:
