@@ -186,12 +186,14 @@ class PaintFindingsd(MapTransform):
         labels = index if index.dtype == torch.uint8 else torch.empty(index.shape, dtype=torch.uint8)
         for start in range(0, probability.shape[-1], _SLAB):
             slab = (..., slice(start, start + _SLAB))
-            number = index[slab].long()
             p = probability[slab]
-            found = (p >= self.threshold) & (number > 0)
-            labels[slab] = torch.where(found, kinds[number], 0)
+            found = (p >= self.threshold) & (index[slab] > 0)
+            # Lookups only where a finding is: a scan is mostly background.
+            numbers = index[slab][found].long()
             p.clamp_(max=below)
-            p[found] = confidence[number[found]]
+            p[found] = confidence[numbers]
+            labels[slab] = 0
+            labels[slab][found] = kinds[numbers]
         return labels
 
 
