@@ -45,11 +45,6 @@ def openapi() -> dict[str, Any]:
     schemas = _components(
         [JobRequest, InferResponse, ErrorResponse, HealthResponse, ProbeResponse], "#/components/schemas/{model}"
     )
-    auth_errors = {
-        "401": _error(
-            "Missing, malformed, expired or wrongly signed token (unauthorized, token_expired, token_invalid)"
-        )
-    }
     return {
         "openapi": "3.1.0",
         "info": {
@@ -58,105 +53,91 @@ def openapi() -> dict[str, Any]:
             "description": "Synchronous analysis and operational endpoints of the ML service. Jobs normally "
             "arrive through Kafka (see asyncapi.json); POST /infer runs one job and answers with its outputs.",
         },
-        "paths": {
-            "/infer": {
-                "post": {
-                    "operationId": "infer",
-                    "summary": "Analyse one object synchronously",
-                    "security": [{"bearerJWT": []}],
-                    "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(JobRequest)}}},
-                    "responses": {
-                        "200": _json(InferResponse, "The job completed; the outputs are in the bucket"),
-                        "400": _error("The body is not JSON or not a valid job (invalid_json, invalid_request)"),
-                        **auth_errors,
-                        "404": _error("The input object does not exist (input_not_found)"),
-                        "408": _error("The body did not arrive within HTTP_BODY_TIMEOUT_S (request_timeout)"),
-                        "413": _error("The body or the input object is over its limit"),
-                        "422": _error(
-                            "The input is not an image the service reads, or the outputs would lie outside "
-                            "ML_OUTPUT_PREFIX or over the input (output_not_allowed); error.code says which"
-                        ),
-                        "500": _error("An internal error (internal_error, inference_failed, ...)"),
-                        "503": {
-                            **_error(
-                                "A dependency stayed down through ML_INFER_RETRY_WAIT_S of retries "
-                                "(storage_unavailable), the model is not loaded, or the service is stopping"
-                            ),
-                            "headers": {
-                                "Retry-After": {
-                                    "description": "Seconds after which the same request may succeed",
-                                    "schema": {"type": "integer"},
-                                }
-                            },
-                        },
-                        "504": _error("The job ran past ML_JOB_TIMEOUT_S (job_timeout)"),
-                    },
-                }
-            },
-            "/health": {
-                "get": {
-                    "operationId": "health",
-                    "summary": "Service status with a check per dependency",
-                    "responses": {
-                        "200": _json(HealthResponse, "healthy or degraded"),
-                        "503": _json(HealthResponse, "unhealthy"),
-                    },
-                }
-            },
-            "/health/live": {
-                "get": {
-                    "operationId": "live",
-                    "summary": "Liveness: the process answers",
-                    "responses": {"200": _json(ProbeResponse, "alive")},
-                }
-            },
-            "/health/ready": {
-                "get": {
-                    "operationId": "ready",
-                    "summary": "Readiness: the model is loaded and the consumer has joined its group",
-                    "responses": {
-                        "200": _json(ProbeResponse, "ready"),
-                        "503": _json(ProbeResponse, "not ready, with the reasons"),
-                    },
-                }
-            },
-            "/metrics": {
-                "get": {
-                    "operationId": "metrics",
-                    "summary": "Prometheus metrics",
-                    "responses": {
-                        "200": {
-                            "description": "Prometheus text format",
-                            "content": {"text/plain": {"schema": {"type": "string"}}},
-                        }
-                    },
-                }
-            },
-            "/openapi.json": {
-                "get": {
-                    "operationId": "openapi",
-                    "summary": "This document",
-                    "responses": {
-                        "200": {
-                            "description": "OpenAPI 3.1",
-                            "content": {"application/json": {"schema": {"type": "object"}}},
-                        }
-                    },
+        "paths": {"/infer": {"post": _infer_operation()}, **_health_paths(), **_document_paths()},
+        "components": {"schemas": schemas, "securitySchemes": {"bearerJWT": _bearer_scheme()}},
+    }
+
+
+def _infer_operation() -> dict[str, Any]:
+    return {
+        "operationId": "infer",
+        "summary": "Analyse one object synchronously",
+        "security": [{"bearerJWT": []}],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(JobRequest)}}},
+        "responses": _infer_responses(),
+    }
+
+
+def _infer_responses() -> dict[str, Any]:
+    return {
+        "200": _json(InferResponse, "The job completed; the outputs are in the bucket"),
+        "400": _error("The body is not JSON or not a valid job (invalid_json, invalid_request)"),
+        "401": _error(
+            "Missing, malformed, expired or wrongly signed token (unauthorized, token_expired, token_invalid)"
+        ),
+        "404": _error("The input object does not exist (input_not_found)"),
+        "408": _error("The body did not arrive within HTTP_BODY_TIMEOUT_S (request_timeout)"),
+        "413": _error("The body or the input object is over its limit"),
+        "422": _error(
+            "The input is not an image the service reads, or the outputs would lie outside "
+            "ML_OUTPUT_PREFIX or over the input (output_not_allowed); error.code says which"
+        ),
+        "500": _error("An internal error (internal_error, inference_failed, ...)"),
+        "503": {
+            **_error(
+                "A dependency stayed down through ML_INFER_RETRY_WAIT_S of retries "
+                "(storage_unavailable), the model is not loaded, or the service is stopping"
+            ),
+            "headers": {
+                "Retry-After": {
+                    "description": "Seconds after which the same request may succeed",
+                    "schema": {"type": "integer"},
                 }
             },
         },
-        "components": {
-            "schemas": schemas,
-            "securitySchemes": {
-                "bearerJWT": {
-                    "type": "http",
-                    "scheme": "bearer",
-                    "bearerFormat": "JWT",
-                    "description": "HS256 with ML_SERVICE_TOKEN (or ML_SERVICE_TOKEN_PREVIOUS); exp required; "
-                    "aud must be 'ml-service'",
-                }
-            },
-        },
+        "504": _error("The job ran past ML_JOB_TIMEOUT_S (job_timeout)"),
+    }
+
+
+def _get(operation_id: str, summary: str, responses: dict[str, Any]) -> dict[str, Any]:
+    return {"get": {"operationId": operation_id, "summary": summary, "responses": responses}}
+
+
+def _health_paths() -> dict[str, Any]:
+    return {
+        "/health": _get(
+            "health",
+            "Service status with a check per dependency",
+            {"200": _json(HealthResponse, "healthy or degraded"), "503": _json(HealthResponse, "unhealthy")},
+        ),
+        "/health/live": _get("live", "Liveness: the process answers", {"200": _json(ProbeResponse, "alive")}),
+        "/health/ready": _get(
+            "ready",
+            "Readiness: the model is loaded and the consumer has joined its group",
+            {"200": _json(ProbeResponse, "ready"), "503": _json(ProbeResponse, "not ready, with the reasons")},
+        ),
+    }
+
+
+def _document_paths() -> dict[str, Any]:
+    def body(description: str, media: str, schema: dict[str, Any]) -> dict[str, Any]:
+        return {"200": {"description": description, "content": {media: {"schema": schema}}}}
+
+    return {
+        "/metrics": _get(
+            "metrics", "Prometheus metrics", body("Prometheus text format", "text/plain", {"type": "string"})
+        ),
+        "/openapi.json": _get("openapi", "This document", body("OpenAPI 3.1", "application/json", {"type": "object"})),
+    }
+
+
+def _bearer_scheme() -> dict[str, Any]:
+    return {
+        "type": "http",
+        "scheme": "bearer",
+        "bearerFormat": "JWT",
+        "description": "HS256 with ML_SERVICE_TOKEN (or ML_SERVICE_TOKEN_PREVIOUS); exp required; "
+        "aud must be 'ml-service'",
     }
 
 
