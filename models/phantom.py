@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
-from models.phantoms import save_phantom
+from models.phantoms import add_writer_arguments, save_phantom, summary
 
 __all__ = ["Phantom", "generate_phantom", "save_phantom"]
 
@@ -314,21 +313,13 @@ class _Builder:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Write a synthetic CT phantom (and its lesion mask) as NIfTI.")
-    parser.add_argument("out", type=Path, help="image path, e.g. phantom.nii.gz")
-    parser.add_argument("--mask", type=Path, help="also write the ground-truth lesion mask here")
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"))
-    parser.add_argument("--spacing", type=float, nargs=3, metavar=("SX", "SY", "SZ"))
+    add_writer_arguments(parser)
     args = parser.parse_args()
     phantom = generate_phantom(
         args.seed, tuple(args.shape) if args.shape else None, tuple(args.spacing) if args.spacing else None
     )
     save_phantom(phantom, args.out, args.mask)
-    print(
-        f"{args.out}: shape {phantom.image.shape}, spacing {tuple(round(s, 3) for s in phantom.spacing)} mm, "
-        f"{phantom.lesion_count} lesion(s): "
-        + ", ".join(f"{les.kind} {les.diameter_mm:.1f} mm in {les.organ}" for les in phantom.lesions)
-    )
+    print(summary(phantom, args.out))
 
 
 if __name__ == "__main__":

@@ -13,9 +13,11 @@ phantom; everything is placed in mm, so anatomy does not depend on the voxel siz
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import nibabel as nib
 import numpy as np
@@ -27,7 +29,16 @@ from models.phantoms.lesions import Lesion, place_lesions
 MIN_FOV_MM = acq.MIN_FOV_MM
 FAMILIES = ("train", "validation")
 
-__all__ = ["FAMILIES", "MIN_FOV_MM", "Lesion", "Phantom", "generate_phantom", "save_phantom"]
+__all__ = [
+    "FAMILIES",
+    "MIN_FOV_MM",
+    "Lesion",
+    "Phantom",
+    "add_writer_arguments",
+    "generate_phantom",
+    "save_phantom",
+    "summary",
+]
 
 
 @dataclass
@@ -126,3 +137,31 @@ def save_phantom(phantom: Savable, image_path: Path, mask_path: Path | None = No
         mask.set_qform(phantom.affine, code=1)
         mask.set_sform(phantom.affine, code=1)
         nib.save(mask, mask_path)
+
+
+class Described(Savable, Protocol):
+    """What a phantom's one-line summary needs (both phantom worlds have it)."""
+
+    @property
+    def spacing(self) -> tuple[float, float, float]: ...
+
+    @property
+    def lesions(self) -> Sequence[Any]: ...
+
+    @property
+    def lesion_count(self) -> int: ...
+
+
+def add_writer_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments both phantom command lines share: where to write, the seed and the grid."""
+    parser.add_argument("out", type=Path, help="image path, e.g. phantom.nii.gz")
+    parser.add_argument("--mask", type=Path, help="also write the ground-truth lesion mask here")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"))
+    parser.add_argument("--spacing", type=float, nargs=3, metavar=("SX", "SY", "SZ"))
+
+
+def summary(phantom: Described, out: Path) -> str:
+    lesions = ", ".join(f"{les.kind} {les.diameter_mm:.1f} mm in {les.organ}" for les in phantom.lesions)
+    spacing = tuple(round(s, 3) for s in phantom.spacing)
+    return f"{out}: shape {phantom.image.shape}, spacing {spacing} mm, {phantom.lesion_count} lesion(s): {lesions}"
