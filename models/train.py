@@ -15,6 +15,7 @@ real engine.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -342,6 +343,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--patch-shares",
+        dest="shares",
         type=float,
         nargs=4,
         default=defaults.shares,
@@ -350,20 +352,9 @@ def main() -> None:
     parser.add_argument("--positive-weight", type=float, default=defaults.positive_weight, help="of lesion voxels")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    recipe = Recipe(
-        steps=args.steps,
-        minutes=args.minutes,
-        pool=args.pool,
-        refresh_every=args.refresh_every,
-        batch=args.batch,
-        patch=args.patch,
-        seed=args.seed,
-        threads=args.threads,
-        lr=args.lr,
-        realistic_share=args.realistic_share,
-        shares=tuple(args.patch_shares),
-        positive_weight=args.positive_weight,
-    )
+    # Every recipe field has its option of the same name.
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)}
+    recipe = Recipe(**{**values, "shares": tuple(values["shares"])})
     init = None if str(args.init) == "none" else args.init
     steps = train(args.out, recipe, init, args.checkpoints)
     print(json.dumps({"weights": str(args.out / "models" / "model.pt"), "steps": steps}))
