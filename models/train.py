@@ -93,6 +93,12 @@ def _subsample(points: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return points[rng.choice(len(points), size=min(len(points), BODY_POINTS), replace=False)]
 
 
+def _extent(present: np.ndarray) -> slice:
+    """The span of the True entries of a 1-D mask (projections: no index array of the volume)."""
+    where = np.flatnonzero(present)
+    return slice(int(where[0]), int(where[-1]) + 1)
+
+
 def make_sample(seed: int, spacing_mm: Spacing, realistic: bool = False) -> Sample:
     # More lesions per scan than the validation phantoms: more positive patches per phantom.
     # The realistic world (bone, table, bowel, lungs...) teaches what to leave alone; the simple
@@ -110,7 +116,7 @@ def make_sample(seed: int, spacing_mm: Spacing, realistic: bool = False) -> Samp
     body = hu > SOFT_TISSUE_HU
     # Look-alikes inside the body's extent: a filled outline would need a 3-D fill per phantom;
     # the bounding box of the soft tissue is close enough for sampling.
-    box = tuple(slice(int(a.min()), int(a.max()) + 1) for a in np.nonzero(body))
+    box = tuple(_extent(np.asarray(body.any(axis=tuple(j for j in range(3) if j != k)))) for k in range(3))
     hard = np.zeros_like(body)
     hard[box] = (hu[box] > BRIGHT_HU) | (hu[box] < DARK_HU)
     rng = np.random.default_rng(seed)
