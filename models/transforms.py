@@ -295,8 +295,6 @@ class LesionFindingsd(MapTransform):
         # Outside a kept finding the probability stays, capped just below the threshold.
         painted = np.minimum(prob, np.float32(np.nextafter(np.float32(self.threshold), np.float32(0.0))))
         findings: list[dict[str, Any]] = []
-        if components.max() == 0:
-            return numbers, painted, findings
         stats = cc3d.statistics(components)
         for index in range(1, int(components.max()) + 1):
             count = int(stats["voxel_counts"][index])
