@@ -134,14 +134,14 @@ def noise(
 ) -> np.ndarray:
     """Quantum noise.
 
-    train: white noise through a small Gaussian (a smooth kernel), one level everywhere.
+    train: the texture of a reconstruction kernel drawn from smooth to sharp (see `_kernel_noise`),
+    at one level everywhere or growing towards the body's centre (an elliptical profile).
     validation: high-pass (difference of Gaussians, a sharp kernel) with a level that grows
-    towards the centre of the body, where more tissue attenuates the beam.
+    towards the centre of the body by its distance from the outline.
     """
     white = rng.normal(0.0, 1.0, size=shape).astype(np.float32)
     if family == "train":
-        sigma = float(rng.uniform(0.5, 1.0))
-        field = ndimage.gaussian_filter(white, sigma=[sigma, sigma, 0.3], mode="wrap")
+        field = _kernel_noise(white, spacing, rng)
     else:
         fine = ndimage.gaussian_filter(white, sigma=[0.6, 0.6, 0.4], mode="wrap")
         coarse = ndimage.gaussian_filter(white, sigma=[1.8, 1.8, 0.8], mode="wrap")
@@ -152,4 +152,38 @@ def noise(
         depth = ndimage.distance_transform_edt(body, sampling=spacing[:2])
         gain = 0.7 + 0.7 * np.clip(depth / max(float(depth.max()), 1.0), 0.0, 1.0)
         field *= gain[:, :, None].astype(np.float32)
+    elif rng.random() < 0.5:
+        field *= _central_gain(body, float(rng.uniform(0.3, 0.8)))[:, :, None]
     return field
+
+
+def _kernel_noise(white: np.ndarray, spacing: Spacing, rng: np.random.Generator) -> np.ndarray:
+    """In-plane noise of filtered back-projection: a ramp rolled off by the kernel's apodisation,
+    noise power ~ f * exp(-(f / fc)^2) over spatial frequency f (cycles/mm). A cut-off of
+    0.25 cycles/mm is a soft-tissue kernel (coarse grain), 0.8 a sharp one (fine grain that
+    averages out when resampled to a coarser grid); slices are mildly correlated along z.
+    Real scans come with any of them, so training must see them all."""
+    nx, ny, _ = white.shape
+    fx = np.fft.fftfreq(nx, d=spacing[0])[:, None]
+    fy = np.fft.rfftfreq(ny, d=spacing[1])[None, :]
+    f = np.hypot(fx, fy)
+    cutoff = float(np.exp(rng.uniform(np.log(0.25), np.log(0.8))))
+    amplitude = np.sqrt(f * np.exp(-((f / cutoff) ** 2))).astype(np.float32)
+    spectrum = np.fft.rfft2(white, axes=(0, 1))
+    spectrum *= amplitude[:, :, None]
+    field = np.fft.irfft2(spectrum, s=(nx, ny), axes=(0, 1)).astype(np.float32)
+    return ndimage.gaussian_filter1d(field, sigma=float(rng.uniform(0.3, 0.9)), axis=2, mode="wrap")
+
+
+def _central_gain(body: np.ndarray, strength: float) -> np.ndarray:
+    """(X, Y) gain from 1 - strength/2 at the body's edge to 1 + strength/2 at its centre: the
+    ellipse of the body outline's second moments (more tissue, fewer photons, more noise)."""
+    points = np.argwhere(body).astype(np.float64)
+    if len(points) < 10:
+        return np.ones(body.shape, dtype=np.float32)
+    centre = points.mean(axis=0)
+    covariance = np.cov((points - centre).T) * 4.0  # a uniform ellipse's radius^2 is 4 x its variance
+    x, y = np.meshgrid(np.arange(body.shape[0]), np.arange(body.shape[1]), indexing="ij")
+    offset = np.stack([x - centre[0], y - centre[1]], axis=-1)
+    radius = np.sqrt(np.einsum("...i,ij,...j->...", offset, np.linalg.inv(covariance), offset))
+    return (1.0 + strength * (0.5 - np.clip(radius, 0.0, 1.0))).astype(np.float32)
