@@ -60,6 +60,23 @@ def test_components_become_findings(scene) -> None:  # type: ignore[no-untyped-d
     assert result.volumes[0].volume_ml == pytest.approx(result.total_volume_mm3 / 1000, abs=1e-3)
 
 
+def test_findings_away_from_the_corner_keep_scan_coordinates(scene) -> None:  # type: ignore[no-untyped-def]
+    # Components are measured in the box around the labelled voxels: what comes out must still
+    # be in the scan's voxels, and equal sizes come in order of place, not of numbering.
+    _, intensity, affine, big, _ = scene
+    labels = np.zeros(big.shape, np.uint8)
+    labels[big] = 1
+    twin = np.roll(big, (22, 3, 0), axis=(0, 1, 2))  # the same size, further along x
+    labels[twin] = 1
+    probability = labels.astype(np.float32) * 0.8
+    result = analyse(LabelMap(labels, LESION, probability, min_volume_mm3=1.0), intensity, affine)
+    assert [(f.location.x, f.location.y, f.location.z) for f in result.findings] == [(10, 10, 10), (32, 13, 10)]
+    box = result.findings[1].bounding_box
+    assert (box.min_x, box.max_x, box.min_y, box.max_y, box.min_z, box.max_z) == (27, 37, 8, 18, 5, 15)
+    assert np.array_equal(result.mask, labels) and result.mask.flags.f_contiguous
+    assert result.findings[0].mean_intensity == pytest.approx(10.0)
+
+
 def test_nothing_found(scene) -> None:  # type: ignore[no-untyped-def]
     probability, intensity, affine, *_ = scene
     weak = probability * 0.1

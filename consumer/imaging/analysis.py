@@ -9,7 +9,7 @@ variance across test-time flips (research).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import cc3d
@@ -41,15 +41,27 @@ class Analysis:
 def analyse(label_map: LabelMap, intensity: np.ndarray, affine: np.ndarray) -> Analysis:
     """Blocking: findings of every label, largest first within a label."""
     voxel_mm3 = float(abs(np.linalg.det(affine[:3, :3])))
-    components = cc3d.connected_components(label_map.labels, connectivity=26)
+    # Components are found and measured in the box that holds every labelled voxel: findings
+    # fill a small part of a scan (a 512 x 512 x 300 map took 2.5 s whole).
+    box = labelled_box(label_map.labels)
+    crop = replace(
+        label_map,
+        labels=label_map.labels[box],
+        probability=None if label_map.probability is None else label_map.probability[box],
+        uncertainty=None if label_map.uncertainty is None else label_map.uncertainty[box],
+    )
+    components = cc3d.connected_components(crop.labels, connectivity=26)
     n = int(components.max())
-    stats = _Components.of(components, n, label_map, intensity)
+    stats = _Components.of(components, n, crop, intensity[box], np.array([s.start for s in box]))
     keep = [c for c in range(1, n + 1) if stats.counts[c] * voxel_mm3 >= label_map.min_volume_mm3]
-    keep.sort(key=lambda c: (int(stats.values[c]), -int(stats.counts[c])))
+    # Equal sizes are ordered by place (slice, then row, column): not by the components' numbering,
+    # which depends on the map's memory layout.
+    keep.sort(key=lambda c: (int(stats.values[c]), -int(stats.counts[c]), *np.asarray(stats.centroids[c])[::-1]))
     findings = _findings(keep, stats, label_map.names, affine, voxel_mm3)
     lookup = np.zeros(n + 1, dtype=label_map.labels.dtype)
     lookup[keep] = stats.values[keep]
-    mask = np.asfortranarray(lookup[components])
+    mask = np.zeros(label_map.labels.shape, dtype=label_map.labels.dtype, order="F")
+    mask[box] = lookup[components]
     total = round(float(sum(f.volume for f in findings)), 3)
     return Analysis(
         mask=mask,
@@ -58,6 +70,17 @@ def analyse(label_map: LabelMap, intensity: np.ndarray, affine: np.ndarray) -> A
         total_volume_mm3=total,
         confidence=_summary_confidence(findings, label_map.probability),
     )
+
+
+def labelled_box(labels: np.ndarray) -> tuple[slice, slice, slice]:
+    """The smallest box holding every non-zero voxel (one background voxel when there is none),
+    from the map's projections."""
+    z = np.flatnonzero(labels.any(axis=(0, 1)))
+    if len(z) == 0:
+        return (slice(0, 1), slice(0, 1), slice(0, 1))
+    plane = labels[:, :, z[0] : z[-1] + 1].any(axis=2)
+    x, y = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
+    return (slice(int(x[0]), int(x[-1]) + 1), slice(int(y[0]), int(y[-1]) + 1), slice(int(z[0]), int(z[-1]) + 1))
 
 
 def _findings(
@@ -122,9 +145,12 @@ class _Components:
     prob_sum: np.ndarray | None
     prob_max: np.ndarray | None
     uncertainty_sum: np.ndarray | None
+    origin: np.ndarray  # where the components' box starts in the scan, in voxels
 
     @classmethod
-    def of(cls, components: np.ndarray, n: int, label_map: LabelMap, intensity: np.ndarray) -> _Components:
+    def of(
+        cls, components: np.ndarray, n: int, label_map: LabelMap, intensity: np.ndarray, origin: np.ndarray
+    ) -> _Components:
         stats = cc3d.statistics(components)
         # Sums over labelled voxels only; coordinates index every array the same way whatever
         # its memory layout.
@@ -149,12 +175,16 @@ class _Components:
             prob_sum=sums(label_map.probability),
             prob_max=prob_max,
             uncertainty_sum=sums(label_map.uncertainty),
+            origin=origin,
         )
 
     def finding(self, component: int, finding_id: str, name: str, affine: np.ndarray, voxel_mm3: float) -> Finding:
         count = self.counts[component]
-        bbox = self.boxes[component]
-        centroid = np.asarray(self.centroids[component], dtype=np.float64)
+        bbox = [
+            slice(int(s.start) + int(o), int(s.stop) + int(o))
+            for s, o in zip(self.boxes[component], self.origin, strict=True)
+        ]
+        centroid = np.asarray(self.centroids[component], dtype=np.float64) + self.origin
         world = affine[:3, :3] @ centroid + affine[:3, 3]
         volume = float(count * voxel_mm3)
         return Finding(
