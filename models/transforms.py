@@ -9,6 +9,7 @@ results to the input's own grid.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
@@ -210,6 +211,9 @@ class TissueRules:
     # Outside lung, a finding whose mean is below is gas or fat (bowel gas, a fat plane): solid
     # lesions and cysts are above it; only lung nodules (part-solid ones) are this dark.
     gas_hu: float = -150.0
+    # A finding longer than this many times its width is a tube or a sheet (a vessel, bowel, an
+    # organ's rim), not a focal lesion: those are compact (lobulated ones up to ~2.4 measured).
+    max_elongation: float = 3.0
 
 
 class LesionFindingsd(MapTransform):
@@ -288,23 +292,24 @@ class LesionFindingsd(MapTransform):
         with findings painted at their confidence and the rest capped below the threshold, and
         the findings."""
         voxel_mm3 = float(np.prod(spacing))
-        body = body_mask(hu, spacing, self.rules.body_hu, self.body_voxel_mm)
-        bone = bone_mask(hu, spacing, self.rules.cortex_hu, self.body_voxel_mm / 2.0)
-        components = cc3d.connected_components((prob >= self.threshold) & body, connectivity=26)
+        above = prob >= self.threshold
+        # No candidate, no gating: a clean scan skips the body mask.
+        body = body_mask(hu, spacing, self.rules.body_hu, self.body_voxel_mm) if above.any() else above
+        components = cc3d.connected_components(above & body, connectivity=26)
         numbers = np.zeros(prob.shape, dtype=np.int32)
         # Outside a kept finding the probability stays, capped just below the threshold.
         painted = np.minimum(prob, np.float32(np.nextafter(np.float32(self.threshold), np.float32(0.0))))
         findings: list[dict[str, Any]] = []
         stats = cc3d.statistics(components)
+        # Made at the first candidate large enough to judge: the bone mask is most of this time.
+        bone = functools.cache(lambda: bone_mask(hu, spacing, self.rules.cortex_hu, self.body_voxel_mm / 2.0))
         for index in range(1, int(components.max()) + 1):
             count = int(stats["voxel_counts"][index])
             if count * voxel_mm3 < self.min_volume_mm3:
                 continue
             box = _grow(stats["bounding_boxes"][index], prob.shape, margin=3)
             inside = components[box] == index
-            if float(bone[box][inside].mean()) > self.rules.bone_fraction:
-                continue
-            finding = self.describe(inside, prob[box], hu[box], count * voxel_mm3)
+            finding = self.judge(inside, prob[box], hu[box], bone()[box], spacing)
             if finding is None:
                 continue
             findings.append(finding)
@@ -312,6 +317,21 @@ class LesionFindingsd(MapTransform):
             painted[box][inside] = finding["confidence"]
         # A byte a voxel unless more than 255 findings are kept (candidates may be many more).
         return numbers.astype(np.uint8) if len(findings) <= 255 else numbers, painted, findings
+
+    def judge(
+        self,
+        inside: np.ndarray,
+        prob: np.ndarray,
+        hu: np.ndarray,
+        bone: np.ndarray,
+        spacing: tuple[float, float, float],
+    ) -> dict[str, Any] | None:
+        """A candidate in its box -> the finding, or None when it is bone, a tube, air or dense."""
+        if float(bone[inside].mean()) > self.rules.bone_fraction:
+            return None
+        if elongation(inside, spacing) > self.rules.max_elongation:
+            return None
+        return self.describe(inside, prob, hu, float(inside.sum()) * float(np.prod(spacing)))
 
     def describe(
         self, inside: np.ndarray, prob: np.ndarray, hu: np.ndarray, volume_mm3: float
@@ -337,6 +357,17 @@ class LesionFindingsd(MapTransform):
             "mean_probability": round(mean_p, 4),
             "confidence": round(calibrate(mean_p, volume_mm3, self.calibration), 4),
         }
+
+
+def elongation(inside: np.ndarray, spacing: tuple[float, float, float]) -> float:
+    """Length over width of a component: the square root of its largest over its smallest
+    principal variance in mm^2, each voxel counted as the box it fills (its own variance s^2/12
+    per axis), so that a few voxels in a row do not read as a tube."""
+    points = np.argwhere(inside) * np.asarray(spacing)
+    covariance = np.cov(points.T, bias=True) if len(points) > 1 else np.zeros((3, 3))
+    covariance += np.diag(np.asarray(spacing) ** 2 / 12.0)
+    variances = np.linalg.eigvalsh(covariance)
+    return float(np.sqrt(variances[-1] / variances[0]))
 
 
 def grow_findings(numbers: np.ndarray) -> np.ndarray:
@@ -366,8 +397,7 @@ def body_mask(hu: np.ndarray, spacing: tuple[float, float, float], body_hu: floa
     lungs and bowel gas are holes inside the body in every axial slice, so filling keeps them.
     """
     factors = tuple(max(1, round(voxel_mm / s)) for s in spacing)
-    coarse = F.max_pool3d(torch.from_numpy(np.ascontiguousarray(hu))[None, None], factors, ceil_mode=True)[0, 0]
-    dense = (coarse > body_hu).numpy()
+    dense = (_coarse_max(hu, factors) > body_hu).numpy()
     # A thin opening breaks one-voxel bridges (a blanket touching the skin).
     dense = ndimage.binary_opening(dense, iterations=1)
     components = cc3d.connected_components(dense, connectivity=6)
@@ -375,9 +405,7 @@ def body_mask(hu: np.ndarray, spacing: tuple[float, float, float], body_hu: floa
         return np.zeros(hu.shape, dtype=bool)
     counts = np.bincount(components.ravel())
     counts[0] = 0
-    body = components == int(counts.argmax())
-    for k in range(body.shape[2]):
-        body[:, :, k] = ndimage.binary_fill_holes(body[:, :, k])
+    body = fill_holes_per_slice(components == int(counts.argmax()))
     full = torch.from_numpy(body.astype(np.uint8))[None, None].float()
     up = F.interpolate(full, scale_factor=factors, mode="nearest")[0, 0, : hu.shape[0], : hu.shape[1], : hu.shape[2]]
     return up.numpy() > 0.5
@@ -390,14 +418,33 @@ def bone_mask(hu: np.ndarray, spacing: tuple[float, float, float], cortex_hu: fl
     cortex is what tells it apart.
     """
     factors = tuple(max(1, round(voxel_mm / s)) for s in spacing)
-    coarse = F.max_pool3d(torch.from_numpy(np.ascontiguousarray(hu))[None, None], factors, ceil_mode=True)[0, 0]
-    cortex = ndimage.binary_closing((coarse > cortex_hu).numpy(), iterations=1)
-    for k in range(cortex.shape[2]):
-        cortex[:, :, k] = ndimage.binary_fill_holes(cortex[:, :, k])
+    cortex = fill_holes_per_slice(ndimage.binary_closing((_coarse_max(hu, factors) > cortex_hu).numpy(), iterations=1))
     up = F.interpolate(
         torch.from_numpy(cortex.astype(np.uint8))[None, None].float(), scale_factor=factors, mode="nearest"
     )
     return up[0, 0, : hu.shape[0], : hu.shape[1], : hu.shape[2]].numpy() > 0.5
+
+
+def fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
+    """`ndimage.binary_fill_holes` of each axial slice (its default cross: background joined
+    4-way in-plane), by labelling each slice's background once instead of eroding from the
+    border until nothing changes (3x faster)."""
+    filled = mask.copy()
+    for k in range(mask.shape[2]):
+        background, n = cc3d.connected_components(~mask[:, :, k], connectivity=4, return_N=True)
+        hole = np.ones(n + 1, dtype=bool)
+        hole[0] = False  # the mask itself
+        hole[np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]])] = False
+        filled[:, :, k] |= hole[background]
+    return filled
+
+
+def _coarse_max(hu: np.ndarray, factors: tuple[int, ...]) -> torch.Tensor:
+    """The maximum over blocks of `factors` voxels (the volume itself when they are all 1)."""
+    volume = torch.from_numpy(np.ascontiguousarray(hu))
+    if all(f == 1 for f in factors):
+        return volume
+    return F.max_pool3d(volume[None, None], factors, ceil_mode=True)[0, 0]
 
 
 def _grow(box: tuple[slice, ...], shape: tuple[int, ...], margin: int) -> tuple[slice, ...]:

@@ -20,6 +20,7 @@ from models.transforms import (
     PaintFindingsd,
     body_mask,
     calibrate,
+    elongation,
 )
 
 SPACING = (1.5, 1.5, 1.5)
@@ -95,6 +96,20 @@ def test_findings_are_typed_and_gated_by_tissue() -> None:
     for name in ("table", "air", "marrow", "speck", "gas"):
         assert labels[spots[name]].max() == 0, f"{name} kept"
     assert len(out["findings"]) == 3
+
+
+def test_tubes_are_not_focal_lesions() -> None:
+    # An unenhanced vein in the liver has a hypodense lesion's HU: its shape tells it apart.
+    hu, _ = scene()
+    vein = np.zeros(hu.shape, dtype=bool)
+    vein[25:55, 35:38, 18:21] = True  # 45 x 4.5 x 4.5 mm
+    lobulated = ball(hu.shape, (75, 40, 20), 3) | ball(hu.shape, (79, 40, 20), 3)  # 2:1, compact
+    hu[vein | lobulated] = 15.0
+    out = run(hu, {"vein": vein, "lobulated": lobulated})
+    labels = out["pred"][0].numpy()
+    assert labels[vein].max() == 0 and set(np.unique(labels[lobulated])) == {HYPODENSE}
+    assert elongation(vein, SPACING) > 3.0 > elongation(lobulated, SPACING)
+    assert run(hu, {"vein": vein}, rules={"max_elongation": 20.0})["pred"][0].numpy()[vein].max() == HYPODENSE
 
 
 def test_confidence_is_painted_on_findings_and_the_rest_stays_below_threshold() -> None:
