@@ -20,6 +20,17 @@ def voxel_spacing(affine: np.ndarray) -> tuple[float, float, float]:
     return tuple(float(v) for v in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))  # type: ignore[return-value]
 
 
+def nonzero_box(array: np.ndarray) -> tuple[slice, slice, slice] | None:
+    """The smallest box holding every non-zero voxel of a 3-D array (None: there is none), from its
+    projections: what findings occupy is usually a small part of a scan."""
+    z = np.flatnonzero(array.any(axis=(0, 1)))
+    if len(z) == 0:
+        return None
+    plane = array[:, :, z[0] : z[-1] + 1].any(axis=2)
+    x, y = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
+    return (slice(int(x[0]), int(x[-1]) + 1), slice(int(y[0]), int(y[-1]) + 1), slice(int(z[0]), int(z[-1]) + 1))
+
+
 _RAS = nib.orientations.axcodes2ornt(("R", "A", "S"))
 
 

@@ -24,6 +24,8 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from scipy import ndimage
 
+from models.geometry import nonzero_box
+
 # Labels of the output map; metadata.json's label_def carries the same names.
 BACKGROUND, HYPODENSE, HYPERDENSE, LUNG_NODULE = 0, 1, 2, 3
 _SLAB = 16  # input slices per slab of the inversion and of the painting
@@ -184,17 +186,24 @@ class PaintFindingsd(MapTransform):
         confidence = torch.tensor([0.0, *(f["confidence"] for f in findings)], dtype=torch.float32)
         below = float(np.nextafter(np.float32(self.threshold), np.float32(0.0)))
         # The labels overwrite the numbers slab by slab when both are bytes (the usual case).
-        labels = index if index.dtype == torch.uint8 else torch.empty(index.shape, dtype=torch.uint8)
+        labels = index if index.dtype == torch.uint8 else torch.zeros(index.shape, dtype=torch.uint8)
+        # Lookups only in the box where findings are: a scan is mostly background.
+        box = nonzero_box(index[0].numpy())
         for start in range(0, probability.shape[-1], _SLAB):
-            slab = (..., slice(start, start + _SLAB))
-            p = probability[slab]
-            found = (p >= self.threshold) & (index[slab] > 0)
-            # Lookups only where a finding is: a scan is mostly background.
-            numbers = index[slab][found].long()
-            p.clamp_(max=below)
-            p[found] = confidence[numbers]
-            labels[slab] = 0
-            labels[slab][found] = kinds[numbers]
+            slab = slice(start, start + _SLAB)
+            marked = None
+            if box is not None and start < box[2].stop and start + _SLAB > box[2].start:
+                part = (slice(None), box[0], box[1], slab)
+                p = probability[part]
+                found = (p >= self.threshold) & (index[part] > 0)
+                numbers = index[part][found].long()
+                labels[part] = 0
+                labels[part][found] = kinds[numbers]
+                marked = (p, found, confidence[numbers])
+            probability[..., slab].clamp_(max=below)
+            if marked is not None:
+                p, found, values = marked
+                p[found] = values
         return labels
 
 

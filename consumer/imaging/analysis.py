@@ -15,6 +15,7 @@ from typing import Any
 import cc3d
 import numpy as np
 
+from models.geometry import nonzero_box
 from schemas.results import BoundingBox, Finding, LabelVolume, Point
 
 
@@ -43,7 +44,7 @@ def analyse(label_map: LabelMap, intensity: np.ndarray, affine: np.ndarray) -> A
     voxel_mm3 = float(abs(np.linalg.det(affine[:3, :3])))
     # Components are found and measured in the box that holds every labelled voxel: findings
     # fill a small part of a scan (a 512 x 512 x 300 map took 2.5 s whole).
-    box = labelled_box(label_map.labels)
+    box = nonzero_box(label_map.labels) or (slice(0, 1), slice(0, 1), slice(0, 1))
     crop = replace(
         label_map,
         labels=label_map.labels[box],
@@ -70,17 +71,6 @@ def analyse(label_map: LabelMap, intensity: np.ndarray, affine: np.ndarray) -> A
         total_volume_mm3=total,
         confidence=_summary_confidence(findings, label_map.probability),
     )
-
-
-def labelled_box(labels: np.ndarray) -> tuple[slice, slice, slice]:
-    """The smallest box holding every non-zero voxel (one background voxel when there is none),
-    from the map's projections."""
-    z = np.flatnonzero(labels.any(axis=(0, 1)))
-    if len(z) == 0:
-        return (slice(0, 1), slice(0, 1), slice(0, 1))
-    plane = labels[:, :, z[0] : z[-1] + 1].any(axis=2)
-    x, y = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
-    return (slice(int(x[0]), int(x[-1]) + 1), slice(int(y[0]), int(y[-1]) + 1), slice(int(z[0]), int(z[-1]) + 1))
 
 
 def _findings(
