@@ -108,22 +108,59 @@ def to_input_grid(
         return MetaTensor(out, affine=torch.as_tensor(input_affine))
     plain = tensor.as_tensor() if isinstance(tensor, MetaTensor) else tensor
     dtype = torch.promote_types(plain.dtype, torch.float32) if linear else plain.dtype
-    result = torch.empty((plain.shape[0], *input_shape), dtype=dtype)
-    # Filled channel by channel and in slabs of the last input axis: a scan-sized map is 315 MB
-    # at 512 x 512 x 300 in float32, so no copy of a whole channel is ever made. The slab's own
-    # axis is gathered first, so that each slab only reads the model-grid rows it needs.
-    order = [2, *(k for k in np.argsort(axes) if k != 2)]
+    result = torch.zeros((plain.shape[0], *input_shape), dtype=dtype)
+    everywhere = [(0, n) for n in input_shape]
     for c in range(plain.shape[0]):
-        for start in range(0, input_shape[2], _SLAB):
-            stop = min(start + _SLAB, input_shape[2])
-            out = plain[c : c + 1]
-            for k in order:
-                j = int(axes[k])  # model coordinate = scale * i + offset along model axis j
-                index = np.arange(start, stop) if k == 2 else np.arange(input_shape[k])
-                out = _gather(out, 1 + j, matrix[j, k] * index + mapping[j, 3], plain.shape[1 + j], c in linear)
-            # Dimension j now runs over input axis k where j = axes[k]: put input axes in order.
-            result[c, :, :, start:stop] = out[0].permute(*(int(a) for a in axes))
+        # A nearest channel that is zero outside a box (findings' numbers) is only gathered where
+        # input voxels take their value from inside it.
+        spans = everywhere if c in linear else _spans_of_nonzero(plain[c], matrix, mapping, axes, input_shape)
+        if spans is not None:
+            _fill(result[c], plain[c : c + 1], matrix, mapping, axes, spans, c in linear)
     return MetaTensor(result, affine=torch.as_tensor(input_affine))
+
+
+def _spans_of_nonzero(
+    channel: torch.Tensor, matrix: np.ndarray, mapping: np.ndarray, axes: np.ndarray, input_shape: tuple[int, int, int]
+) -> list[tuple[int, int]] | None:
+    """Per input axis, the span of input indices whose nearest model voxel lies in the channel's
+    non-zero box; None when the channel is zero wherever the input samples it."""
+    box = nonzero_box(channel.numpy())
+    if box is None:
+        return None
+    spans = []
+    for k, n in enumerate(input_shape):
+        j = int(axes[k])
+        nearest = np.clip(np.rint(matrix[j, k] * np.arange(n) + mapping[j, 3]), 0, channel.shape[j] - 1)
+        hit = np.flatnonzero((nearest >= box[j].start) & (nearest < box[j].stop))
+        if len(hit) == 0:
+            return None
+        spans.append((int(hit[0]), int(hit[-1]) + 1))  # nearest is monotonic in the input index
+    return spans
+
+
+def _fill(
+    target: torch.Tensor,
+    source: torch.Tensor,
+    matrix: np.ndarray,
+    mapping: np.ndarray,
+    axes: np.ndarray,
+    spans: list[tuple[int, int]],
+    interpolate: bool,
+) -> None:
+    """One channel, `spans` of the input grid, in slabs of the last input axis: a scan-sized map
+    is 315 MB at 512 x 512 x 300 in float32, so no copy of a whole channel is ever made. The
+    slab's own axis is gathered first, so that each slab only reads the model-grid rows it needs."""
+    order = [2, *(k for k in np.argsort(axes) if k != 2)]
+    (x0, x1), (y0, y1), (z0, z1) = spans
+    for start in range(z0, z1, _SLAB):
+        stop = min(start + _SLAB, z1)
+        out = source
+        for k in order:
+            j = int(axes[k])  # model coordinate = scale * i + offset along model axis j
+            index = np.arange(start, stop) if k == 2 else np.arange(*spans[k])
+            out = _gather(out, 1 + j, matrix[j, k] * index + mapping[j, 3], source.shape[1 + j], interpolate)
+        # Dimension j now runs over input axis k where j = axes[k]: put input axes in order.
+        target[x0:x1, y0:y1, start:stop] = out[0].permute(*(int(a) for a in axes))
 
 
 def _gather(array: torch.Tensor, dim: int, coordinate: np.ndarray, size: int, interpolate: bool) -> torch.Tensor:

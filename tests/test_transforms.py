@@ -232,6 +232,14 @@ def test_inversion_to_the_input_grid_matches_monai_invertd_for_any_axis_order() 
         assert ours["pred"].shape == (1, 40, 50, 37)
         assert torch.equal(torch.as_tensor(ours["pred"]), torch.as_tensor(expected["pred"]))
         assert np.allclose(np.asarray(ours["pred"].affine), affine)
+        # Zero but for a box (findings' numbers), gathered only where the input samples the box.
+        sparse = torch.zeros_like(data["image"])
+        sparse[0, 2:5, 3:5, 1:4] = torch.arange(1, 19, dtype=torch.float32).reshape(3, 2, 3)
+        data["pred"] = sparse
+        expected = Invertd(keys="pred", transform=preprocessing, orig_keys="image", nearest_interp=True)(dict(data))
+        ours = InvertToInputd(keys="pred", orig_key="image")(dict(data))
+        assert torch.equal(torch.as_tensor(ours["pred"]), torch.as_tensor(expected["pred"]))
+        data["pred"] = data["image"].clone()
         # Linear: the same as MONAI's bilinear resampling away from the borders.
         smooth = Invertd(keys="pred", transform=preprocessing, orig_keys="image", nearest_interp=False)(dict(data))
         ours = InvertToInputd(keys="pred", orig_key="image", linear_channels=[0])(dict(data))
