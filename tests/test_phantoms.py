@@ -120,3 +120,20 @@ def test_validation_grids_are_not_training_grids() -> None:
     assert max(a.shape[0] for a in train) < min(a.shape[0] for a in validation)
     assert all(np.array_equal(a.layout, acq.lps_like(a.shape, a.spacing).layout) for a in train)
     assert any(not np.array_equal(a.layout, train[0].layout) for a in validation)
+
+
+def _block_ratio(field: np.ndarray, block: int = 4) -> float:
+    """Variance of 4x4 in-plane block means over that of white noise's: below 1 where the grain is
+    finer than white (a sharp kernel's ramp), above 1 where it is coarse (a smooth kernel)."""
+    x, y = field.shape[0] // block, field.shape[1] // block
+    means = field[: x * block, : y * block].reshape(x, block, y, block, -1).mean(axis=(1, 3))
+    return float(means.var()) * block * block / float(field.var())
+
+
+def test_training_noise_spans_smooth_to_sharp_kernels() -> None:
+    # Real scans come with any reconstruction kernel; the training family must not know only one.
+    shape, spacing, body = (96, 96, 8), (0.8, 0.8, 2.0), np.ones((96, 96), dtype=bool)
+    ratios = [_block_ratio(acq.noise(shape, spacing, 10.0, np.random.default_rng(s), "train", body)) for s in range(12)]
+    assert min(ratios) < 0.8 and max(ratios) > 1.5
+    gain = acq._central_gain(np.pad(np.ones((60, 40), dtype=bool), 18), 0.6)
+    assert gain[48, 38] == pytest.approx(1.3, abs=0.02) and gain[0, 0] == pytest.approx(0.7)
