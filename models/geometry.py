@@ -26,8 +26,8 @@ def nonzero_box(array: np.ndarray) -> tuple[slice, slice, slice] | None:
     z = np.flatnonzero(array.any(axis=(0, 1)))
     if len(z) == 0:
         return None
-    plane = array[:, :, z[0] : z[-1] + 1].any(axis=2)
-    x, y = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
+    plane = np.asarray(array[:, :, z[0] : z[-1] + 1]).any(axis=2)
+    x, y = np.flatnonzero(np.any(plane, axis=1)), np.flatnonzero(np.any(plane, axis=0))
     return (slice(int(x[0]), int(x[-1]) + 1), slice(int(y[0]), int(y[-1]) + 1), slice(int(z[0]), int(z[-1]) + 1))
 
 
