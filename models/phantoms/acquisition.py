@@ -185,5 +185,5 @@ def _central_gain(body: np.ndarray, strength: float) -> np.ndarray:
     covariance = np.cov((points - centre).T) * 4.0  # a uniform ellipse's radius^2 is 4 x its variance
     x, y = np.meshgrid(np.arange(body.shape[0]), np.arange(body.shape[1]), indexing="ij")
     offset = np.stack([x - centre[0], y - centre[1]], axis=-1)
-    radius = np.sqrt(np.einsum("...i,ij,...j->...", offset, np.linalg.inv(covariance), offset))
+    radius = np.sqrt(np.einsum("...i,ij,...j->...", offset, np.linalg.pinv(covariance), offset))
     return (1.0 + strength * (0.5 - np.clip(radius, 0.0, 1.0))).astype(np.float32)
