@@ -31,7 +31,7 @@ from monai.bundle import ConfigParser
 from monai.losses import DiceLoss
 
 from models.device import autocast, choose_precision
-from models.geometry import ModelGrid
+from models.geometry import ModelGrid, nonzero_box
 from models.phantom import generate_phantom
 from models.phantoms import generate_phantom as realistic_phantom
 from models.phantoms.anatomy import BOWEL, KIDNEY, VESSEL
@@ -95,12 +95,6 @@ def _subsample(points: np.ndarray, rng: np.random.Generator, count: int = BODY_P
     return points[rng.choice(len(points), size=min(len(points), count), replace=False)]
 
 
-def _extent(present: np.ndarray) -> slice:
-    """The span of the True entries of a 1-D mask (projections: no index array of the volume)."""
-    where = np.flatnonzero(present)
-    return slice(int(where[0]), int(where[-1]) + 1)
-
-
 def make_sample(seed: int, spacing_mm: Spacing, realistic: bool = False) -> Sample:
     # More lesions per scan than the validation phantoms: more positive patches per phantom.
     # The realistic world (bone, table, bowel, lungs...) teaches what to leave alone; the simple
@@ -118,9 +112,10 @@ def make_sample(seed: int, spacing_mm: Spacing, realistic: bool = False) -> Samp
     body = hu > SOFT_TISSUE_HU
     # Look-alikes inside the body's extent: a filled outline would need a 3-D fill per phantom;
     # the bounding box of the soft tissue is close enough for sampling.
-    box = tuple(_extent(np.asarray(body.any(axis=tuple(j for j in range(3) if j != k)))) for k in range(3))
+    box = nonzero_box(body)
     hard = np.zeros_like(body)
-    hard[box] = (hu[box] > BRIGHT_HU) | (hu[box] < DARK_HU)
+    if box is not None:
+        hard[box] = (hu[box] > BRIGHT_HU) | (hu[box] < DARK_HU)
     rng = np.random.default_rng(seed)
     # Half the look-alike points from what the phantom drew as bowel, vessels and kidneys: fluid
     # in bowel, unenhanced veins in the liver and the kidney's cortex are within the lesions' HU

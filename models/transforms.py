@@ -130,7 +130,7 @@ def _spans_of_nonzero(
     spans = []
     for k, n in enumerate(input_shape):
         j = int(axes[k])
-        nearest = np.clip(np.rint(matrix[j, k] * np.arange(n) + mapping[j, 3]), 0, channel.shape[j] - 1)
+        nearest = _nearest(matrix[j, k] * np.arange(n) + mapping[j, 3], channel.shape[j])
         hit = np.flatnonzero((nearest >= box[j].start) & (nearest < box[j].stop))
         if len(hit) == 0:
             return None
@@ -163,10 +163,14 @@ def _fill(
         target[x0:x1, y0:y1, start:stop] = out[0].permute(*(int(a) for a in axes))
 
 
+def _nearest(coordinate: np.ndarray, size: int) -> np.ndarray:
+    """The model-grid index a nearest-neighbour sample at `coordinate` reads (edges repeated)."""
+    return np.clip(np.rint(coordinate), 0, size - 1).astype(np.int64)
+
+
 def _gather(array: torch.Tensor, dim: int, coordinate: np.ndarray, size: int, interpolate: bool) -> torch.Tensor:
     if not interpolate:
-        index = np.clip(np.rint(coordinate), 0, size - 1).astype(np.int64)
-        return array.index_select(dim, torch.from_numpy(index))
+        return array.index_select(dim, torch.from_numpy(_nearest(coordinate, size)))
     coordinate = np.clip(coordinate, 0.0, size - 1.0)
     low = np.floor(coordinate).astype(np.int64)
     high = np.minimum(low + 1, size - 1)
@@ -228,19 +232,17 @@ class PaintFindingsd(MapTransform):
         box = nonzero_box(index[0].numpy())
         for start in range(0, probability.shape[-1], _SLAB):
             slab = slice(start, start + _SLAB)
-            marked = None
-            if box is not None and start < box[2].stop and start + _SLAB > box[2].start:
-                part = (slice(None), box[0], box[1], slab)
-                p = probability[part]
-                found = (p >= self.threshold) & (index[part] > 0)
-                numbers = index[part][found].long()
-                labels[part] = 0
-                labels[part][found] = kinds[numbers]
-                marked = (p, found, confidence[numbers])
+            if box is None or start >= box[2].stop or start + _SLAB <= box[2].start:
+                probability[..., slab].clamp_(max=below)
+                continue
+            part = (slice(None), box[0], box[1], slab)
+            p = probability[part]
+            found = (p >= self.threshold) & (index[part] > 0)
+            numbers = index[part][found].long()
+            labels[part] = 0
+            labels[part][found] = kinds[numbers]
             probability[..., slab].clamp_(max=below)
-            if marked is not None:
-                p, found, values = marked
-                p[found] = values
+            p[found] = confidence[numbers]
         return labels
 
 
