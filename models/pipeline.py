@@ -207,7 +207,19 @@ def _stages(post: Compose) -> list[tuple[str, Callable[[Data], Data]]]:
 
 def scan_image(volume: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header | None) -> nib.Nifti1Image:
     """The scan as the NIfTI image a bundle's LoadImaged would have read."""
-    image = nib.Nifti1Image(volume, affine, header)
+    image = nib.Nifti1Image(c_ordered(volume), affine, header)
     image.set_sform(affine, code=1)
     image.set_qform(affine, code=1)
     return image
+
+
+def c_ordered(volume: np.ndarray) -> np.ndarray:
+    """The same values in C order. MONAI's loader makes that copy itself, with numpy, for a scan in
+    Fortran order (as NIfTI stores it): 1.2-1.7 s for 512 x 512 x 300 float32 on 2 cores, where
+    torch's copy, on every thread, takes 0.7 s."""
+    if volume.flags.c_contiguous:
+        return volume
+    try:
+        return torch.from_numpy(volume).contiguous().numpy()
+    except (TypeError, ValueError):  # a dtype or byte order torch does not take: numpy's copy
+        return np.ascontiguousarray(volume)

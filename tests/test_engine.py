@@ -120,6 +120,17 @@ def test_prediction_follows_the_anatomy_not_the_array_layout(engine: InferenceEn
     assert np.abs(back - base).max() < 1e-3
 
 
+def test_the_memory_order_of_a_scan_does_not_change_the_answer(engine: InferenceEngine, small_phantom) -> None:  # type: ignore[no-untyped-def]
+    """The service hands the bundle a C-ordered copy of a Fortran-ordered scan (made faster than
+    MONAI's own copy would be): the prediction is the same, bit for bit."""
+    image, affine = small_phantom.image, small_phantom.affine
+    fortran = engine.predict(np.asfortranarray(image), affine, Profile.FAST_DEBUG, 0.55)
+    c_order = engine.predict(np.ascontiguousarray(image), affine, Profile.FAST_DEBUG, 0.55)
+    assert fortran.probability is not None and c_order.probability is not None
+    assert np.array_equal(fortran.labels, c_order.labels)
+    assert np.array_equal(fortran.probability, c_order.probability)
+
+
 def test_lesions_are_found(engine: InferenceEngine, small_phantom) -> None:  # type: ignore[no-untyped-def]
     from models.evaluate import dice
 
