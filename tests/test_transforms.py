@@ -16,6 +16,7 @@ from models.transforms import (
     HYPODENSE,
     LUNG_NODULE,
     InvertToInputd,
+    CoarseMask,
     LesionFindingsd,
     PaintFindingsd,
     body_mask,
@@ -156,6 +157,22 @@ def test_body_mask_keeps_lungs_and_drops_the_table() -> None:
     body = body_mask(hu, SPACING, -350.0, 4.0)
     assert body[85, 60, 20] and body[60, 55, 20]  # lung inside, soft tissue inside
     assert not body[30, 6, 20] and not body[5, 90, 20]  # table, air
+
+
+def test_a_coarse_mask_reads_as_its_nearest_upsampling() -> None:
+    """Boxes and points of a coarse mask are what the whole upsampled grid would hold there."""
+    rng = np.random.default_rng(3)
+    shape, factors = (47, 30, 25), (3, 2, 1)
+    coarse = rng.random((16, 15, 25)) > 0.5
+    whole = torch.nn.functional.interpolate(
+        torch.from_numpy(coarse.astype(np.uint8))[None, None].float(), scale_factor=factors, mode="nearest"
+    )[0, 0, : shape[0], : shape[1], : shape[2]].numpy() > 0.5
+    mask = CoarseMask(coarse, factors, shape)
+    assert np.array_equal(mask.full(), whole)
+    box = (slice(5, 44), slice(0, 7), slice(20, 25))
+    assert np.array_equal(mask[box], whole[box])
+    points = np.nonzero(rng.random(shape) > 0.9)
+    assert np.array_equal(mask.at(points), whole[points])
 
 
 def test_finding_numbers_paint_into_labels_and_confidence() -> None:
