@@ -164,9 +164,12 @@ def test_a_coarse_mask_reads_as_its_nearest_upsampling() -> None:
     rng = np.random.default_rng(3)
     shape, factors = (47, 30, 25), (3, 2, 1)
     coarse = rng.random((16, 15, 25)) > 0.5
-    whole = torch.nn.functional.interpolate(
-        torch.from_numpy(coarse.astype(np.uint8))[None, None].float(), scale_factor=factors, mode="nearest"
-    )[0, 0, : shape[0], : shape[1], : shape[2]].numpy() > 0.5
+    whole = (
+        torch.nn.functional.interpolate(
+            torch.from_numpy(coarse.astype(np.uint8))[None, None].float(), scale_factor=factors, mode="nearest"
+        )[0, 0, : shape[0], : shape[1], : shape[2]].numpy()
+        > 0.5
+    )
     mask = CoarseMask(coarse, factors, shape)
     assert np.array_equal(mask.full(), whole)
     box = (slice(5, 44), slice(0, 7), slice(20, 25))
