@@ -11,6 +11,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Orientationd, Spacingd
 
+from models.geometry import nonzero_box
 from models.transforms import (
     HYPERDENSE,
     HYPODENSE,
@@ -266,6 +267,20 @@ def test_inversion_to_the_input_grid_matches_monai_invertd_for_any_axis_order() 
         a, b = torch.as_tensor(ours["pred"])[0], torch.as_tensor(smooth["pred"])[0]
         inner = (slice(4, -4), slice(4, -4), slice(2, -2))
         assert torch.allclose(a[inner], b[inner], atol=1e-4)
+        # Linear only where the input samples the findings' box: there as linear everywhere, and
+        # elsewhere nearest; the numbers themselves still inverted nearest.
+        data["numbers"] = sparse
+        within = InvertToInputd(keys="pred", orig_key="image", linear_channels=[0], linear_within="numbers")
+        boxed = torch.as_tensor(within(dict(data))["pred"])[0]
+        nearest = torch.as_tensor(InvertToInputd(keys="pred", orig_key="image")(dict(data))["pred"])[0]
+        numbers = torch.as_tensor(InvertToInputd(keys="numbers", orig_key="image")(dict(data))["numbers"])[0]
+        near = numbers > 0
+        assert near.any() and (~near).any()
+        assert torch.equal(boxed[near], a[near])
+        box = nonzero_box(near.numpy())
+        outside = torch.ones_like(near)
+        outside[box] = False
+        assert torch.equal(boxed[outside], nearest[outside]) and not torch.equal(a[outside], nearest[outside])
 
 
 def test_oblique_inputs_fall_back_to_resampling() -> None:
