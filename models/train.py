@@ -125,6 +125,8 @@ def make_sample(seed: int, spacing_mm: Spacing, realistic: bool = False) -> Samp
     drawn = np.zeros_like(body)
     if tissue is not None:
         drawn = (grid.to_model(np.isin(tissue, LOOKALIKE_TISSUES).astype(np.float32))[0, 0] >= 0.5).numpy()
+        # A kidney lesion keeps its organ's tissue label: its voxels are lesion points, not look-alikes.
+        drawn &= label_u8.numpy() == 0
     return Sample(
         img_t.contiguous(),
         label_u8,
