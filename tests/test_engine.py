@@ -137,7 +137,7 @@ def test_lesions_are_found(engine: InferenceEngine, small_phantom) -> None:  # t
     labels = engine.predict(small_phantom.image, small_phantom.affine, Profile.PRODUCTION, 0.55).labels
     found = cc3d.connected_components(small_phantom.lesion_mask > 0) * (labels > 0)
     assert len(np.unique(found[found > 0])) == 2  # both lesions
-    # Outlines at 1.6 x 1.6 x 3 mm: 1.3.0 gives 0.70 here (1.2.0: 0.73; the README has the rest).
+    # Outlines at 1.6 x 1.6 x 3 mm: 1.3.0 gave 0.70 here (1.2.0: 0.73; the README has the rest).
     assert dice(labels > 0, small_phantom.lesion_mask) > 0.65
 
 
