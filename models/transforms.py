@@ -121,13 +121,13 @@ def to_input_grid(
     dtype = torch.promote_types(plain.dtype, torch.float32) if linear else plain.dtype
     result = torch.zeros((plain.shape[0], *input_shape), dtype=dtype)
     everywhere = [(0, n) for n in input_shape]
-    near = None if linear_within is None else _spans_of_nonzero(linear_within, matrix, mapping, axes, input_shape)
+    # Where linear channels are interpolated; nearest first wherever that is not everywhere.
+    near = everywhere if linear_within is None else _spans_of_nonzero(linear_within, matrix, mapping, axes, input_shape)
     for c in range(plain.shape[0]):
         channel = plain[c : c + 1]
-        if c in linear and linear_within is None:
-            _fill(result[c], channel, matrix, mapping, axes, everywhere, True)
-        elif c in linear:
-            _fill(result[c], channel, matrix, mapping, axes, everywhere, False)
+        if c in linear:
+            if near != everywhere:
+                _fill(result[c], channel, matrix, mapping, axes, everywhere, False)
             if near is not None:
                 _fill(result[c], channel, matrix, mapping, axes, near, True)
         # A nearest channel that is zero outside a box (findings' numbers) is only gathered where
@@ -486,10 +486,6 @@ class CoarseMask:
 
     def full(self) -> np.ndarray:
         return self[tuple(slice(None) for _ in self.shape)]
-
-
-def body_mask(hu: np.ndarray, spacing: tuple[float, float, float], body_hu: float, voxel_mm: float) -> np.ndarray:
-    return coarse_body(hu, spacing, body_hu, voxel_mm).full()
 
 
 def coarse_body(hu: np.ndarray, spacing: tuple[float, float, float], body_hu: float, voxel_mm: float) -> CoarseMask:

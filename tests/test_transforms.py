@@ -20,8 +20,8 @@ from models.transforms import (
     InvertToInputd,
     LesionFindingsd,
     PaintFindingsd,
-    body_mask,
     calibrate,
+    coarse_body,
     elongation,
 )
 
@@ -155,7 +155,7 @@ def test_identity_calibration_is_the_mean_probability() -> None:
 
 def test_body_mask_keeps_lungs_and_drops_the_table() -> None:
     hu, _ = scene()
-    body = body_mask(hu, SPACING, -350.0, 4.0)
+    body = coarse_body(hu, SPACING, -350.0, 4.0).full()
     assert body[85, 60, 20] and body[60, 55, 20]  # lung inside, soft tissue inside
     assert not body[30, 6, 20] and not body[5, 90, 20]  # table, air
 
