@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.train import Recipe, Sample, World, cosine_lr, patch_center
+from models.train import Recipe, Sample, World, cosine_lr, lesion_loss, number_lesions, patch_center
 from models.train_pool import SamplePool
 
 FINE, COARSE = (1.25, 1.25, 1.25), (2.0, 2.0, 2.0)
@@ -29,8 +29,9 @@ def test_the_world_mixes_grids_between_production_and_fast_debug_and_both_phanto
 def _sample(seed: int, lesion: bool = True) -> Sample:
     image = torch.full((8, 8, 8), float(seed))
     label = torch.zeros((8, 8, 8), dtype=torch.uint8)
-    lesions = np.array([[1, 1, 1]]) if lesion else np.zeros((0, 3), dtype=np.int64)
-    return Sample(image, label, lesions, np.array([[2, 2, 2]]), np.array([[3, 3, 3]]))
+    lesions = [np.array([[1, 1, 1]])] if lesion else []
+    label[1, 1, 1] = int(lesion)
+    return Sample(image, label, lesions, np.array([[2, 2, 2]]), np.array([[3, 3, 3]]), np.ones(2, np.float32))
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ def test_the_pool_swaps_fresh_samples_in_from_its_producer() -> None:
     pool = SamplePool(TinyMaker(), size=3, first_seed=100, sample_type=Sample)
     try:
         assert [float(s.image[0, 0, 0]) for s in pool.samples] == [100.0, 101.0, 102.0]
-        assert isinstance(pool.samples[0].image, torch.Tensor) and pool.samples[0].lesion_voxels.shape == (1, 3)
+        assert isinstance(pool.samples[0].image, torch.Tensor) and pool.samples[0].lesions[0].shape == (1, 3)
         deadline = time.monotonic() + 30
         while pool.replaced < 4 and time.monotonic() < deadline:
             pool.refresh()
@@ -84,3 +85,42 @@ def test_patches_centre_on_lesions_body_or_look_alikes_as_the_shares_say() -> No
     assert (np.abs(centre - 1) <= 1).all()  # a lesion voxel, shifted by up to a quarter patch
     # A phantom without lesions (organs out of view) falls through to the other kinds.
     assert (patch_center(_sample(0, lesion=False), 4, rng, (0.5, 0.5, 0.0, 0.0)) == [2, 2, 2]).all()
+
+
+def test_lesions_are_numbered_and_small_ones_weigh_more() -> None:
+    label = np.zeros((40, 40, 40), dtype=np.uint8)
+    label[2:4, 2:4, 2:4] = 1  # 8 voxels of 1 mm3: about 2.5 mm across
+    label[10:30, 10:30, 10:30] = 1  # 8000 voxels: about 25 mm across
+    numbers, lesions, weights = number_lesions(label, voxel_mm3=1.0)
+    assert numbers.dtype == np.uint8 and set(np.unique(numbers)) == {0, 1, 2}
+    assert sorted(len(v) for v in lesions) == [8, 8000]
+    for k, voxels in enumerate(lesions, start=1):
+        assert (numbers[tuple(voxels.T)] == k).all()
+    small, large = (1, 2) if len(lesions[0]) == 8 else (2, 1)
+    assert weights[0] == 1.0 and weights[large] == 1.0 and weights[small] == 3.0  # capped
+    assert number_lesions(np.zeros((4, 4, 4), np.uint8), 1.0)[1] == []
+
+
+def test_patches_visit_every_lesion_alike_whatever_its_size() -> None:
+    label = np.zeros((40, 40, 40), dtype=np.uint8)
+    label[2:4, 2:4, 2:4] = 1
+    label[10:30, 10:30, 10:30] = 1
+    numbers, lesions, weights = number_lesions(label, 1.0)
+    sample = Sample(
+        torch.zeros(label.shape), torch.from_numpy(numbers), lesions, np.zeros((0, 3)), np.zeros((0, 3)), weights
+    )
+    rng = np.random.default_rng(0)
+    centres = np.array([patch_center(sample, 4, rng, (1.0, 0.0, 0.0, 0.0)) for _ in range(400)])
+    near_small = (np.abs(centres - 2.5) <= 2.5).all(axis=1).mean()
+    assert 0.4 < near_small < 0.6  # by voxels it would be 1 in 1000
+
+
+def test_the_loss_weighs_a_missed_small_lesion_voxel_by_its_size_weight() -> None:
+    loss = lesion_loss(positive_weight=2.0)
+    logits = torch.full((1, 1, 2, 1, 1), -4.0)
+    labels = torch.tensor([1.0, 0.0]).reshape(1, 1, 2, 1, 1)
+    light, heavy = (loss(logits, labels, torch.full_like(labels, w)) for w in (1.0, 3.0))
+    # Only the lesion voxel's BCE term changes: 2 x 3 against 2 x 1 times softplus(4), over 2 voxels.
+    assert float(heavy - light) == pytest.approx(
+        (6.0 - 2.0) * float(torch.nn.functional.softplus(torch.tensor(4.0))) / 2, rel=1e-5
+    )
