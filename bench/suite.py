@@ -35,6 +35,7 @@ from consumer.dev.localstack import LocalStack, S3Ports, free_port, prepare_stac
 from consumer.settings import Settings
 from consumer.storage import ObjectStore
 from consumer.transport.clients import make_producer
+from models.device import cpu_flags
 from models.evaluate import DEFAULT_BUNDLE, dice
 from models.phantom import generate_phantom, save_phantom
 from producer_tools.commands import FINAL_STATUSES, EventFollower
@@ -101,21 +102,10 @@ class Client:
 
 
 def machine_facts() -> dict[str, Any]:
-    flags = ""
-    with contextlib.suppress(OSError):
-        flags = next(
-            (
-                line.split(":", 1)[1]
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("flags")
-            ),
-            "",
-        )
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
     return {
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "cpu_flags": [flag for flag in wanted if flag in flags.split()],
+        "cpu_flags": cpu_flags(),
         "load_average_start": os.getloadavg(),
     }
 

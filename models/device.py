@@ -17,13 +17,32 @@ def choose_device(requested: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+# The CPU features that decide precision and runtime speed here, as /proc/cpuinfo names them.
+DECIDING_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo"), wanted: tuple[str, ...] = DECIDING_FLAGS) -> list[str]:
+    """Which of `wanted` the CPU has (none where /proc/cpuinfo cannot be read)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return []
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    have = set(line.split(":", 1)[-1].split())
+    return [flag for flag in wanted if flag in have]
+
+
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return "unknown CPU"
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
+
+
 def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """AVX512-BF16 or AMX: bf16 matmuls run in hardware instead of being emulated (slower than fp32)."""
-    try:
-        flags = cpuinfo.read_text()
-    except OSError:
-        return False
-    return any(flag in flags for flag in (" avx512_bf16", " amx_bf16"))
+    return bool(cpu_flags(cpuinfo, ("avx512_bf16", "amx_bf16")))
 
 
 def choose_precision(device: torch.device, requested: str = "auto") -> str:

@@ -1,7 +1,7 @@
 """Validate a bundle on the held-out phantom family through the service's inference engine.
 
     python -m models.evaluate [--bundle DIR] [--previous DIR] [--phantoms 8] [--normals 4]
-        [--profiles production ...] [--calibrate] [--write-metadata]
+        [--profiles production ...] [--runtime torch] [--calibrate] [--write-metadata]
 
 The validation family (`models.phantoms`, family="validation": other lesion outlines, noise
 model, grids and stored axis orders than the training family) is never trained on. Every scan
@@ -10,7 +10,8 @@ over its lesion voxels), detection of lesions >= 10 mm, 5-10 mm and < 5 mm (a le
 when a finding overlaps it), false positives a scan (findings touching no lesion), false
 findings a lesion-free scan, finding-type agreement, seconds a scan. The previous bundle
 (`--previous`, bundle 1.0 by default: the same weights without the tissue gating) runs on the
-same scans for a side-by-side table.
+same scans for a side-by-side table. Both also run on the simple phantoms of the service's tests
+(`models.phantom`), whose Dice must not regress; the report records what ran the networks.
 
 Confidence: a finding's confidence is the mean of `prob` over it. The expected calibration error
 (ECE) of the production findings is reported as shipped and after a fit of
@@ -32,9 +33,12 @@ from typing import Any
 
 import cc3d
 import numpy as np
+import torch
 
 from models.bundle import BundleSpec
-from models.engine import InferenceEngine
+from models.device import cpu_flags, cpu_model
+from models.engine import EngineOptions, InferenceEngine
+from models.phantom import generate_phantom as simple_phantom
 from models.phantoms import Phantom, generate_phantom
 from schemas.jobs import Profile
 
@@ -257,10 +261,51 @@ def table(rows: dict[str, dict[str, dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
-def loaded_engine(bundle: Path) -> InferenceEngine:
-    engine = InferenceEngine(BundleSpec.load(bundle))
+def loaded_engine(bundle: Path, runtime: str = "torch") -> InferenceEngine:
+    engine = InferenceEngine(BundleSpec.load(bundle), EngineOptions(runtime=runtime))
     engine.load()
     return engine
+
+
+def runtime_line(engine: InferenceEngine) -> str:
+    """What ran the networks, for the report: runtime, precision, threads and the CPU's deciding flags."""
+    flags = " ".join(cpu_flags()) or "unknown"
+    return f"{engine.runtime} {engine.precision}, {torch.get_num_threads()} threads, {cpu_model()} (flags: {flags})"
+
+
+# The simple phantoms of the service's own tests: the job tests' phantom and three default ones.
+SIMPLE_SEEDS = (90000, 90001, 90002)
+SIMPLE_DESCRIPTION = (
+    "models.phantom (the service's tests): the test phantom (seed 7, 192x192x64, 2 lesions of 16-30 mm) "
+    f"and seeds {SIMPLE_SEEDS[0]}-{SIMPLE_SEEDS[-1]}"
+)
+
+
+def simple_phantom_dice(
+    engines: dict[str, InferenceEngine], profiles: list[Profile]
+) -> dict[str, dict[str, list[float]]]:
+    """profile -> bundle version -> Dice on each simple phantom: the clean cases must not regress."""
+    phantoms = [
+        simple_phantom(7, (192, 192, 64), (0.9, 0.9, 2.5), lesion_count=(2, 2), lesion_diameter_mm=(16.0, 30.0)),
+        *(simple_phantom(seed) for seed in SIMPLE_SEEDS),
+    ]
+    out: dict[str, dict[str, list[float]]] = {}
+    for profile in profiles:
+        by_version = out.setdefault(f"{profile.value}_dice", {})
+        for engine in engines.values():
+            by_version[engine.spec.version] = [
+                round(dice(engine.predict(p.image, p.affine, profile, THRESHOLD).labels > 0, p.lesion_mask), 2)
+                for p in phantoms
+            ]
+    return out
+
+
+def merged_simple(earlier: dict[str, Any] | None, measured: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
+    """The simple-phantom rows of this run over those recorded for older versions."""
+    merged: dict[str, Any] = {"generator": SIMPLE_DESCRIPTION}
+    for key, by_version in measured.items():
+        merged[key] = {**(earlier or {}).get(key, {}), **by_version}
+    return merged
 
 
 def write_calibration(bundle: Path, params: dict[str, float]) -> None:
@@ -283,6 +328,12 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--profiles", nargs="+", default=[p.value for p in Profile], choices=[p.value for p in Profile])
     parser.add_argument("--calibrate", action="store_true", help="write the fitted calibration into inference.json")
     parser.add_argument("--write-metadata", action="store_true", help="record the report in configs/metadata.json")
+    parser.add_argument(
+        "--runtime",
+        default="torch",
+        choices=["torch", "auto", "openvino", "onnxruntime"],
+        help="what runs the network (ML_RUNTIME); torch measures the weights themselves",
+    )
     return parser.parse_args()
 
 
@@ -290,9 +341,9 @@ def main() -> None:
     args = arguments()
     started = time.perf_counter()
     profiles = [Profile(p) for p in args.profiles]
-    engines = {"current": loaded_engine(args.bundle)}
+    engines = {"current": loaded_engine(args.bundle, args.runtime)}
     if str(args.previous) != "none":
-        engines["previous"] = loaded_engine(args.previous)
+        engines["previous"] = loaded_engine(args.previous, args.runtime)
     current = engines["current"]
     results = evaluate(engines, scan_seeds(args.phantoms, args.normals), profiles)
     rows = {model: {p: summarise(r) for p, r in by_profile.items()} for model, by_profile in results.items()}
@@ -309,13 +360,16 @@ def main() -> None:
         },
         "threshold": THRESHOLD,
         "precision": current.precision,
+        "runtime": runtime_line(current),
         "profiles": rows["current"],
         "calibration": calibration,
     }
     if "previous" in rows:
         report["previous_model"] = {"version": engines["previous"].spec.version, "profiles": rows["previous"]}
+    simple = simple_phantom_dice(engines, profiles)
     names = {model: f"{model} ({engine.spec.version})" for model, engine in engines.items()}
     print(table({names[m]: r for m, r in rows.items()}))
+    print(f"simple phantoms (Dice per phantom): {json.dumps(simple)}")
     print(f"confidence (production): {json.dumps(calibration)}; {time.perf_counter() - started:.0f} s")
     print(json.dumps(report, indent=2))
     if args.calibrate:
@@ -323,6 +377,7 @@ def main() -> None:
     if args.write_metadata:
         metadata_file = args.bundle / "configs" / "metadata.json"
         metadata = json.loads(metadata_file.read_text())
+        report["simple_phantoms"] = merged_simple(metadata.get("validation", {}).get("simple_phantoms"), simple)
         metadata["validation"] = report
         metadata_file.write_text(json.dumps(metadata, indent=2) + "\n")
 

@@ -17,7 +17,7 @@ import torch
 
 from consumer.settings import parse_routes
 from models.bundle import BundleError, BundleSpec, label_names
-from models.device import choose_device, choose_precision
+from models.device import choose_device, choose_precision, cpu_flags, cpu_has_native_bf16, cpu_model
 from models.engine import EngineOptions, InferenceEngine, InferenceFailed
 from models.evaluate import DEFAULT_BUNDLE
 from models.network import unwrap_state
@@ -83,6 +83,16 @@ def test_device_and_precision_are_chosen_from_the_machine(monkeypatch: pytest.Mo
     assert choose_device("cpu").type == "cpu"
     assert choose_precision(torch.device("cpu"), "fp32") == "fp32"
     assert choose_precision(torch.device("cpu"), "auto") in ("fp32", "bf16")
+
+
+def test_cpu_features_are_read_as_whole_flags(tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Some EPYC\nflags\t\t: fpu avx2 avx512fx amx_tile\n")
+    assert cpu_flags(cpuinfo) == ["avx2", "amx_tile"]  # avx512fx is not avx512f
+    assert cpu_model(cpuinfo) == "Some EPYC" and not cpu_has_native_bf16(cpuinfo)
+    cpuinfo.write_text("flags\t: avx2 avx512_bf16\n")
+    assert cpu_has_native_bf16(cpuinfo)
+    assert cpu_flags(tmp_path / "absent") == [] and not cpu_has_native_bf16(tmp_path / "absent")
 
 
 def test_profiles_map_to_inferer_settings(engine: InferenceEngine) -> None:

@@ -1,0 +1,60 @@
+"""The validation report's own arithmetic: lesion-wise scoring, calibration error and the record
+kept in the bundle's metadata (pure logic on small arrays; no network is run)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models.evaluate import SIMPLE_DESCRIPTION, expected_calibration_error, merged_simple, score
+from models.phantoms import Lesion, Phantom
+
+
+def _phantom() -> Phantom:
+    instances = np.zeros((30, 30, 30), dtype=np.uint8)
+    instances[2:6, 2:6, 2:6] = 1  # found below
+    instances[20:28, 20:28, 20:28] = 2  # missed below
+    lesions = [
+        Lesion("liver", "hypodense", (0.0, 0.0, 0.0), (3.0, 3.0, 3.0), 20.0),  # 6 mm
+        Lesion("lung", "solid_nodule", (0.0, 0.0, 0.0), (6.0, 6.0, 6.0), 30.0),  # 12 mm
+    ]
+    return Phantom(
+        np.zeros(instances.shape, np.float32),
+        (instances > 0).astype(np.uint8),
+        np.eye(4),
+        (1.0, 1.0, 1.0),
+        lesions,
+        instances,
+    )
+
+
+def test_a_scan_is_scored_lesion_by_lesion() -> None:
+    phantom = _phantom()
+    labels = np.zeros(phantom.image.shape, dtype=np.uint8)
+    labels[3:6, 3:6, 3:6] = 1  # inside lesion 1, typed hypodense
+    labels[12:14, 12:14, 12:14] = 2  # touches no lesion: a false positive
+    names = {1: "hypodense lesion", 2: "hyperdense lesion"}
+    result = score(phantom, labels, names, np.full(labels.shape, 0.8, np.float32), seconds=1.0)
+    assert result.found["found_5to10mm"] == (1, 1) and result.found["found_ge10mm"] == (0, 1)
+    assert result.false_positives == 1 and result.typed_right == (1, 1)
+    assert result.dice == pytest.approx(2 * 27 / (27 + 8 + 64 + 512))
+    assert sorted(f.true for f in result.findings) == [False, True]
+
+
+def test_the_calibration_error_is_zero_for_honest_confidences_and_large_for_overconfident_ones() -> None:
+    truth = np.array([1.0, 0.0] * 50)
+    assert expected_calibration_error(np.full(100, 0.5), truth) == pytest.approx(0.0)
+    assert expected_calibration_error(np.full(100, 0.95), truth) == pytest.approx(0.45)
+
+
+def test_simple_phantom_rows_of_older_versions_are_kept_and_this_runs_rows_replace_theirs() -> None:
+    earlier = {"generator": "old words", "production_dice": {"1.2.0": [0.8], "1.3.0": [0.5]}}
+    merged = merged_simple(
+        earlier, {"production_dice": {"1.3.0": [0.6], "1.4.0": [0.9]}, "fast_debug_dice": {"1.4.0": [0.7]}}
+    )
+    assert merged == {
+        "generator": SIMPLE_DESCRIPTION,
+        "production_dice": {"1.2.0": [0.8], "1.3.0": [0.6], "1.4.0": [0.9]},
+        "fast_debug_dice": {"1.4.0": [0.7]},
+    }
+    assert merged_simple(None, {"production_dice": {"1.4.0": [0.9]}})["production_dice"] == {"1.4.0": [0.9]}
