@@ -39,6 +39,7 @@ from models.bundle import BundleSpec
 from models.device import cpu_flags, cpu_model
 from models.engine import EngineOptions, InferenceEngine
 from models.phantom import generate_phantom as simple_phantom
+from models.phantom import job_phantom
 from models.phantoms import Phantom, generate_phantom
 from schemas.jobs import Profile
 
@@ -285,10 +286,10 @@ def simple_phantom_dice(
     engines: dict[str, InferenceEngine], profiles: list[Profile]
 ) -> dict[str, dict[str, list[float]]]:
     """profile -> bundle version -> Dice on each simple phantom: the clean cases must not regress."""
-    phantoms = [
-        simple_phantom(7, (192, 192, 64), (0.9, 0.9, 2.5), lesion_count=(2, 2), lesion_diameter_mm=(16.0, 30.0)),
-        *(simple_phantom(seed) for seed in SIMPLE_SEEDS),
-    ]
+    phantoms = [job_phantom(), *(simple_phantom(seed) for seed in SIMPLE_SEEDS)]
+    versions = [engine.spec.version for engine in engines.values()]
+    if len(set(versions)) < len(versions):
+        raise SystemExit(f"the bundles compared share a version ({versions}): give the new one its own first")
     out: dict[str, dict[str, list[float]]] = {}
     for profile in profiles:
         by_version = out.setdefault(f"{profile.value}_dice", {})
@@ -301,8 +302,8 @@ def simple_phantom_dice(
 
 
 def merged_simple(earlier: dict[str, Any] | None, measured: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
-    """The simple-phantom rows of this run over those recorded for older versions."""
-    merged: dict[str, Any] = {"generator": SIMPLE_DESCRIPTION}
+    """The simple-phantom rows of this run over those recorded for older versions (and profiles)."""
+    merged: dict[str, Any] = {**(earlier or {}), "generator": SIMPLE_DESCRIPTION}
     for key, by_version in measured.items():
         merged[key] = {**(earlier or {}).get(key, {}), **by_version}
     return merged

@@ -19,7 +19,7 @@ from scipy import ndimage
 
 from models.phantoms import add_writer_arguments, save_phantom, summary
 
-__all__ = ["Phantom", "generate_phantom", "save_phantom"]
+__all__ = ["Phantom", "generate_phantom", "job_phantom", "save_phantom"]
 
 AIR_HU = -1000.0
 FAT_HU = -100.0
@@ -85,6 +85,12 @@ def phantom_affine(shape: tuple[int, int, int], spacing: tuple[float, float, flo
     centre = (np.asarray(shape, dtype=float) - 1.0) / 2.0
     affine[:3, 3] = -affine[:3, :3] @ centre
     return affine
+
+
+def job_phantom() -> Phantom:
+    """The phantom the service's job tests run on: a small scan with two lesions of 16-30 mm (what
+    the coarse fast_debug grid finds reliably), so tests stay quick."""
+    return generate_phantom(7, (192, 192, 64), (0.9, 0.9, 2.5), lesion_count=(2, 2), lesion_diameter_mm=(16.0, 30.0))
 
 
 def generate_phantom(

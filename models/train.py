@@ -45,8 +45,8 @@ Spacing = tuple[float, float, float]
 TRAIN_SEED_BASE = 10_000
 POSITIVE_WEIGHT = 5.0  # validation phantoms use seeds from models.evaluate.VALIDATION_SEED_BASE
 # Small lesions weigh more in the loss (up to SMALL_WEIGHT_MAX x, for those under REFERENCE_MM):
-# by voxel count a 40 mm lesion outweighs a 5 mm one 500-fold, and 1.4.0 gave lesions under 8 mm
-# a probability of 0.00 (measured on validation and training phantoms).
+# by voxel count a 40 mm lesion outweighs a 5 mm one 500-fold, and 1.4.0 gave most lesions under
+# 12 mm a probability of 0.00 (measured on validation and training phantoms).
 REFERENCE_MM = 15.0
 SMALL_WEIGHT_MAX = 3.0
 # Where patches are centred: on a lesion, in the body, on a look-alike (bone, contrast, gas and

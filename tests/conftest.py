@@ -31,7 +31,7 @@ from consumer.service import Service
 from consumer.settings import Settings
 from consumer.storage import ObjectStore
 from consumer.transport.clients import make_consumer, make_producer
-from models.phantom import Phantom, generate_phantom, save_phantom
+from models.phantom import Phantom, job_phantom, save_phantom
 
 FINAL = {"completed", "failed"}
 
@@ -287,17 +287,9 @@ async def http(service: Service) -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-# Lesions of 16-30 mm: what the coarse fast_debug grid (1.5 mm) finds reliably (see the README's
-# validation table for smaller ones), on a small scan so tests stay quick.
-TEST_PHANTOM_SHAPE = (192, 192, 64)
-TEST_PHANTOM_SPACING = (0.9, 0.9, 2.5)
-
-
 @pytest.fixture(scope="session")
 def phantom() -> Phantom:
-    return generate_phantom(
-        7, TEST_PHANTOM_SHAPE, TEST_PHANTOM_SPACING, lesion_count=(2, 2), lesion_diameter_mm=(16.0, 30.0)
-    )
+    return job_phantom()
 
 
 @pytest.fixture(scope="session")

@@ -58,3 +58,5 @@ def test_simple_phantom_rows_of_older_versions_are_kept_and_this_runs_rows_repla
         "fast_debug_dice": {"1.4.0": [0.7]},
     }
     assert merged_simple(None, {"production_dice": {"1.4.0": [0.9]}})["production_dice"] == {"1.4.0": [0.9]}
+    # A run of one profile keeps the other profile's rows.
+    assert merged_simple(merged, {"production_dice": {"1.5.0": [0.9]}})["fast_debug_dice"] == {"1.4.0": [0.7]}

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.train import Recipe, Sample, World, cosine_lr, lesion_loss, number_lesions, patch_center
+from models.train import Recipe, Sample, World, cosine_lr, draw_batch, lesion_loss, number_lesions, patch_center
 from models.train_pool import SamplePool
 
 FINE, COARSE = (1.25, 1.25, 1.25), (2.0, 2.0, 2.0)
@@ -31,7 +31,9 @@ def _sample(seed: int, lesion: bool = True) -> Sample:
     label = torch.zeros((8, 8, 8), dtype=torch.uint8)
     lesions = [np.array([[1, 1, 1]])] if lesion else []
     label[1, 1, 1] = int(lesion)
-    return Sample(image, label, lesions, np.array([[2, 2, 2]]), np.array([[3, 3, 3]]), np.ones(2, np.float32))
+    return Sample(
+        image, label, lesions, np.array([[2, 2, 2]]), np.array([[3, 3, 3]]), np.ones(1 + int(lesion), np.float32)
+    )
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,15 @@ def test_lesions_are_numbered_and_small_ones_weigh_more() -> None:
         assert (numbers[tuple(voxels.T)] == k).all()
     small, large = (1, 2) if len(lesions[0]) == 8 else (2, 1)
     assert weights[0] == 1.0 and weights[large] == 1.0 and weights[small] == 3.0  # capped
+    # In between, the weight is 15 mm over the equivalent diameter: a cube of 1000 mm3 is 12.4 mm.
+    mid = np.zeros((12, 12, 12), np.uint8)
+    mid[1:11, 1:11, 1:11] = 1
+    assert number_lesions(mid, 1.0)[2][1] == pytest.approx(15.0 / np.cbrt(6000.0 / np.pi), rel=1e-5)
+    # More than 255 lesions: the rest share number 255 (a byte a voxel), none is lost.
+    dots = np.zeros((40, 40, 2), np.uint8)
+    dots[::2, ::2, 0] = 1  # 400 isolated voxels
+    numbers, lesions, weights = number_lesions(dots, 1.0)
+    assert numbers.max() == 255 and len(lesions) == len(weights) - 1 == 255 and (numbers > 0).sum() == 400
     assert number_lesions(np.zeros((4, 4, 4), np.uint8), 1.0)[1] == []
 
 
@@ -124,3 +135,18 @@ def test_the_loss_weighs_a_missed_small_lesion_voxel_by_its_size_weight() -> Non
     assert float(heavy - light) == pytest.approx(
         (6.0 - 2.0) * float(torch.nn.functional.softplus(torch.tensor(4.0))) / 2, rel=1e-5
     )
+
+
+def test_a_batch_weighs_each_voxel_by_its_own_lesion_after_flips_and_padding() -> None:
+    label = np.zeros((20, 20, 20), dtype=np.uint8)
+    label[1:3, 1:3, 1:3] = 1
+    label[8:18, 8:18, 8:18] = 1
+    numbers, lesions, weights = number_lesions(label, 1.0)
+    image = torch.from_numpy(numbers.astype(np.float32) * 100.0)  # the lesion's number, readable after flips
+    sample = Sample(image, torch.from_numpy(numbers), lesions, np.zeros((0, 3)), np.zeros((0, 3)), weights)
+    images, labels, sizes = draw_batch([sample], 16, 24, np.random.default_rng(0), (1.0, 0.0, 0.0, 0.0))
+    number = torch.round(images / 100.0).long()  # the HU shift is a few HU; padding is -1000 HU
+    inside = number > 0
+    assert torch.equal(labels > 0, inside)
+    assert torch.equal(sizes[inside], torch.from_numpy(weights)[number[inside]])
+    assert (sizes[~inside] == 1.0).all() and set(np.unique(sizes[inside].numpy())) == set(weights[1:].tolist())
