@@ -33,6 +33,7 @@ from monai.losses import DiceLoss
 
 from models.device import autocast, choose_precision
 from models.geometry import ModelGrid, nonzero_box
+from models.networks import warm_start
 from models.phantom import generate_phantom
 from models.phantoms import generate_phantom as realistic_phantom
 from models.phantoms.anatomy import BOWEL, KIDNEY, VESSEL
@@ -295,8 +296,9 @@ def train(bundle: Path, recipe: Recipe, init: Path | None = None, checkpoints: P
     world = World(as_spacing(config["spacing"]), as_spacing(profiles["fast_debug"]["spacing"]), recipe.realistic_share)
     net = config.get_parsed_content("network_def")
     if init is not None:
-        net.load_state_dict(torch.load(init, map_location="cpu", weights_only=True))
-        log.info("continuing from %s", init)
+        # A network_def that grew (e.g. LesionUNet's `detail`) starts as the old network did.
+        fresh = warm_start(net, torch.load(init, map_location="cpu", weights_only=True))
+        log.info("continuing from %s%s", init, f"; new: {', '.join(fresh)}" if fresh else "")
     pool = SamplePool(SampleMaker(world), recipe.pool, TRAIN_SEED_BASE + 100_000 * recipe.seed, Sample)
     try:
         return _steps(net, pool, recipe, rng, bundle, checkpoints)
