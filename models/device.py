@@ -21,25 +21,29 @@ def choose_device(requested: str = "auto") -> torch.device:
 DECIDING_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo"), wanted: tuple[str, ...] = DECIDING_FLAGS) -> list[str]:
-    """Which of `wanted` the CPU has (none where /proc/cpuinfo cannot be read)."""
+def cpu_fields(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo ("model name", "flags", ...); {} if unreadable."""
     try:
         text = cpuinfo.read_text()
     except OSError:
-        return []
-    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    have = set(line.split(":", 1)[-1].split())
+        return {}
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        name, colon, value = line.partition(":")
+        if colon:
+            fields.setdefault(name.strip(), value.strip())
+    return fields
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo"), wanted: tuple[str, ...] = DECIDING_FLAGS) -> list[str]:
+    """Which of `wanted` the CPU has (none where /proc/cpuinfo cannot be read)."""
+    have = set(cpu_fields(cpuinfo).get("flags", "").split())
     return [flag for flag in wanted if flag in have]
 
 
 def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     """The CPU's model name ("unknown CPU" where the kernel does not give one, as on some ARM)."""
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        return "unknown CPU"
-    lines = text.splitlines()
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")
+    return cpu_fields(cpuinfo).get("model name") or "unknown CPU"
 
 
 def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:

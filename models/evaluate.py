@@ -303,10 +303,9 @@ def simple_phantom_dice(
 
 def merged_simple(earlier: dict[str, Any] | None, measured: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
     """The simple-phantom rows of this run over those recorded for older versions (and profiles)."""
-    merged: dict[str, Any] = {**(earlier or {}), "generator": SIMPLE_DESCRIPTION}
-    for key, by_version in measured.items():
-        merged[key] = {**(earlier or {}).get(key, {}), **by_version}
-    return merged
+    earlier = earlier or {}
+    measured_rows = {key: {**earlier.get(key, {}), **by_version} for key, by_version in measured.items()}
+    return {**earlier, "generator": SIMPLE_DESCRIPTION, **measured_rows}
 
 
 def write_calibration(bundle: Path, params: dict[str, float]) -> None:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from models.bundle import first_line
-from models.device import autocast
+from models.device import autocast, cpu_fields
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +68,10 @@ class RuntimeRequest:
 
 def cpu_signature() -> str:
     """A short key for the CPU: exports and compiled blobs are not portable between CPU kinds."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
+    fields = cpu_fields()
+    if not fields:
         return "unknown"
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
-    flags = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("flags")), "")
-    return hashlib.sha256(f"{model}|{flags}".encode()).hexdigest()[:12]
+    return hashlib.sha256(f"{fields.get('model name', '')}|{fields.get('flags', '')}".encode()).hexdigest()[:12]
 
 
 def check_input(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
