@@ -76,13 +76,16 @@ class LesionUNet(torch.nn.Module):
         return self.head(maps)
 
 
-def warm_start(network: torch.nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+def warm_start(network: torch.nn.Module, state: dict[str, torch.Tensor], min_share: float = 0.5) -> list[str]:
     """Load `state` into a network that may have grown (new input maps of the head, new layers).
 
     Parameters of the same shape are copied. A parameter that grew along its input channels (the
-    head after `detail` was added) takes the old values in its first channels and zeros in the
-    new ones, so the grown network answers exactly as the old one did until training moves it.
-    Returns the names left at their initial values.
+    head after `detail` was added, the first convolutions after a CT window was added) takes the
+    old values in its first channels and zeros in the new ones, so the grown network answers
+    exactly as the old one did until training moves it. Returns the names left at their initial
+    values. Weights of another network (under `min_share` of the parameters' elements taken from
+    `state`) raise ValueError: a run that silently started from scratch would look like a
+    continued one.
     """
     own = network.state_dict()
     fresh = []
@@ -92,14 +95,20 @@ def warm_start(network: torch.nn.Module, state: dict[str, torch.Tensor]) -> list
             own[name] = old
         elif (
             old is not None
-            and old.dim() == value.dim()
+            and old.dim() == value.dim() >= 2
             and old.shape[1] < value.shape[1]
-            and old.shape[0] == value.shape[0]
+            and (old.shape[0], old.shape[2:]) == (value.shape[0], value.shape[2:])
         ):
             grown = torch.zeros_like(value)
             grown[:, : old.shape[1]] = old
             own[name] = grown
         else:
             fresh.append(name)
+    total = sum(value.numel() for value in own.values())
+    kept = total - sum(own[name].numel() for name in fresh)
+    if kept < min_share * total:
+        raise ValueError(
+            f"these weights fit {kept / max(total, 1):.0%} of the network's parameters: another network's?"
+        )
     network.load_state_dict(own)
     return fresh

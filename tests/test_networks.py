@@ -43,3 +43,16 @@ def test_a_full_resolution_branch_starts_as_the_network_it_grew_from() -> None:
 def test_the_branch_keeps_the_full_resolution_and_the_plain_network_is_unchanged() -> None:
     assert LesionUNet(windows=WINDOWS, detail=4)(torch.zeros(1, 1, 16, 16, 16)).shape == (1, 1, 16, 16, 16)
     assert not any(name.startswith("detail.") for name in LesionUNet(windows=WINDOWS).state_dict())
+
+
+def test_a_new_ct_window_starts_unread_and_other_networks_weights_are_refused() -> None:
+    torch.manual_seed(0)
+    old = LesionUNet(windows=WINDOWS[:1]).eval()
+    grown = LesionUNet(windows=WINDOWS, detail=4).eval()
+    fresh = warm_start(grown, old.state_dict())
+    assert all(name.startswith("detail.") for name in fresh)  # the first convolutions grew, not replaced
+    hu = torch.empty(1, 1, 32, 32, 32).uniform_(-1100.0, 1200.0)
+    with torch.no_grad():
+        assert torch.equal(grown(hu), old(hu))
+    with pytest.raises(ValueError, match="another network"):
+        warm_start(LesionUNet(windows=WINDOWS[:1], channels=(8, 16, 32, 64)), old.state_dict())
