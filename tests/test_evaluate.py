@@ -60,3 +60,16 @@ def test_simple_phantom_rows_of_older_versions_are_kept_and_this_runs_rows_repla
     assert merged_simple(None, {"production_dice": {"1.4.0": [0.9]}})["production_dice"] == {"1.4.0": [0.9]}
     # A run of one profile keeps the other profile's rows.
     assert merged_simple(merged, {"production_dice": {"1.5.0": [0.9]}})["fast_debug_dice"] == {"1.4.0": [0.7]}
+
+
+def test_checkpoints_are_picked_on_scans_neither_reported_nor_calibrated_nor_trained_on() -> None:
+    from models.checkpoints import REPORTED_RANGES, selection_seeds
+    from models.train import TRAIN_SEED_BASE
+
+    seeds = selection_seeds(scans=5)
+    assert {family for family, _, _ in seeds} == {"validation", "train"}
+    for _, seed, _ in seeds:
+        assert not any(lo <= seed < hi for lo, hi in REPORTED_RANGES)
+        # A run of seed s draws TRAIN_SEED_BASE + 100_000 s onwards, a few thousand phantoms at most.
+        assert (seed - TRAIN_SEED_BASE) % 100_000 > 10_000
+    assert any(lesions == (0, 0) for _, _, lesions in seeds)
