@@ -1,14 +1,15 @@
 """Compare a training run's checkpoints on a selection split, before the validation scans see any.
 
-    python -m models.checkpoints --bundle DIR [--runtime auto] CANDIDATE [CANDIDATE ...]
+    python -m models.checkpoints --bundle DIR [--runtime torch] CANDIDATE [CANDIDATE ...]
 
 A candidate is a weights file (run in --bundle's configs, e.g. a run's stepNNNNN.pt) or a whole
 bundle directory (e.g. the shipped bundle, as the baseline). Each runs through the service's
 engine on the selection split: validation-family scans with seeds of their own (neither the
 reported scans of `models.evaluate` nor its calibration split, so choosing a checkpoint here
-leaves both unseen), a lesion-free one, training-family scans no run draws (runs draw from
-`TRAIN_SEED_BASE + 100_000 * seed`), and the service tests' phantom. Prints one row per
-candidate and profile: pick on these, then report with `models.evaluate`.
+leaves both unseen) and a lesion-free one; training-family scans no run draws (runs draw from
+`TRAIN_SEED_BASE + 100_000 * seed`); the service tests' phantom. Prints a row per candidate,
+profile and family: pick on these (lesions found and false positives as much as Dice), then
+report with `models.evaluate`.
 """
 
 from __future__ import annotations
@@ -17,21 +18,9 @@ import argparse
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-
-from models.evaluate import (
-    CALIBRATION_SEED_BASE,
-    NORMAL_SEED_BASE,
-    THRESHOLD,
-    VALIDATION_SEED_BASE,
-    ScanResult,
-    dice,
-    loaded_engine,
-    run_scan,
-    summarise,
-    table,
-)
+from models.evaluate import THRESHOLD, ScanResult, dice, loaded_engine, run_scan, summarise, table
 from models.phantom import job_phantom
 from models.phantoms import Phantom, generate_phantom
 from schemas.jobs import Profile
@@ -39,61 +28,68 @@ from schemas.jobs import Profile
 SELECTION_SEED_BASE = 98_000  # validation family, lesions
 SELECTION_NORMAL_SEED = 98_500  # validation family, no lesions
 SELECTION_TRAIN_SEEDS = (80_001, 80_002, 80_003)  # training family, never drawn by a run
-REPORTED_RANGES = (
-    (VALIDATION_SEED_BASE, NORMAL_SEED_BASE),
-    (NORMAL_SEED_BASE, CALIBRATION_SEED_BASE),
-    (CALIBRATION_SEED_BASE, CALIBRATION_SEED_BASE + 1_000),
-)
+
+Rows = dict[str, dict[str, dict[str, Any]]]  # "candidate (family)" -> profile -> summary row
 
 
 def selection_seeds(scans: int = 3) -> list[tuple[str, int, tuple[int, int]]]:
     """(family, seed, lesion count range) of the selection split."""
+    if not 0 < scans <= SELECTION_NORMAL_SEED - SELECTION_SEED_BASE:
+        raise ValueError(f"scans must be 1 to {SELECTION_NORMAL_SEED - SELECTION_SEED_BASE}")
     validation = [("validation", SELECTION_SEED_BASE + i, (1, 5)) for i in range(scans)]
     normal = [("validation", SELECTION_NORMAL_SEED, (0, 0))]
     train = [("train", seed, (1, 5)) for seed in SELECTION_TRAIN_SEEDS]
     return validation + normal + train
 
 
-def selection_phantoms(scans: int = 3) -> list[Phantom]:
-    return [
-        generate_phantom(seed, family=family, lesion_count=lesions) for family, seed, lesions in selection_seeds(scans)
-    ]
+def selection_phantoms(scans: int = 3) -> dict[str, list[Phantom]]:
+    """family -> its phantoms."""
+    phantoms: dict[str, list[Phantom]] = {}
+    for family, seed, lesions in selection_seeds(scans):
+        phantoms.setdefault(family, []).append(generate_phantom(seed, family=family, lesion_count=lesions))
+    return phantoms
+
+
+def candidate_name(candidate: Path) -> str:
+    # Runs name their checkpoints alike (stepNNNNN.pt): the folder tells two runs apart.
+    return candidate.name if candidate.is_dir() else f"{candidate.parent.name}/{candidate.stem}"
 
 
 def candidate_bundle(candidate: Path, bundle: Path, scratch: Path) -> Path:
     """A bundle directory running `candidate`: itself if it is one, else `bundle` with its weights."""
     if candidate.is_dir():
         return candidate
-    target = scratch / candidate.stem
+    target = scratch / candidate_name(candidate).replace("/", "-")
     shutil.copytree(bundle, target)
     shutil.copy(candidate, target / "models" / "model.pt")
     return target
 
 
-def compare(
-    candidates: list[Path], bundle: Path, profiles: list[Profile], runtime: str, scans: int
-) -> dict[str, dict[str, dict]]:
+def row_of(results: list[ScanResult], test_phantom_dice: float) -> dict[str, Any]:
+    row: dict[str, Any] = summarise(results)
+    row["lesions_found"] = sum(sum(v[0] for v in r.found.values()) for r in results)
+    row["lesions"] = sum(sum(v[1] for v in r.found.values()) for r in results)
+    row["test_phantom_dice"] = round(test_phantom_dice, 3)
+    return row
+
+
+def compare(candidates: list[Path], bundle: Path, profiles: list[Profile], runtime: str, scans: int) -> Rows:
+    names = [candidate_name(c) for c in candidates]
+    if len(set(names)) < len(names):
+        raise SystemExit(f"candidates share a name: {names}")
     phantoms = selection_phantoms(scans)
     test_phantom = job_phantom()
-    rows: dict[str, dict[str, dict]] = {}
+    rows: Rows = {}
     with tempfile.TemporaryDirectory() as scratch:
-        for candidate in candidates:
+        for candidate, name in zip(candidates, names, strict=True):
             engine = loaded_engine(candidate_bundle(candidate, bundle, Path(scratch)), runtime)
-            name = candidate.name if candidate.is_dir() else candidate.stem
-            rows[name] = {}
             for profile in profiles:
-                results: list[ScanResult] = [run_scan(engine, phantom, profile) for phantom in phantoms]
-                row = summarise(results)
                 labels = engine.predict(test_phantom.image, test_phantom.affine, profile, THRESHOLD).labels
-                row["test_phantom_dice"] = round(dice(labels > 0, test_phantom.lesion_mask), 3)
-                row["lesions_found"] = sum(sum(v[0] for v in r.found.values()) for r in results)
-                row["lesions"] = sum(sum(v[1] for v in r.found.values()) for r in results)
-                rows[name][profile.value] = row
-                print(
-                    f"  {name} {profile.value}: dice {row['dice']}, found {row['lesions_found']}/{row['lesions']}, "
-                    f"FP/scan {row['false_positives_per_scan']}, test phantom {row['test_phantom_dice']}",
-                    flush=True,
-                )
+                test_dice = dice(labels > 0, test_phantom.lesion_mask)
+                for family, members in phantoms.items():
+                    row = row_of([run_scan(engine, phantom, profile) for phantom in members], test_dice)
+                    rows.setdefault(f"{name} ({family})", {})[profile.value] = row
+                    print(f"  {name} {profile.value} {family}: {row}", flush=True)
     return rows
 
 
@@ -104,7 +100,12 @@ def main() -> None:
     parser.add_argument(
         "--profiles", nargs="+", default=["production", "fast_debug"], choices=[p.value for p in Profile]
     )
-    parser.add_argument("--runtime", default="auto", choices=["torch", "auto", "openvino", "onnxruntime"])
+    parser.add_argument(
+        "--runtime",
+        default="torch",
+        choices=["torch", "auto", "openvino", "onnxruntime"],
+        help="as models.evaluate's: torch measures the weights themselves",
+    )
     parser.add_argument("--scans", type=int, default=3, help="validation-family scans with lesions")
     args = parser.parse_args()
     rows = compare(args.candidates, args.bundle, [Profile(p) for p in args.profiles], args.runtime, args.scans)
@@ -115,8 +116,6 @@ def main() -> None:
             print(
                 f"| {name} | `{profile}` | {row['lesions_found']}/{row['lesions']} | {row['test_phantom_dice']:.3f} |"
             )
-    best = max(rows, key=lambda n: float(np.mean([r["dice"] or 0.0 for r in rows[n].values()])))
-    print(f"highest mean Dice over the profiles: {best}")
 
 
 if __name__ == "__main__":

@@ -82,8 +82,9 @@ def warm_start(network: torch.nn.Module, state: dict[str, torch.Tensor], min_sha
     Parameters of the same shape are copied. A parameter that grew along its input channels (the
     head after `detail` was added, the first convolutions after a CT window was added) takes the
     old values in its first channels and zeros in the new ones, so the grown network answers
-    exactly as the old one did until training moves it. Returns the names left at their initial
-    values. Weights of another network (under `min_share` of the parameters' elements taken from
+    exactly as the old one did until training moves it (a new CT window must come after the old
+    ones: the old weights read the first channels). Returns the names left at their initial
+    values. Weights of another network (under `min_share` of the state's elements taken from
     `state`) raise ValueError: a run that silently started from scratch would look like a
     continued one.
     """
@@ -95,6 +96,7 @@ def warm_start(network: torch.nn.Module, state: dict[str, torch.Tensor], min_sha
             own[name] = old
         elif (
             old is not None
+            and _reads_inputs_along_dim_1(network, name)
             and old.dim() == value.dim() >= 2
             and old.shape[1] < value.shape[1]
             and (old.shape[0], old.shape[2:]) == (value.shape[0], value.shape[2:])
@@ -108,7 +110,17 @@ def warm_start(network: torch.nn.Module, state: dict[str, torch.Tensor], min_sha
     kept = total - sum(own[name].numel() for name in fresh)
     if kept < min_share * total:
         raise ValueError(
-            f"these weights fit {kept / max(total, 1):.0%} of the network's parameters: another network's?"
+            f"these weights fit {kept / max(total, 1):.0%} of the network's parameters: another network's "
+            "(or a checkpoint wrapping its state dict)?"
         )
     network.load_state_dict(own)
     return fresh
+
+
+def _reads_inputs_along_dim_1(network: torch.nn.Module, name: str) -> bool:
+    """A convolution's or linear layer's weight: dim 1 is its input channels. A transposed
+    convolution's dim 1 is its outputs (and its bias grows with them): never grown."""
+    owner, _, kind = name.rpartition(".")
+    module = network.get_submodule(owner)
+    convolution = isinstance(module, torch.nn.modules.conv._ConvNd) and not module.transposed
+    return kind == "weight" and (convolution or isinstance(module, torch.nn.Linear))

@@ -63,13 +63,21 @@ def test_simple_phantom_rows_of_older_versions_are_kept_and_this_runs_rows_repla
 
 
 def test_checkpoints_are_picked_on_scans_neither_reported_nor_calibrated_nor_trained_on() -> None:
-    from models.checkpoints import REPORTED_RANGES, selection_seeds
-    from models.train import TRAIN_SEED_BASE
+    from models.checkpoints import selection_seeds
+    from models.evaluate import CALIBRATION_SEED_BASE, scan_seeds
+    from models.train import TRAIN_SEED_BASE, Recipe
 
-    seeds = selection_seeds(scans=5)
-    assert {family for family, _, _ in seeds} == {"validation", "train"}
-    for _, seed, _ in seeds:
-        assert not any(lo <= seed < hi for lo, hi in REPORTED_RANGES)
-        # A run of seed s draws TRAIN_SEED_BASE + 100_000 s onwards, a few thousand phantoms at most.
-        assert (seed - TRAIN_SEED_BASE) % 100_000 > 10_000
-    assert any(lesions == (0, 0) for _, _, lesions in seeds)
+    reported = {seed for seed, _ in scan_seeds(phantoms=100, normals=100)}
+    calibration = {CALIBRATION_SEED_BASE + i for i in range(100)}
+    selection = selection_seeds(scans=100)
+    assert {family for family, _, _ in selection} == {"validation", "train"}
+    assert any(lesions == (0, 0) for _, _, lesions in selection)
+    assert not {seed for _, seed, _ in selection} & (reported | calibration)
+    # A run of seed s draws TRAIN_SEED_BASE + 100_000 s onwards: its pool, then a fresh phantom
+    # at most every refresh_every steps.
+    drawn = Recipe().pool + Recipe().steps // Recipe().refresh_every
+    for family, seed, _ in selection:
+        if family == "train":
+            assert (seed - TRAIN_SEED_BASE) % 100_000 > drawn
+    with pytest.raises(ValueError):
+        selection_seeds(scans=501)

@@ -56,3 +56,12 @@ def test_a_new_ct_window_starts_unread_and_other_networks_weights_are_refused() 
         assert torch.equal(grown(hu), old(hu))
     with pytest.raises(ValueError, match="another network"):
         warm_start(LesionUNet(windows=WINDOWS[:1], channels=(8, 16, 32, 64)), old.state_dict())
+
+
+def test_a_transposed_convolution_that_grew_is_not_passed_off_as_the_old_one() -> None:
+    # Its dim 1 is output maps: padding it would drop the old maps' bias and change the answer.
+    old = LesionUNet(windows=WINDOWS[:1], features=8).eval()
+    grown = LesionUNet(windows=WINDOWS[:1], features=12).eval()
+    fresh = warm_start(grown, old.state_dict())
+    transposed = [n for n, m in grown.named_modules() if isinstance(m, torch.nn.ConvTranspose3d)]
+    assert any(name.startswith(tuple(transposed)) and name.endswith("weight") for name in fresh)
