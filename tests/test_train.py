@@ -150,3 +150,16 @@ def test_a_batch_weighs_each_voxel_by_its_own_lesion_after_flips_and_padding() -
     assert torch.equal(labels > 0, inside)
     assert torch.equal(sizes[inside], torch.from_numpy(weights)[number[inside]])
     assert (sizes[~inside] == 1.0).all() and set(np.unique(sizes[inside].numpy())) == set(weights[1:].tolist())
+
+
+def test_volume_weighting_gives_a_small_lesion_the_weight_of_a_15_mm_one_in_all() -> None:
+    label = np.zeros((40, 40, 40), dtype=np.uint8)
+    label[2:8, 2:8, 2:8] = 1  # 216 mm3: 7.4 mm across
+    label[10:12, 10:12, 30:32] = 1  # 8 mm3: 2.5 mm across, over the cap
+    label[15:39, 15:39, 2:26] = 1  # 13824 mm3: 29.8 mm across
+    _, lesions, weights = number_lesions(label, 1.0, "volume")
+    by_size = {len(v): float(weights[k]) for k, v in enumerate(lesions, start=1)}
+    reference_mm3 = np.pi / 6.0 * 15.0**3
+    assert by_size[216] * 216 == pytest.approx(reference_mm3, rel=1e-4)
+    assert by_size[8] == 30.0 and by_size[13824] == 1.0
+    assert number_lesions(label, 1.0)[2].max() == 3.0  # "diameter" stays the default
