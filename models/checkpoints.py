@@ -20,7 +20,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from models.evaluate import THRESHOLD, ScanResult, dice, loaded_engine, run_scan, summarise, table
+from models.evaluate import (
+    THRESHOLD,
+    ScanResult,
+    add_runtime_argument,
+    dice,
+    loaded_engine,
+    run_scan,
+    summarise,
+    table,
+)
 from models.phantom import job_phantom
 from models.phantoms import Phantom, generate_phantom
 from schemas.jobs import Profile
@@ -100,12 +109,7 @@ def main() -> None:
     parser.add_argument(
         "--profiles", nargs="+", default=["production", "fast_debug"], choices=[p.value for p in Profile]
     )
-    parser.add_argument(
-        "--runtime",
-        default="torch",
-        choices=["torch", "auto", "openvino", "onnxruntime"],
-        help="as models.evaluate's: torch measures the weights themselves",
-    )
+    add_runtime_argument(parser)
     parser.add_argument("--scans", type=int, default=3, help="validation-family scans with lesions")
     args = parser.parse_args()
     rows = compare(args.candidates, args.bundle, [Profile(p) for p in args.profiles], args.runtime, args.scans)

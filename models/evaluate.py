@@ -41,6 +41,7 @@ from models.engine import EngineOptions, InferenceEngine
 from models.phantom import generate_phantom as simple_phantom
 from models.phantom import job_phantom
 from models.phantoms import Phantom, generate_phantom
+from models.runtime import RUNTIMES
 from schemas.jobs import Profile
 
 DEFAULT_BUNDLE = Path(__file__).parent / "medical_segmentation_v1"
@@ -328,13 +329,17 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--profiles", nargs="+", default=[p.value for p in Profile], choices=[p.value for p in Profile])
     parser.add_argument("--calibrate", action="store_true", help="write the fitted calibration into inference.json")
     parser.add_argument("--write-metadata", action="store_true", help="record the report in configs/metadata.json")
+    add_runtime_argument(parser)
+    return parser.parse_args()
+
+
+def add_runtime_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--runtime",
         default="torch",
-        choices=["torch", "auto", "openvino", "onnxruntime"],
+        choices=RUNTIMES,
         help="what runs the network (ML_RUNTIME); torch measures the weights themselves",
     )
-    return parser.parse_args()
 
 
 def main() -> None:

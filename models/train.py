@@ -56,6 +56,7 @@ SMALL_WEIGHT_MAX = 3.0
 # lesion at 0.00 after 40 steps while a 12.8 mm nodule reached 1.00 in 10; with "volume" the
 # 5 mm lesion reached 0.99 in 30 (one batch: a hint, not a result).
 SIZE_WEIGHTINGS = {"diameter": (1.0, SMALL_WEIGHT_MAX), "volume": (3.0, 30.0)}  # power, cap
+SIZE_WEIGHTING = "diameter"
 # Where patches are centred: on a lesion, in the body, on a look-alike (bone, contrast, gas and
 # their edges: what false findings sat on), anywhere (air included: sliding windows cover the
 # whole volume).
@@ -109,7 +110,9 @@ def _subsample(points: np.ndarray, rng: np.random.Generator, count: int = BODY_P
     return points[rng.choice(len(points), size=min(len(points), count), replace=False)]
 
 
-def make_sample(seed: int, spacing_mm: Spacing, realistic: bool = False, size_weighting: str = "diameter") -> Sample:
+def make_sample(
+    seed: int, spacing_mm: Spacing, realistic: bool = False, size_weighting: str = SIZE_WEIGHTING
+) -> Sample:
     # More lesions per scan than the validation phantoms: more positive patches per phantom.
     # The realistic world (bone, table, bowel, lungs...) teaches what to leave alone; the simple
     # one keeps the clean lesion cases the model started from.
@@ -158,7 +161,7 @@ def make_sample(seed: int, spacing_mm: Spacing, realistic: bool = False, size_we
 
 
 def number_lesions(
-    label: np.ndarray, voxel_mm3: float, size_weighting: str = "diameter"
+    label: np.ndarray, voxel_mm3: float, size_weighting: str = SIZE_WEIGHTING
 ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
     """Lesion numbers on the model grid, each lesion's voxels, and each lesion's loss weight.
 
@@ -245,7 +248,7 @@ class SampleMaker:
     """seed -> Sample, picklable for the pool's producer process."""
 
     world: World
-    size_weighting: str = "diameter"
+    size_weighting: str = SIZE_WEIGHTING
 
     def __call__(self, seed: int) -> Sample:
         spacing, realistic = self.world.draw(np.random.default_rng([seed, 1]))
@@ -284,7 +287,7 @@ class Recipe:
     realistic_share: float = 0.75
     shares: tuple[float, float, float, float] = PATCH_SHARES
     positive_weight: float = POSITIVE_WEIGHT
-    size_weighting: str = "diameter"  # of a lesion's voxels by its size: SIZE_WEIGHTINGS
+    size_weighting: str = SIZE_WEIGHTING  # of a lesion's voxels by its size: SIZE_WEIGHTINGS
 
 
 def progress(step: int, started: float, recipe: Recipe) -> float:
