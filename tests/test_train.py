@@ -10,7 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from models.train import Recipe, Sample, World, cosine_lr, draw_batch, lesion_loss, number_lesions, patch_center
+from models.train import (
+    Batch,
+    Recipe,
+    Sample,
+    World,
+    blob_dice_loss,
+    cosine_lr,
+    draw_batch,
+    lesion_loss,
+    number_lesions,
+    patch_center,
+)
 from models.train_pool import SamplePool
 
 FINE, COARSE = (1.25, 1.25, 1.25), (2.0, 2.0, 2.0)
@@ -130,7 +141,8 @@ def test_the_loss_weighs_a_missed_small_lesion_voxel_by_its_size_weight() -> Non
     loss = lesion_loss(positive_weight=2.0)
     logits = torch.full((1, 1, 2, 1, 1), -4.0)
     labels = torch.tensor([1.0, 0.0]).reshape(1, 1, 2, 1, 1)
-    light, heavy = (loss(logits, labels, torch.full_like(labels, w)) for w in (1.0, 3.0))
+    numbers = labels.long()
+    light, heavy = (loss(logits, Batch(logits, labels, torch.full_like(labels, w), numbers)) for w in (1.0, 3.0))
     # Only the lesion voxel's BCE term changes: 2 x 3 against 2 x 1 times softplus(4), over 2 voxels.
     assert float(heavy - light) == pytest.approx(
         (6.0 - 2.0) * float(torch.nn.functional.softplus(torch.tensor(4.0))) / 2, rel=1e-5
@@ -144,10 +156,11 @@ def test_a_batch_weighs_each_voxel_by_its_own_lesion_after_flips_and_padding() -
     numbers, lesions, weights = number_lesions(label, 1.0)
     image = torch.from_numpy(numbers.astype(np.float32) * 100.0)  # the lesion's number, readable after flips
     sample = Sample(image, torch.from_numpy(numbers), lesions, np.zeros((0, 3)), np.zeros((0, 3)), weights)
-    images, labels, sizes = draw_batch([sample], 16, 24, np.random.default_rng(0), (1.0, 0.0, 0.0, 0.0))
+    images, labels, sizes, numbers = draw_batch([sample], 16, 24, np.random.default_rng(0), (1.0, 0.0, 0.0, 0.0))
     number = torch.round(images / 100.0).long()  # the HU shift is a few HU; padding is -1000 HU
     inside = number > 0
     assert torch.equal(labels > 0, inside)
+    assert torch.equal(numbers, torch.where(inside, number, 0))
     assert torch.equal(sizes[inside], torch.from_numpy(weights)[number[inside]])
     assert (sizes[~inside] == 1.0).all() and set(np.unique(sizes[inside].numpy())) == set(weights[1:].tolist())
 
@@ -163,3 +176,35 @@ def test_volume_weighting_gives_a_small_lesion_the_weight_of_a_15_mm_one_in_all(
     assert by_size[216] * 216 == pytest.approx(reference_mm3, rel=1e-4)
     assert by_size[8] == 30.0 and by_size[13824] == 1.0
     assert number_lesions(label, 1.0)[2].max() == 3.0  # "diameter" stays the default
+
+
+def test_the_blob_term_counts_a_missed_small_lesion_as_much_as_a_missed_large_one() -> None:
+    numbers = torch.zeros((1, 1, 20, 20, 20), dtype=torch.long)
+    numbers[..., 2:4, 2:4, 2:4] = 1  # 8 voxels
+    numbers[..., 8:18, 8:18, 8:18] = 2  # 1000 voxels
+    sure = torch.where(numbers > 0, 20.0, -20.0)
+    assert float(blob_dice_loss(sure, numbers)) == pytest.approx(0.0, abs=1e-6)
+    missed_small, missed_large = sure.clone(), sure.clone()
+    missed_small[numbers == 1] = -20.0
+    missed_large[numbers == 2] = -20.0
+    # Each lesion is half of the mean, whatever its size; the voxels' Dice barely sees the small one.
+    assert float(blob_dice_loss(missed_small, numbers)) == pytest.approx(0.5, abs=1e-4)
+    assert float(blob_dice_loss(missed_large, numbers)) == pytest.approx(0.5, abs=1e-4)
+    # A false finding in the background lowers every lesion's Dice; the other lesion's voxels do not.
+    false = sure.clone()
+    false[..., 0, 10:18, 0:8] = 20.0  # 64 voxels
+    assert float(blob_dice_loss(false, numbers)) > 0.05
+    assert float(blob_dice_loss(torch.full_like(sure, -20.0), torch.zeros_like(numbers))) == 0.0
+
+
+def test_the_blob_term_backpropagates_to_the_missed_lesion() -> None:
+    numbers = torch.zeros((2, 1, 8, 8, 8), dtype=torch.long)
+    numbers[0, 0, 1:3, 1:3, 1:3] = 3  # numbers need not start at 1 in a patch
+    logits = torch.zeros(numbers.shape, requires_grad=True)
+    loss = lesion_loss(1.0, blob_weight=1.0)(
+        logits, Batch(logits, (numbers > 0).float(), torch.ones(numbers.shape), numbers)
+    )
+    loss.backward()
+    assert logits.grad is not None
+    assert (logits.grad[numbers == 3] < 0).all()  # raise the lesion
+    assert (logits.grad[numbers == 0] > 0).all()  # lower the rest
