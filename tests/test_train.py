@@ -156,11 +156,11 @@ def test_a_batch_weighs_each_voxel_by_its_own_lesion_after_flips_and_padding() -
     numbers, lesions, weights = number_lesions(label, 1.0)
     image = torch.from_numpy(numbers.astype(np.float32) * 100.0)  # the lesion's number, readable after flips
     sample = Sample(image, torch.from_numpy(numbers), lesions, np.zeros((0, 3)), np.zeros((0, 3)), weights)
-    images, labels, sizes, numbers = draw_batch([sample], 16, 24, np.random.default_rng(0), (1.0, 0.0, 0.0, 0.0))
+    images, labels, sizes, patch_numbers = draw_batch([sample], 16, 24, np.random.default_rng(0), (1.0, 0.0, 0.0, 0.0))
     number = torch.round(images / 100.0).long()  # the HU shift is a few HU; padding is -1000 HU
     inside = number > 0
     assert torch.equal(labels > 0, inside)
-    assert torch.equal(numbers, torch.where(inside, number, 0))
+    assert torch.equal(patch_numbers, torch.where(inside, number, 0))
     assert torch.equal(sizes[inside], torch.from_numpy(weights)[number[inside]])
     assert (sizes[~inside] == 1.0).all() and set(np.unique(sizes[inside].numpy())) == set(weights[1:].tolist())
 
