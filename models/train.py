@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -32,12 +32,13 @@ import torch.nn.functional as F
 from monai.bundle import ConfigParser
 from monai.losses import DiceLoss
 
+from models.augment import LUNG_SITE, ORGAN_SITE, Insertion, insert_lesions, sites_in_patch
 from models.device import autocast, choose_precision
 from models.geometry import ModelGrid, nonzero_box
 from models.networks import warm_start
 from models.phantom import generate_phantom
 from models.phantoms import generate_phantom as realistic_phantom
-from models.phantoms.anatomy import BOWEL, KIDNEY, VESSEL
+from models.phantoms.anatomy import BOWEL, KIDNEY, ORGAN_LABELS, VESSEL
 from models.train_pool import SamplePool
 
 log = logging.getLogger("models.train")
@@ -67,6 +68,8 @@ SOFT_TISSUE_HU = -70.0  # what counts as body when patches are centred "in the b
 BRIGHT_HU, DARK_HU = 150.0, -300.0  # look-alikes: brighter or darker than any parenchyma
 BODY_POINTS = 20_000
 LOOKALIKE_TISSUES = (BOWEL, VESSEL, KIDNEY)
+LUNG_HU = -500.0  # an organ site below this on the model grid is lung parenchyma
+NO_INSERTION = Insertion()
 DEFAULT_INIT = Path(__file__).parent.parent / "tests" / "data" / "medical_segmentation_v1.0" / "models" / "model.pt"
 
 
@@ -78,6 +81,8 @@ class Sample:
     body_voxels: np.ndarray  # (M, 3) a subsample of voxels inside the body
     hard_voxels: np.ndarray  # (K, 3) look-alikes: bright or dark voxels in the body, bowel, vessels, kidneys
     size_weight: np.ndarray  # (L + 1,) float32 loss weight of lesion k's voxels; index 0 (background) is 1
+    spacing_mm: Spacing = (1.25, 1.25, 1.25)  # of the model grid it is on
+    sites: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), dtype=np.int64))  # augment.Sample sites
 
 
 @dataclass(frozen=True)
@@ -146,6 +151,7 @@ def make_sample(
         # A kidney lesion keeps its organ's tissue label: its voxels are lesion points, not look-alikes.
         drawn &= label_u8.numpy() == 0
     numbers, lesions, size_weight = number_lesions(label_u8.numpy(), float(np.prod(spacing_mm)), size_weighting)
+    sites = lesion_sites(grid, tissue, hu, numbers, rng) if tissue is not None else np.zeros((0, 4), dtype=np.int64)
     return Sample(
         img_t.contiguous(),
         torch.from_numpy(numbers),
@@ -158,7 +164,20 @@ def make_sample(
             ]
         ),
         size_weight,
+        spacing_mm,
+        sites,
     )
+
+
+def lesion_sites(
+    grid: ModelGrid, tissue: np.ndarray, hu: np.ndarray, numbers: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """(K, 4) model-grid voxels of the organs lesions grow in, the fourth column 1 where it is lung."""
+    organs = np.isin(tissue, list(ORGAN_LABELS.values())).astype(np.float32)
+    inside = (grid.to_model(organs)[0, 0] >= 0.5).numpy() & (numbers == 0)
+    points = _subsample(np.argwhere(inside), rng)
+    lung = hu[tuple(points.T)] < LUNG_HU if len(points) else np.zeros(0, dtype=bool)
+    return np.concatenate([points, np.where(lung, LUNG_SITE, ORGAN_SITE)[:, None]], axis=1).astype(np.int64)
 
 
 def number_lesions(
@@ -168,7 +187,6 @@ def number_lesions(
 
     A lesion's weight grows as its equivalent diameter falls below REFERENCE_MM (SIZE_WEIGHTINGS).
     """
-    power, cap = SIZE_WEIGHTINGS[size_weighting]
     numbers, count = cc3d.connected_components(label > 0, connectivity=26, return_N=True)
     if count > 255:  # never seen: phantoms hold at most a few dozen lesions
         numbers[numbers > 255] = 255
@@ -179,15 +197,25 @@ def number_lesions(
     voxels = voxels[order]
     counts = np.bincount(numbers.ravel(), minlength=count + 1)[1:]
     lesions = np.split(voxels, np.cumsum(counts)[:-1]) if count else []
-    diameters = np.cbrt(6.0 * counts * voxel_mm3 / np.pi)
-    weights = np.clip((REFERENCE_MM / np.maximum(diameters, 1e-3)) ** power, 1.0, cap)
+    weights = lesion_weights(counts, voxel_mm3, size_weighting)
     return numbers, lesions, np.concatenate([[1.0], weights]).astype(np.float32)
+
+
+def lesion_weights(counts: np.ndarray, voxel_mm3: float, size_weighting: str) -> np.ndarray:
+    """Each lesion's loss weight from its voxel count (SIZE_WEIGHTINGS)."""
+    power, cap = SIZE_WEIGHTINGS[size_weighting]
+    diameters = np.cbrt(6.0 * np.asarray(counts, dtype=float) * voxel_mm3 / np.pi)
+    return np.clip((REFERENCE_MM / np.maximum(diameters, 1e-3)) ** power, 1.0, cap)
+
+
+def crop_start(sample: Sample, center: np.ndarray, patch: int) -> np.ndarray:
+    shape = np.array(sample.image.shape)
+    return np.clip(center - patch // 2, 0, np.maximum(shape - patch, 0))
 
 
 def crop(sample: Sample, center: np.ndarray, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The image and the lesion numbers of a patch, padded as the sliding window pads."""
-    shape = np.array(sample.image.shape)
-    start = np.clip(center - patch // 2, 0, np.maximum(shape - patch, 0))
+    start = crop_start(sample, center, patch)
     sl = tuple(slice(int(s), int(s) + patch) for s in start)
     img = sample.image[sl]
     lab = sample.label[sl]
@@ -228,18 +256,29 @@ def draw_batch(
     patch: int,
     rng: np.random.Generator,
     shares: tuple[float, float, float, float] = PATCH_SHARES,
+    insertion: Insertion = NO_INSERTION,
+    size_weighting: str = SIZE_WEIGHTING,
 ) -> Batch:
     images, numbered, weights = [], [], []
     for _ in range(batch):
         sample = samples[int(rng.integers(len(samples)))]
-        img, numbers = crop(sample, patch_center(sample, patch, rng, shares), patch)
+        center = patch_center(sample, patch, rng, shares)
+        img, numbers = crop(sample, center, patch)
+        # Copies: a crop is a view of the pool's phantom, and lesions may be drawn into it.
+        img, numbers = img.clone(), numbers.long()
+        weight = torch.from_numpy(sample.size_weight)[numbers]
+        if insertion.share > 0.0 and rng.random() < insertion.share:
+            sites = sites_in_patch(sample.sites, crop_start(sample, center, patch), patch)
+            for number, voxels in insert_lesions(img, numbers, sites, sample.spacing_mm, rng, insertion):
+                voxel_mm3 = float(np.prod(sample.spacing_mm))
+                weight[numbers == number] = float(lesion_weights(np.array([voxels]), voxel_mm3, size_weighting)[0])
         for axis in range(3):
             if rng.random() < 0.5:
-                img, numbers = img.flip(axis), numbers.flip(axis)
+                img, numbers, weight = img.flip(axis), numbers.flip(axis), weight.flip(axis)
         # Small window shifts: scanners differ by a few HU in calibration.
         images.append(img + float(rng.normal(0.0, 3.0)))
-        numbered.append(numbers.long())
-        weights.append(torch.from_numpy(sample.size_weight)[numbers.long()])
+        numbered.append(numbers)
+        weights.append(weight)
     numbers = torch.stack(numbered)[:, None]
     return Batch(torch.stack(images)[:, None], (numbers > 0).float(), torch.stack(weights)[:, None], numbers)
 
@@ -326,6 +365,7 @@ class Recipe:
     positive_weight: float = POSITIVE_WEIGHT
     size_weighting: str = SIZE_WEIGHTING  # of a lesion's voxels by its size: SIZE_WEIGHTINGS
     blob_weight: float = 0.0  # of the per-lesion Dice (blob_dice_loss); 0 leaves it out
+    insert_share: float = 0.0  # of patches that get fresh lesions drawn in (models.augment)
 
 
 def progress(step: int, started: float, recipe: Recipe) -> float:
@@ -370,6 +410,7 @@ def _steps(
 ) -> int:
     net.train()
     loss_fn = lesion_loss(recipe.positive_weight, recipe.blob_weight)
+    insertion = Insertion(share=recipe.insert_share)
     optimiser = torch.optim.Adam(net.parameters(), lr=recipe.lr)
     monitor = draw_batch(pool.samples, 8, recipe.patch, np.random.default_rng(recipe.seed + 1))
     # bf16 autocast where the CPU does bf16 in hardware (3x faster steps measured on AMX),
@@ -382,7 +423,9 @@ def _steps(
         step += 1
         for group in optimiser.param_groups:
             group["lr"] = cosine_lr(progress(step, started, recipe), recipe)
-        batch = draw_batch(pool.samples, recipe.batch, recipe.patch, rng, recipe.shares)
+        batch = draw_batch(
+            pool.samples, recipe.batch, recipe.patch, rng, recipe.shares, insertion, recipe.size_weighting
+        )
         with mixed:
             logits = net(batch.images)
         loss = loss_fn(logits.float(), batch)
@@ -470,6 +513,12 @@ def main() -> None:
         type=float,
         default=defaults.blob_weight,
         help="of the mean per-lesion Dice (blob loss), so each lesion counts whatever its size; 0: none",
+    )
+    parser.add_argument(
+        "--insert-share",
+        type=float,
+        default=defaults.insert_share,
+        help="share of patches that get 1-3 fresh lesions of 3-16 mm drawn in (models.augment); 0: none",
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -1,0 +1,70 @@
+"""Fresh lesions drawn into training patches (models.augment) and how draw_batch uses them."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from models.augment import LUNG_SITE, ORGAN_SITE, Insertion, insert_lesions, sites_in_patch
+from models.train import Sample, draw_batch, lesion_weights, number_lesions
+
+
+def _organ_patch(shape: tuple[int, int, int] = (40, 40, 40)) -> tuple[torch.Tensor, np.ndarray]:
+    rng = np.random.default_rng(0)
+    image = torch.from_numpy((60.0 + rng.normal(0.0, 10.0, shape)).astype(np.float32))
+    sites = np.concatenate([np.argwhere(np.ones(shape, dtype=bool)), np.zeros((int(np.prod(shape)), 1), int)], axis=1)
+    return image, sites
+
+
+def test_drawn_lesions_are_numbered_apart_labelled_where_they_show_and_change_nothing_else() -> None:
+    image, sites = _organ_patch()
+    before = image.clone()
+    numbers = torch.zeros(image.shape, dtype=torch.long)
+    numbers[:6, :6, :6] = 7  # a lesion of the phantom's own
+    drawn = insert_lesions(image, numbers, sites, (1.0, 1.0, 1.0), np.random.default_rng(3), Insertion(1.0, (3, 3)))
+    assert len(drawn) == 3
+    assert [n for n, _ in drawn] == [8, 9, 10]  # above every number in the patch
+    assert (numbers[:6, :6, :6] == 7).all()
+    for number, voxels in drawn:
+        where = numbers == number
+        assert int(where.sum()) == voxels > 0
+        contrast = float((image[where] - before[where]).mean())
+        assert abs(contrast) >= 10.0  # the training family's contrasts are 15-100 HU
+    changed = (image != before).numpy()
+    near = torch.nn.functional.max_pool3d((numbers > 7).float()[None, None], 9, 1, 4)[0, 0].numpy() > 0
+    assert not (changed & ~near).any()
+
+
+def test_lung_sites_get_nodules_at_nodule_densities() -> None:
+    image = torch.full((30, 30, 30), -850.0)
+    sites = np.concatenate([np.argwhere(np.ones(image.shape, dtype=bool)), np.full((27000, 1), LUNG_SITE)], axis=1)
+    numbers = torch.zeros(image.shape, dtype=torch.long)
+    drawn = insert_lesions(image, numbers, sites, (1.0, 1.0, 1.0), np.random.default_rng(1), Insertion(1.0, (2, 2)))
+    assert drawn
+    for number, _ in drawn:
+        assert float(image[numbers == number].max()) > -650.0  # solid or ground glass, never lung
+
+
+def test_sites_are_taken_into_patch_coordinates() -> None:
+    sites = np.array([[5, 5, 5, ORGAN_SITE], [20, 21, 22, LUNG_SITE], [40, 0, 0, ORGAN_SITE]])
+    local = sites_in_patch(sites, np.array([10, 10, 10]), 16)
+    assert local.tolist() == [[10, 11, 12, LUNG_SITE]]
+
+
+def test_a_batch_with_drawn_lesions_weighs_them_by_size_and_leaves_the_pool_as_it_was() -> None:
+    label = np.zeros((32, 32, 32), dtype=np.uint8)
+    label[2:6, 2:6, 2:6] = 1
+    numbers, lesions, weights = number_lesions(label, 1.0, "volume")
+    image, sites = _organ_patch((32, 32, 32))
+    sample = Sample(image.clone(), torch.from_numpy(numbers), lesions, np.zeros((0, 3)), np.zeros((0, 3)), weights)
+    sample.spacing_mm, sample.sites = (1.0, 1.0, 1.0), sites
+    batch = draw_batch([sample], 6, 32, np.random.default_rng(0), (0.0, 0.0, 0.0, 1.0), Insertion(1.0), "volume")
+    assert torch.equal(sample.image, image) and sample.label.max() == 1  # crops were copies
+    assert int(batch.numbers.max()) > 1
+    for patch in range(6):
+        found = batch.numbers[patch]
+        for number in torch.unique(found[found > 1]).tolist():
+            voxels = int((found == number).sum())
+            expected = lesion_weights(np.array([voxels]), 1.0, "volume")[0]
+            assert torch.allclose(batch.sizes[patch][found == number], torch.tensor(expected, dtype=torch.float32))
+    assert torch.equal(batch.labels, (batch.numbers > 0).float())
