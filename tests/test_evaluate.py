@@ -6,7 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.evaluate import SIMPLE_DESCRIPTION, expected_calibration_error, merged_simple, score
+from models.evaluate import (
+    SIMPLE_DESCRIPTION,
+    Finding,
+    apply_calibration,
+    expected_calibration_error,
+    fit_calibration,
+    merged_simple,
+    score,
+)
 from models.phantoms import Lesion, Phantom
 
 
@@ -81,3 +89,24 @@ def test_checkpoints_are_picked_on_scans_neither_reported_nor_calibrated_nor_tra
             assert (seed - TRAIN_SEED_BASE) % 100_000 > drawn
     with pytest.raises(ValueError):
         selection_seeds(scans=501)
+
+
+def test_a_calibration_fit_on_separable_findings_stays_finite_and_lowers_the_false_ones() -> None:
+    # As in 1.6.0's run: 30 findings, 4 true, every true one more confident than every false one.
+    rng = np.random.default_rng(0)
+    false = [
+        Finding(float(c), float(v), False)
+        for c, v in zip(rng.uniform(0.56, 0.85, 26), rng.uniform(5, 900, 26), strict=True)
+    ]
+    true = [
+        Finding(float(c), float(v), True)
+        for c, v in zip(rng.uniform(0.9, 0.99, 4), rng.uniform(300, 3000, 4), strict=True)
+    ]
+    params = fit_calibration(false + true)
+    assert all(abs(v) < 20.0 for v in params.values()), params
+    fitted = apply_calibration(false + true, params)
+    raw = np.array([f.confidence for f in false + true])
+    assert fitted[:26].mean() < raw[:26].mean()  # the false findings were overconfident
+    assert fitted[26:].mean() > 2.0 * fitted[:26].mean()  # and still tells true from false
+    truth = np.array([f.true for f in false + true], dtype=float)
+    assert expected_calibration_error(fitted, truth) < expected_calibration_error(raw, truth)
