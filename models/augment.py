@@ -1,7 +1,8 @@
 """Fresh lesions drawn into training patches, so that lesions cannot be learnt by heart.
 
 A run sees a few hundred phantoms at most on 2 cores (the producer draws one in ~3 s of a core
-the trainer is using). With so few, the network memorised them: in 1.6.0's run at step 1500,
+the trainer is using). With so few, the network memorised them: in the lesion-balanced run (not
+kept) at step 1500,
 small lesions of phantoms in its pool got 1.00 (6.0, 6.6 and 8.2 mm ones) while every lesion
 under 8 mm of unseen phantoms of the same family got 0.00 (measured, README). A lesion drawn
 into a patch at a fresh place with a fresh outline, size and contrast at every step costs
@@ -28,6 +29,11 @@ LUNG_SITE, ORGAN_SITE = 1, 0  # the fourth column of Sample.sites
 PARTIAL_VOLUME_SIGMA = 0.6  # voxels: the model grid's resampling blur of a lesion edge (about)
 MAX_TRIES = 4  # per lesion: a site whose box holds a lesion already is skipped
 MAX_NUMBER = 255  # lesion numbers are uint8
+
+
+def no_sites() -> np.ndarray:
+    """The sites of a phantom without organs (the simple world): no lesion is drawn into it."""
+    return np.zeros((0, 4), dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -94,7 +100,8 @@ def _draw_one(
     lo = np.maximum(center - half, 0)
     hi = np.minimum(center + half + 1, np.array(image.shape))
     box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
-    if bool((numbers[box] > 0).any()) or int(numbers.max()) >= MAX_NUMBER:
+    number = int(numbers.max()) + 1
+    if bool((numbers[box] > 0).any()) or number > MAX_NUMBER:
         return None  # lesions do not touch: each keeps its own number
     axes = [(np.arange(a, b) - c) * s for a, b, c, s in zip(lo, hi, center, mm, strict=True)]
     local = np.meshgrid(*axes, indexing="ij", sparse=True)
@@ -111,6 +118,5 @@ def _draw_one(
     values = appearance(kind, background, inside, rho, rng, "train")
     # A difference, not a replacement: the scan's noise and blur stay in the lesion.
     image[box] += torch.from_numpy(soft * (values - background))
-    number = int(numbers.max()) + 1
     numbers[box][torch.from_numpy(label)] = number
     return number, int(label.sum())

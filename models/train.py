@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from monai.bundle import ConfigParser
 from monai.losses import DiceLoss
 
-from models.augment import LUNG_SITE, ORGAN_SITE, Insertion, insert_lesions, sites_in_patch
+from models.augment import LUNG_SITE, ORGAN_SITE, Insertion, insert_lesions, no_sites, sites_in_patch
 from models.device import autocast, choose_precision
 from models.geometry import ModelGrid, nonzero_box
 from models.networks import warm_start
@@ -82,7 +82,9 @@ class Sample:
     hard_voxels: np.ndarray  # (K, 3) look-alikes: bright or dark voxels in the body, bowel, vessels, kidneys
     size_weight: np.ndarray  # (L + 1,) float32 loss weight of lesion k's voxels; index 0 (background) is 1
     spacing_mm: Spacing = (1.25, 1.25, 1.25)  # of the model grid it is on
-    sites: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), dtype=np.int64))  # augment.Sample sites
+    # (K, 4) organ and lung voxels where fresh lesions may be drawn (models.augment), lung in column 4
+    sites: np.ndarray = field(default_factory=no_sites)
+    size_weighting: str = SIZE_WEIGHTING  # how size_weight was made; fresh lesions are weighed alike
 
 
 @dataclass(frozen=True)
@@ -151,7 +153,7 @@ def make_sample(
         # A kidney lesion keeps its organ's tissue label: its voxels are lesion points, not look-alikes.
         drawn &= label_u8.numpy() == 0
     numbers, lesions, size_weight = number_lesions(label_u8.numpy(), float(np.prod(spacing_mm)), size_weighting)
-    sites = lesion_sites(grid, tissue, hu, numbers, rng) if tissue is not None else np.zeros((0, 4), dtype=np.int64)
+    sites = lesion_sites(grid, tissue, hu, numbers, rng) if tissue is not None else no_sites()
     return Sample(
         img_t.contiguous(),
         torch.from_numpy(numbers),
@@ -166,6 +168,7 @@ def make_sample(
         size_weight,
         spacing_mm,
         sites,
+        size_weighting,
     )
 
 
@@ -257,7 +260,6 @@ def draw_batch(
     rng: np.random.Generator,
     shares: tuple[float, float, float, float] = PATCH_SHARES,
     insertion: Insertion = NO_INSERTION,
-    size_weighting: str = SIZE_WEIGHTING,
 ) -> Batch:
     images, numbered, weights = [], [], []
     for _ in range(batch):
@@ -268,10 +270,7 @@ def draw_batch(
         img, numbers = img.clone(), numbers.long()
         weight = torch.from_numpy(sample.size_weight)[numbers]
         if insertion.share > 0.0 and rng.random() < insertion.share:
-            sites = sites_in_patch(sample.sites, crop_start(sample, center, patch), patch)
-            for number, voxels in insert_lesions(img, numbers, sites, sample.spacing_mm, rng, insertion):
-                voxel_mm3 = float(np.prod(sample.spacing_mm))
-                weight[numbers == number] = float(lesion_weights(np.array([voxels]), voxel_mm3, size_weighting)[0])
+            draw_fresh_lesions(sample, crop_start(sample, center, patch), (img, numbers, weight), rng, insertion)
         for axis in range(3):
             if rng.random() < 0.5:
                 img, numbers, weight = img.flip(axis), numbers.flip(axis), weight.flip(axis)
@@ -281,6 +280,25 @@ def draw_batch(
         weights.append(weight)
     numbers = torch.stack(numbered)[:, None]
     return Batch(torch.stack(images)[:, None], (numbers > 0).float(), torch.stack(weights)[:, None], numbers)
+
+
+def draw_fresh_lesions(
+    sample: Sample,
+    start: np.ndarray,
+    patch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    rng: np.random.Generator,
+    insertion: Insertion,
+) -> None:
+    """Fresh lesions into a patch's (image, numbers, weights), weighed as the sample's own are."""
+    image, numbers, weight = patch
+    sites = sites_in_patch(sample.sites, start, image.shape[0])
+    drawn = insert_lesions(image, numbers, sites, sample.spacing_mm, rng, insertion)
+    if not drawn:
+        return
+    voxel_mm3 = float(np.prod(sample.spacing_mm))
+    weights = lesion_weights(np.array([voxels for _, voxels in drawn]), voxel_mm3, sample.size_weighting)
+    for (number, _), lesion_weight in zip(drawn, weights, strict=True):
+        weight[numbers == number] = float(lesion_weight)
 
 
 def as_spacing(values: list[float]) -> Spacing:
@@ -423,9 +441,7 @@ def _steps(
         step += 1
         for group in optimiser.param_groups:
             group["lr"] = cosine_lr(progress(step, started, recipe), recipe)
-        batch = draw_batch(
-            pool.samples, recipe.batch, recipe.patch, rng, recipe.shares, insertion, recipe.size_weighting
-        )
+        batch = draw_batch(pool.samples, recipe.batch, recipe.patch, rng, recipe.shares, insertion)
         with mixed:
             logits = net(batch.images)
         loss = loss_fn(logits.float(), batch)
@@ -508,18 +524,12 @@ def main() -> None:
         default=defaults.size_weighting,
         help="small lesions' voxels weigh (15 mm / d) up to 3x (diameter) or (15 mm / d)^3 up to 30x (volume)",
     )
-    parser.add_argument(
-        "--blob-weight",
-        type=float,
-        default=defaults.blob_weight,
-        help="of the mean per-lesion Dice (blob loss), so each lesion counts whatever its size; 0: none",
-    )
-    parser.add_argument(
-        "--insert-share",
-        type=float,
-        default=defaults.insert_share,
-        help="share of patches that get 1-3 fresh lesions of 3-16 mm drawn in (models.augment); 0: none",
-    )
+    for name, text in (
+        ("blob_weight", "of the mean per-lesion Dice (blob loss), so each lesion counts whatever its size; 0: none"),
+        ("insert_share", "share of patches that get 1-3 fresh lesions of 3-16 mm drawn in (models.augment); 0: none"),
+    ):
+        option = "--" + name.replace("_", "-")
+        parser.add_argument(option, type=float, default=getattr(defaults, name), help=text)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     # Every recipe field has its option of the same name.

@@ -57,8 +57,8 @@ def test_a_batch_with_drawn_lesions_weighs_them_by_size_and_leaves_the_pool_as_i
     numbers, lesions, weights = number_lesions(label, 1.0, "volume")
     image, sites = _organ_patch((32, 32, 32))
     sample = Sample(image.clone(), torch.from_numpy(numbers), lesions, np.zeros((0, 3)), np.zeros((0, 3)), weights)
-    sample.spacing_mm, sample.sites = (1.0, 1.0, 1.0), sites
-    batch = draw_batch([sample], 6, 32, np.random.default_rng(0), (0.0, 0.0, 0.0, 1.0), Insertion(1.0), "volume")
+    sample.spacing_mm, sample.sites, sample.size_weighting = (1.0, 1.0, 1.0), sites, "volume"
+    batch = draw_batch([sample], 6, 32, np.random.default_rng(0), (0.0, 0.0, 0.0, 1.0), Insertion(1.0))
     assert torch.equal(sample.image, image) and sample.label.max() == 1  # crops were copies
     assert int(batch.numbers.max()) > 1
     for patch in range(6):
