@@ -10,6 +10,8 @@ from models.evaluate import (
     SIMPLE_DESCRIPTION,
     Finding,
     apply_calibration,
+    calibration_helps,
+    calibration_report,
     expected_calibration_error,
     fit_calibration,
     merged_simple,
@@ -110,3 +112,15 @@ def test_a_calibration_fit_on_separable_findings_stays_finite_and_lowers_the_fal
     assert fitted[26:].mean() > 2.0 * fitted[:26].mean()  # and still tells true from false
     truth = np.array([f.true for f in false + true], dtype=float)
     assert expected_calibration_error(fitted, truth) < expected_calibration_error(raw, truth)
+
+
+def test_a_calibration_fit_is_written_only_when_it_lowers_the_error_on_findings_it_was_not_fitted_on() -> None:
+    rng = np.random.default_rng(1)
+    overconfident = [Finding(float(c), 100.0, bool(rng.random() < 0.2)) for c in rng.uniform(0.8, 0.99, 40)]
+    honest = [Finding(0.2, 100.0, i % 5 == 0) for i in range(40)]
+    # Fitted on overconfident findings and measured on such: the fit pulls confidence down and helps.
+    assert calibration_helps(calibration_report(overconfident, overconfident[:20]))
+    # Measured on findings whose confidence was right already, the same fit only makes it worse.
+    assert not calibration_helps(calibration_report(overconfident, honest))
+    # Nothing measured, nothing to judge the fit by.
+    assert not calibration_helps(calibration_report(overconfident, []))
