@@ -327,7 +327,7 @@ def merged_simple(earlier: dict[str, Any] | None, measured: dict[str, dict[str, 
 def calibration_helps(calibration: dict[str, Any]) -> bool:
     """A fit is written only when it lowers the ECE on findings it was not fitted on."""
     shipped, fitted = calibration.get("ece_shipped"), calibration.get("ece_fitted")
-    return shipped is not None and fitted is not None and fitted < shipped
+    return shipped is not None and fitted is not None and bool(fitted < shipped)  # a JSON bool, not numpy's
 
 
 def write_calibration(bundle: Path, params: dict[str, float]) -> None:

@@ -119,7 +119,7 @@ def test_a_calibration_fit_is_written_only_when_it_lowers_the_error_on_findings_
     overconfident = [Finding(float(c), 100.0, bool(rng.random() < 0.2)) for c in rng.uniform(0.8, 0.99, 40)]
     honest = [Finding(0.2, 100.0, i % 5 == 0) for i in range(40)]
     # Fitted on overconfident findings and measured on such: the fit pulls confidence down and helps.
-    assert calibration_helps(calibration_report(overconfident, overconfident[:20]))
+    assert calibration_helps(calibration_report(overconfident, overconfident[:20])) is True  # goes into JSON
     # Measured on findings whose confidence was right already, the same fit only makes it worse.
     assert not calibration_helps(calibration_report(overconfident, honest))
     # Nothing measured, nothing to judge the fit by.
