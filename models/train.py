@@ -179,7 +179,12 @@ def lesion_sites(
     organs = np.isin(tissue, list(ORGAN_LABELS.values())).astype(np.float32)
     inside = (grid.to_model(organs)[0, 0] >= 0.5).numpy() & (numbers == 0)
     points = _subsample(np.argwhere(inside), rng)
-    lung = hu[tuple(points.T)] < LUNG_HU if len(points) else np.zeros(0, dtype=bool)
+    values = hu[tuple(points.T)] if len(points) else np.zeros(0, dtype=np.float32)
+    lung = values < LUNG_HU
+    # Between the two is an organ's edge in partial volume with lung, fat or gas (measured: an
+    # "organ" site at -449 HU got a -547 HU lesion that no model could see); no lesion grows there.
+    keep = lung | (values > SOFT_TISSUE_HU)
+    points, lung = points[keep], lung[keep]
     return np.concatenate([points, np.where(lung, LUNG_SITE, ORGAN_SITE)[:, None]], axis=1).astype(np.int64)
 
 

@@ -6,7 +6,9 @@ import numpy as np
 import torch
 
 from models.augment import LUNG_SITE, ORGAN_SITE, Insertion, insert_lesions, sites_in_patch
-from models.train import Sample, draw_batch, lesion_weights, number_lesions
+from models.geometry import ModelGrid
+from models.phantoms.anatomy import LIVER, LUNG
+from models.train import Sample, draw_batch, lesion_sites, lesion_weights, number_lesions
 
 
 def _organ_patch(shape: tuple[int, int, int] = (40, 40, 40)) -> tuple[torch.Tensor, np.ndarray]:
@@ -68,3 +70,19 @@ def test_a_batch_with_drawn_lesions_weighs_them_by_size_and_leaves_the_pool_as_i
             expected = lesion_weights(np.array([voxels]), 1.0, "volume")[0]
             assert torch.allclose(batch.sizes[patch][found == number], torch.tensor(expected, dtype=torch.float32))
     assert torch.equal(batch.labels, (batch.numbers > 0).float())
+
+
+def test_organ_sites_leave_out_the_organs_edge_in_partial_volume_with_lung_fat_or_gas() -> None:
+    tissue = np.zeros((20, 20, 20), dtype=np.uint8)
+    tissue[2:18, 2:18, 2:10] = LUNG
+    tissue[2:18, 2:18, 10:18] = LIVER
+    hu = np.full(tissue.shape, -1000.0, dtype=np.float32)
+    hu[tissue == LUNG] = -850.0
+    hu[tissue == LIVER] = 60.0
+    hu[:, :, 10] = -450.0  # the liver's top slice, blurred into the lung above it
+    hu[:, :, 11] = -200.0
+    grid = ModelGrid.for_input(tissue.shape, np.eye(4), (1.0, 1.0, 1.0))
+    sites = lesion_sites(grid, tissue, hu, np.zeros(tissue.shape, np.uint8), np.random.default_rng(0))
+    organ = sites[sites[:, 3] == ORGAN_SITE]
+    assert len(organ) and organ[:, 2].min() >= 12
+    assert (sites[sites[:, 3] == LUNG_SITE][:, 2] < 10).all()
