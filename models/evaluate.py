@@ -43,6 +43,7 @@ from models.phantom import generate_phantom as simple_phantom
 from models.phantom import job_phantom
 from models.phantoms import Phantom, generate_phantom
 from models.runtime import RUNTIMES
+from models.transforms import calibrate
 from schemas.jobs import Profile
 
 DEFAULT_BUNDLE = Path(__file__).parent / "medical_segmentation_v1"
@@ -188,9 +189,9 @@ def fit_calibration(findings: list[Finding], prior: float = 1.0) -> dict[str, fl
 
 
 def apply_calibration(findings: list[Finding], params: dict[str, float]) -> np.ndarray:
-    x, _ = features(findings)
-    logit = params["a"] * x[:, 0] + params["b"] * x[:, 1] + params["c"]
-    return 1.0 / (1.0 + np.exp(-np.clip(logit, -500.0, 500.0)))
+    """The confidences the engine would report with `params` (the same function it calls)."""
+    abc = (params["a"], params["b"], params["c"])
+    return np.array([calibrate(f.confidence, f.volume_mm3, abc) for f in findings])
 
 
 def expected_calibration_error(confidence: np.ndarray, truth: np.ndarray, bins: int = 10) -> float:

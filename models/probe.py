@@ -25,7 +25,7 @@ import torch
 from models.augment import LUNG_SITE, Insertion, insert_lesions
 from models.geometry import ModelGrid
 from models.phantoms import generate_phantom
-from models.train import AIR_HU, as_spacing, lesion_sites, load_bundle_config
+from models.train import AIR_HU, as_spacing, lesion_sites, load_bundle_config, padded_crop, window_start
 
 DEFAULT_BUNDLE = Path(__file__).parent / "medical_segmentation_v1"
 PROBE_SEED = 97_950  # validation family, lesion-free; neither evaluate's nor checkpoints' seeds
@@ -38,8 +38,11 @@ DIAMETERS_MM = (4.0, 6.0, 8.0, 10.0, 12.0, 16.0, 20.0)
 @dataclass(frozen=True)
 class Window:
     image: torch.Tensor  # (W, W, W) HU, padded with air as the sliding window pads
-    site: np.ndarray  # (4,): the site in window coordinates, and whether it is lung
-    lung: bool
+    site: np.ndarray  # (4,): the site in window coordinates, and whether it is lung (augment's sites)
+
+    @property
+    def lung(self) -> bool:
+        return bool(self.site[3] == LUNG_SITE)
 
 
 def probe_windows(seed: int, spacing: tuple[float, float, float], count: int, per_phantom: int = 2) -> list[Window]:
@@ -59,17 +62,14 @@ def probe_windows(seed: int, spacing: tuple[float, float, float], count: int, pe
         for lung, missing in wanted.items():
             chosen = sites[(sites[:, 3] == LUNG_SITE) == lung]
             take = min(missing, per_phantom, len(chosen))
-            windows += [_window(image, site, lung) for site in chosen[rng.choice(len(chosen), take, replace=False)]]
+            windows += [_window(image, site) for site in chosen[rng.choice(len(chosen), take, replace=False)]]
     return windows
 
 
-def _window(image: torch.Tensor, site: np.ndarray, lung: bool) -> Window:
-    shape = np.array(image.shape)
-    start = np.clip(site[:3] - WINDOW // 2, 0, np.maximum(shape - WINDOW, 0))
-    crop = image[tuple(slice(int(s), int(s) + WINDOW) for s in start)]
-    pad = [p for n in reversed(crop.shape) for p in (0, WINDOW - n)]
-    crop = torch.nn.functional.pad(crop, pad, value=AIR_HU)
-    return Window(crop.contiguous(), np.concatenate([site[:3] - start, site[3:]]), lung)
+def _window(image: torch.Tensor, site: np.ndarray) -> Window:
+    start = window_start(tuple(image.shape), site[:3], WINDOW)
+    crop = padded_crop(image, start, WINDOW, AIR_HU)  # as the sliding window pads
+    return Window(crop.contiguous(), np.concatenate([site[:3] - start, site[3:]]))
 
 
 def with_lesion(

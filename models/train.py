@@ -216,22 +216,26 @@ def lesion_weights(counts: np.ndarray, voxel_mm3: float, size_weighting: str) ->
     return np.clip((REFERENCE_MM / np.maximum(diameters, 1e-3)) ** power, 1.0, cap)
 
 
+def window_start(shape: tuple[int, ...], center: np.ndarray, patch: int) -> np.ndarray:
+    """The corner of a `patch`-sized window centred on `center`, kept inside the volume."""
+    return np.clip(center - patch // 2, 0, np.maximum(np.array(shape) - patch, 0))
+
+
+def padded_crop(volume: torch.Tensor, start: np.ndarray, patch: int, value: float) -> torch.Tensor:
+    """A `patch`-sized view from `start`, padded with `value` past the volume's end."""
+    crop = volume[tuple(slice(int(s), int(s) + patch) for s in start)]
+    pad = [p for n in reversed(crop.shape) for p in (0, patch - n)]
+    return torch.nn.functional.pad(crop, pad, value=value) if any(pad) else crop
+
+
 def crop_start(sample: Sample, center: np.ndarray, patch: int) -> np.ndarray:
-    shape = np.array(sample.image.shape)
-    return np.clip(center - patch // 2, 0, np.maximum(shape - patch, 0))
+    return window_start(tuple(sample.image.shape), center, patch)
 
 
 def crop(sample: Sample, center: np.ndarray, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The image and the lesion numbers of a patch, padded as the sliding window pads."""
+    """The image and the lesion numbers of a patch, padded as the sliding window pads (air, cval)."""
     start = crop_start(sample, center, patch)
-    sl = tuple(slice(int(s), int(s) + patch) for s in start)
-    img = sample.image[sl]
-    lab = sample.label[sl]
-    pad = [p for n in reversed(img.shape) for p in (0, patch - n)]
-    if any(pad):
-        img = torch.nn.functional.pad(img, pad, value=AIR_HU)  # as the sliding window pads (cval)
-        lab = torch.nn.functional.pad(lab, pad, value=0)
-    return img, lab
+    return padded_crop(sample.image, start, patch, AIR_HU), padded_crop(sample.label, start, patch, 0)
 
 
 def patch_center(

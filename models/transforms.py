@@ -463,7 +463,7 @@ def calibrate(mean_probability: float, volume_mm3: float, params: tuple[float, f
     a, b, c = params
     p = min(max(mean_probability, 1e-6), 1.0 - 1e-6)
     z = a * math.log(p / (1.0 - p)) + b * math.log(max(volume_mm3, 1e-3)) + c
-    return 1.0 / (1.0 + math.exp(-z))
+    return 1.0 / (1.0 + math.exp(-min(max(z, -500.0), 500.0)))  # a steep fit must not overflow exp
 
 
 @dataclass(frozen=True)

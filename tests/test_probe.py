@@ -14,7 +14,7 @@ SPACING = (1.25, 1.25, 1.25)
 def _organ_window() -> Window:
     noise = torch.randn(WINDOW, WINDOW, WINDOW, generator=torch.Generator().manual_seed(0))
     image = torch.full((WINDOW, WINDOW, WINDOW), 60.0) + noise * 3.0  # never 20 HU off 60: 6.7 sigma
-    return Window(image, np.array([40, 50, 44, ORGAN_SITE]), lung=False)
+    return Window(image, np.array([40, 50, 44, ORGAN_SITE]))
 
 
 def test_a_drawn_lesion_sits_at_the_site_with_about_its_diameter_and_leaves_the_window_as_it_was() -> None:
