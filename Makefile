@@ -49,7 +49,7 @@ TRAIN_ARGS ?=
 EVAL_ARGS ?=
 train: install
 	$(PY) -m models.train $(TRAIN_ARGS)
-	$(PY) -m models.evaluate --previous none --write-metadata $(EVAL_ARGS)
+	$(PY) -m models.evaluate --previous none --calibrate --write-metadata $(EVAL_ARGS)
 
 evaluate: install
 	$(PY) -m models.evaluate $(EVAL_ARGS)

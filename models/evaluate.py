@@ -15,9 +15,11 @@ same scans for a side-by-side table. Both also run on the simple phantoms of the
 
 Confidence: a finding's confidence is the mean of `prob` over it. The expected calibration error
 (ECE) of the production findings is reported as shipped and after a fit of
-confidence = sigmoid(a logit(confidence) + b ln(volume) + c) on a separate calibration split
-(same family, other seeds); --calibrate writes the fit into inference.json (only over an
-identity calibration, so fits never compound), --write-metadata records the report.
+confidence = sigmoid(a logit(confidence) + b ln(volume) + c + d elongation) on a separate
+calibration split (same family, other seeds), with the confidence floor below which findings are
+dropped: the highest that keeps `--keep-true` of the split's true findings. --calibrate writes
+both into inference.json (only over an identity calibration and no floor, so fits never
+compound); run it again to measure the bundle with them. --write-metadata records the report.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from models.phantom import generate_phantom as simple_phantom
 from models.phantom import job_phantom
 from models.phantoms import Phantom, generate_phantom
 from models.runtime import RUNTIMES
-from models.transforms import calibrate
+from models.transforms import Calibration, elongation
 from schemas.jobs import Profile
 
 DEFAULT_BUNDLE = Path(__file__).parent / "medical_segmentation_v1"
@@ -52,7 +54,8 @@ VALIDATION_SEED_BASE = 90_000
 NORMAL_SEED_BASE = 95_000
 CALIBRATION_SEED_BASE = 97_000
 THRESHOLD = 0.55  # the service's default decision threshold
-IDENTITY = {"a": 1.0, "b": 0.0, "c": 0.0}
+IDENTITY = {"a": 1.0, "b": 0.0, "c": 0.0, "d": 0.0}
+FLOORS = np.round(np.arange(0.0, 0.51, 0.025), 3)  # confidence floors tried, lowest first
 SIZE_BINS = {"found_ge10mm": (10.0, math.inf), "found_5to10mm": (5.0, 10.0), "found_lt5mm": (0.0, 5.0)}
 EXPECTED_TYPE = {"hypodense": "hypodense lesion", "hyperdense": "hyperdense lesion", "lung nodule": "lung nodule"}
 
@@ -68,6 +71,7 @@ class Finding:
     confidence: float  # mean of the engine's probability over the finding
     volume_mm3: float
     true: bool  # touches a true lesion
+    elongation: float = 1.0  # length over width (`models.transforms.elongation`)
 
 
 @dataclass
@@ -83,12 +87,15 @@ class ScanResult:
 def score_findings(phantom: Phantom, labels: np.ndarray, prob: np.ndarray | None) -> list[Finding]:
     truth = phantom.lesion_mask
     predicted = cc3d.connected_components(labels > 0, connectivity=26)
-    voxel_mm3 = float(np.prod(phantom.spacing))
+    x, y, z = (float(s) for s in phantom.spacing)
+    spacing = (x, y, z)
+    voxel_mm3 = float(np.prod(spacing))
     findings = []
     for index, box in enumerate(cc3d.statistics(predicted)["bounding_boxes"][1:], start=1):
         inside = predicted[box] == index
         confidence = float(prob[box][inside].mean()) if prob is not None else 1.0
-        findings.append(Finding(confidence, float(inside.sum()) * voxel_mm3, bool(np.any(truth[box][inside]))))
+        true = bool(np.any(truth[box][inside]))
+        findings.append(Finding(confidence, float(inside.sum()) * voxel_mm3, true, elongation(inside, spacing)))
     return findings
 
 
@@ -156,7 +163,8 @@ def summarise(results: list[ScanResult]) -> dict[str, float | int | None]:
 # -- calibration ------------------------------------------------------------------------------
 def features(findings: list[Finding]) -> tuple[np.ndarray, np.ndarray]:
     p = np.clip([f.confidence for f in findings], 1e-6, 1 - 1e-6)
-    x = np.stack([np.log(p / (1 - p)), np.log(np.maximum([f.volume_mm3 for f in findings], 1e-3))], axis=1)
+    volume = np.log(np.maximum([f.volume_mm3 for f in findings], 1e-3))
+    x = np.stack([np.log(p / (1 - p)), volume, [f.elongation for f in findings]], axis=1)
     return x, np.array([f.true for f in findings], dtype=float)
 
 
@@ -165,7 +173,7 @@ def fit_calibration(findings: list[Finding], prior: float = 1.0) -> dict[str, fl
 
     A few dozen findings with a handful of true ones are often separable, where the plain
     maximum-likelihood fit runs off to infinity (seen: a = 1450, c = -1e9 from 30 findings, 4
-    true). A Gaussian prior of weight `prior` on (a - 1, b, c) keeps every fit finite and close to
+    true). A Gaussian prior of weight `prior` on (a - 1, b, c, d) keeps every fit finite and close to
     the raw confidence until the findings say otherwise. The penalised likelihood is convex, and
     L-BFGS minimises it from any start; undamped Newton steps did not (a = 16, b = 32 where the
     optimum is near 0, on findings of one volume).
@@ -173,8 +181,8 @@ def fit_calibration(findings: list[Finding], prior: float = 1.0) -> dict[str, fl
     if len(findings) < 4 or len({f.true for f in findings}) < 2:
         return dict(IDENTITY)  # nothing to learn from: keep the confidence as it is
     x, y = features(findings)
-    design = np.concatenate([x, np.ones((len(x), 1))], axis=1)
-    centre = np.array([IDENTITY["a"], IDENTITY["b"], IDENTITY["c"]])
+    design = np.concatenate([x[:, :2], np.ones((len(x), 1)), x[:, 2:]], axis=1)  # columns: a, b, c, d
+    centre = np.array([IDENTITY[k] for k in "abcd"])
 
     def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
         z = design @ w
@@ -185,13 +193,13 @@ def fit_calibration(findings: list[Finding], prior: float = 1.0) -> dict[str, fl
     w = optimize.minimize(loss, centre, jac=True, method="L-BFGS-B").x
     if not np.all(np.isfinite(w)):
         return dict(IDENTITY)
-    return {"a": round(float(w[0]), 4), "b": round(float(w[1]), 4), "c": round(float(w[2]), 4)}
+    return {k: round(float(v), 4) for k, v in zip("abcd", w, strict=True)}
 
 
 def apply_calibration(findings: list[Finding], params: dict[str, float]) -> np.ndarray:
     """The confidences the engine would report with `params` (the same function it calls)."""
-    abc = (params["a"], params["b"], params["c"])
-    return np.array([calibrate(f.confidence, f.volume_mm3, abc) for f in findings])
+    calibration = Calibration.of(params)
+    return np.array([calibration.confidence(f.confidence, f.volume_mm3, f.elongation) for f in findings])
 
 
 def expected_calibration_error(confidence: np.ndarray, truth: np.ndarray, bins: int = 10) -> float:
@@ -208,18 +216,39 @@ def expected_calibration_error(confidence: np.ndarray, truth: np.ndarray, bins: 
     return round(total, 4)
 
 
-def calibration_report(fit_on: list[Finding], measured_on: list[Finding]) -> dict[str, Any]:
+def confidence_floor(findings: list[Finding], params: dict[str, float], keep_true: float) -> float:
+    """The highest floor in `FLOORS` under which at most 1 - `keep_true` of the true findings fall."""
+    confidence = apply_calibration(findings, params)
+    true = confidence[[f.true for f in findings]]
+    if len(true) == 0:
+        return 0.0
+    return max(float(t) for t in FLOORS if np.mean(true >= t) >= keep_true)
+
+
+def kept(confidence: np.ndarray, truth: np.ndarray, floor: float) -> dict[str, list[int]]:
+    """[kept, all] of the true and of the false findings over a confidence floor."""
+    above = confidence >= floor
+    return {
+        "true": [int(np.sum(above & (truth > 0))), int(np.sum(truth > 0))],
+        "false": [int(np.sum(above & (truth == 0))), int(np.sum(truth == 0))],
+    }
+
+
+def calibration_report(fit_on: list[Finding], measured_on: list[Finding], keep_true: float = 0.9) -> dict[str, Any]:
     params = fit_calibration(fit_on)
+    floor = confidence_floor(fit_on, params, keep_true)
+    report: dict[str, Any] = {"parameters": params, "min_confidence": floor, "keep_true": keep_true}
     if not measured_on:
-        return {"parameters": params, "findings": 0, "ece_shipped": None, "ece_fitted": None}
+        return report | {"findings": 0, "ece_shipped": None, "ece_fitted": None}
     _, truth = features(measured_on)
     shipped = np.array([f.confidence for f in measured_on])
-    return {
-        "parameters": params,
+    fitted = apply_calibration(measured_on, params)
+    return report | {
         "findings": len(measured_on),
         "true_findings": int(truth.sum()),
         "ece_shipped": expected_calibration_error(shipped, truth),
-        "ece_fitted": expected_calibration_error(apply_calibration(measured_on, params), truth),
+        "ece_fitted": expected_calibration_error(fitted, truth),
+        "kept_over_floor": kept(fitted, truth, floor),
     }
 
 
@@ -331,14 +360,22 @@ def calibration_helps(calibration: dict[str, Any]) -> bool:
     return shipped is not None and fitted is not None and bool(fitted < shipped)  # a JSON bool, not numpy's
 
 
-def write_calibration(bundle: Path, params: dict[str, float]) -> None:
+def is_raw(bundle: Path) -> bool:
+    """The bundle reports raw mean probabilities: identity calibration, no confidence floor."""
+    config = json.loads((bundle / "configs" / "inference.json").read_text())
+    return Calibration.of(config.get("calibration")) == Calibration() and config.get("min_confidence", 0.0) == 0.0
+
+
+def set_calibration(bundle: Path, params: dict[str, float], floor: float) -> None:
+    """Rewrite inference.json's calibration and confidence floor; the rest keeps its layout."""
     config_file = bundle / "configs" / "inference.json"
     text = config_file.read_text()
-    if json.loads(text).get("calibration") != IDENTITY:
-        raise SystemExit("--calibrate fits raw confidences: set inference.json's calibration to identity first")
-    # Only that entry changes: the rest of the file keeps its layout.
-    pattern = r'"calibration": \{[^}]*\}'
-    config_file.write_text(re.sub(pattern, '"calibration": ' + json.dumps(params), text, count=1))
+    text = re.sub(r'"calibration": \{[^}]*\}', '"calibration": ' + json.dumps(params), text, count=1)
+    if '"min_confidence"' in text:
+        text = re.sub(r'"min_confidence": [0-9.eE+-]+', f'"min_confidence": {floor}', text, count=1)
+    elif floor > 0.0:
+        print("inference.json has no min_confidence: the confidence floor is not written")
+    config_file.write_text(text)
 
 
 def arguments() -> argparse.Namespace:
@@ -347,9 +384,14 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--previous", type=Path, default=PREVIOUS_BUNDLE, help="'none' to skip it")
     parser.add_argument("--phantoms", type=int, default=8, help="validation scans with lesions")
     parser.add_argument("--normals", type=int, default=4, help="validation scans without lesions")
-    parser.add_argument("--calibration-scans", type=int, default=4)
+    parser.add_argument("--calibration-scans", type=int, default=30)
+    parser.add_argument(
+        "--keep-true", type=float, default=0.9, help="share of the calibration split's true findings the floor keeps"
+    )
     parser.add_argument("--profiles", nargs="+", default=[p.value for p in Profile], choices=[p.value for p in Profile])
-    parser.add_argument("--calibrate", action="store_true", help="write the fitted calibration into inference.json")
+    parser.add_argument(
+        "--calibrate", action="store_true", help="write the fitted calibration and floor into inference.json"
+    )
     parser.add_argument("--write-metadata", action="store_true", help="record the report in configs/metadata.json")
     add_runtime_argument(parser)
     return parser.parse_args()
@@ -366,6 +408,8 @@ def add_runtime_argument(parser: argparse.ArgumentParser) -> None:
 
 def main() -> None:
     args = arguments()
+    if args.calibrate and not is_raw(args.bundle):
+        raise SystemExit("--calibrate fits raw confidences: set the calibration to identity and min_confidence to 0")
     started = time.perf_counter()
     profiles = [Profile(p) for p in args.profiles]
     engines = {"current": loaded_engine(args.bundle, args.runtime)}
@@ -375,9 +419,18 @@ def main() -> None:
     results = evaluate(engines, scan_seeds(args.phantoms, args.normals), profiles)
     rows = {model: {p: summarise(r) for p, r in by_profile.items()} for model, by_profile in results.items()}
     measured = [f for r in results["current"].get(Profile.PRODUCTION.value, []) for f in r.findings]
-    calibration = calibration_report(calibration_findings(current, args.calibration_scans), measured)
+    calibration = calibration_report(calibration_findings(current, args.calibration_scans), measured, args.keep_true)
     if args.calibrate:
         calibration["written"] = calibration_helps(calibration)
+    if calibration.get("written"):
+        # What ships is measured: the same scans again, through the bundle with its fit and floor.
+        set_calibration(args.bundle, calibration["parameters"], calibration["min_confidence"])
+        calibration["rows_uncalibrated"] = rows["current"]
+        current = engines["current"] = loaded_engine(args.bundle, args.runtime)
+        again = evaluate({"current": current}, scan_seeds(args.phantoms, args.normals), profiles)["current"]
+        rows["current"] = {p: summarise(r) for p, r in again.items()}
+    elif args.calibrate:
+        print("--calibrate: the fit does not lower the ECE on the measured findings; inference.json left as it is")
     report: dict[str, Any] = {
         "family": "validation (models.phantoms, never trained on)",
         "scans_with_lesions": args.phantoms,
@@ -401,10 +454,6 @@ def main() -> None:
     print(f"simple phantoms (Dice per phantom): {json.dumps(simple)}")
     print(f"confidence (production): {json.dumps(calibration)}; {time.perf_counter() - started:.0f} s")
     print(json.dumps(report, indent=2))
-    if calibration.get("written"):
-        write_calibration(args.bundle, calibration["parameters"])
-    elif args.calibrate:
-        print("--calibrate: the fit does not lower the ECE on the measured findings; inference.json left as it is")
     if args.write_metadata:
         metadata_file = args.bundle / "configs" / "metadata.json"
         metadata = json.loads(metadata_file.read_text())

@@ -292,8 +292,9 @@ class LesionFindingsd(MapTransform):
     `prob` over a finding reads its confidence; `findings_key` = a list of per-finding dicts.
     With `index_key` they travel to the input grid as the findings' numbers (see `PaintFindingsd`).
 
-    Calibration: confidence = sigmoid(a * logit(mean probability) + b * ln(volume mm3) + c),
-    fitted on the validation family (models.evaluate); a=1, b=c=0 is the raw mean probability.
+    Confidence: see `Calibration`, fitted on the validation family (models.evaluate). A candidate
+    whose confidence is below `min_confidence` is dropped as the tissue rules drop one: most false
+    findings are faint, thin or small, and the calibrated confidence weighs all three.
     """
 
     def __init__(
@@ -305,6 +306,7 @@ class LesionFindingsd(MapTransform):
         threshold: float = 0.5,
         min_volume_mm3: float = 10.0,
         calibration: Mapping[str, float] | None = None,
+        min_confidence: float = 0.0,
         rules: Mapping[str, float] | None = None,
         body_voxel_mm: float = 4.0,
         index_key: str | None = None,
@@ -315,12 +317,8 @@ class LesionFindingsd(MapTransform):
         self.index_key = index_key
         self.threshold = float(threshold)
         self.min_volume_mm3 = float(min_volume_mm3)
-        calibration = dict(calibration or {})
-        self.calibration = (
-            float(calibration.get("a", 1.0)),
-            float(calibration.get("b", 0.0)),
-            float(calibration.get("c", 0.0)),
-        )
+        self.calibration = Calibration.of(calibration)
+        self.min_confidence = float(min_confidence)
         self.rules = TissueRules(**{k: float(v) for k, v in (rules or {}).items()})
         self.body_voxel_mm = float(body_voxel_mm)
 
@@ -405,12 +403,16 @@ class LesionFindingsd(MapTransform):
         """A candidate in its box -> the finding, or None when it is bone, a tube, air or dense."""
         if float(bone[inside].mean()) > self.rules.bone_fraction:
             return None
-        if elongation(inside, spacing) > self.rules.max_elongation:
+        length = elongation(inside, spacing)
+        if length > self.rules.max_elongation:
             return None
-        return self.describe(inside, prob, hu, float(inside.sum()) * float(np.prod(spacing)))
+        finding = self.describe(inside, prob, hu, float(inside.sum()) * float(np.prod(spacing)), length)
+        if finding is None or finding["confidence"] < self.min_confidence:
+            return None
+        return finding
 
     def describe(
-        self, inside: np.ndarray, prob: np.ndarray, hu: np.ndarray, volume_mm3: float
+        self, inside: np.ndarray, prob: np.ndarray, hu: np.ndarray, volume_mm3: float, length: float
     ) -> dict[str, Any] | None:
         """Type a candidate from its HU and its surroundings; None when it is air or dense."""
         rules = self.rules
@@ -430,8 +432,9 @@ class LesionFindingsd(MapTransform):
             "volume_mm3": round(volume_mm3, 2),
             "mean_hu": round(mean_hu, 1),
             "surrounding_hu": round(surround, 1),
+            "elongation": round(length, 3),
             "mean_probability": round(mean_p, 4),
-            "confidence": round(calibrate(mean_p, volume_mm3, self.calibration), 4),
+            "confidence": round(self.calibration.confidence(mean_p, volume_mm3, length), 4),
         }
 
 
@@ -459,11 +462,25 @@ def grow_findings(numbers: np.ndarray) -> np.ndarray:
     return grown
 
 
-def calibrate(mean_probability: float, volume_mm3: float, params: tuple[float, float, float]) -> float:
-    a, b, c = params
-    p = min(max(mean_probability, 1e-6), 1.0 - 1e-6)
-    z = a * math.log(p / (1.0 - p)) + b * math.log(max(volume_mm3, 1e-3)) + c
-    return 1.0 / (1.0 + math.exp(-min(max(z, -500.0), 500.0)))  # a steep fit must not overflow exp
+@dataclass(frozen=True)
+class Calibration:
+    """A finding's confidence, the chance that it is a lesion, from what the engine measures of it:
+    sigmoid(a logit(mean probability) + b ln(volume mm3) + c + d elongation). The identity (a=1,
+    b=c=d=0) is the mean probability; `models.evaluate --calibrate` fits the rest."""
+
+    a: float = 1.0
+    b: float = 0.0
+    c: float = 0.0
+    d: float = 0.0
+
+    @classmethod
+    def of(cls, params: Mapping[str, float] | None) -> Calibration:
+        return cls(**{k: float(v) for k, v in (params or {}).items()})
+
+    def confidence(self, mean_probability: float, volume_mm3: float, length: float) -> float:
+        p = min(max(mean_probability, 1e-6), 1.0 - 1e-6)
+        z = self.a * math.log(p / (1.0 - p)) + self.b * math.log(max(volume_mm3, 1e-3)) + self.c + self.d * length
+        return 1.0 / (1.0 + math.exp(-min(max(z, -500.0), 500.0)))  # a steep fit must not overflow exp
 
 
 @dataclass(frozen=True)

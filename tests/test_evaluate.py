@@ -3,19 +3,28 @@ kept in the bundle's metadata (pure logic on small arrays; no network is run).""
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from models.evaluate import (
+    DEFAULT_BUNDLE,
+    IDENTITY,
     SIMPLE_DESCRIPTION,
     Finding,
     apply_calibration,
     calibration_helps,
     calibration_report,
+    confidence_floor,
     expected_calibration_error,
     fit_calibration,
+    is_raw,
     merged_simple,
     score,
+    set_calibration,
 )
 from models.phantoms import Lesion, Phantom
 
@@ -124,3 +133,46 @@ def test_a_calibration_fit_is_written_only_when_it_lowers_the_error_on_findings_
     assert not calibration_helps(calibration_report(overconfident, honest))
     # Nothing measured, nothing to judge the fit by.
     assert not calibration_helps(calibration_report(overconfident, []))
+
+
+def test_the_confidence_floor_keeps_the_true_findings_asked_for_and_drops_thin_faint_false_ones() -> None:
+    # Most false findings are faint and elongated (vessels, organ rims); true ones compact.
+    rng = np.random.default_rng(2)
+    false = [
+        Finding(float(c), 80.0, False, float(e))
+        for c, e in zip(rng.uniform(0.56, 0.8, 60), rng.uniform(1.8, 2.9, 60), strict=True)
+    ]
+    true = [
+        Finding(float(c), 800.0, True, float(e))
+        for c, e in zip(rng.uniform(0.6, 0.98, 20), rng.uniform(1.0, 1.6, 20), strict=True)
+    ]
+    report = calibration_report(false + true, false[:30] + true[:10], keep_true=0.9)
+    assert report["parameters"]["d"] < 0  # longer: less likely a lesion
+    floor = report["min_confidence"]
+    assert floor > 0
+    confidence = apply_calibration(true, report["parameters"])
+    assert np.mean(confidence >= floor) >= 0.9
+    kept_true, kept_false = report["kept_over_floor"]["true"], report["kept_over_floor"]["false"]
+    assert kept_true[1] == 10 and kept_false[1] == 30
+    assert kept_true[0] >= 9 and kept_false[0] <= 15
+    # Asking to keep every true finding gives a floor no higher.
+    assert confidence_floor(false + true, report["parameters"], 1.0) <= floor
+    # No true findings to keep: no floor.
+    assert confidence_floor(false, report["parameters"], 0.9) == 0.0
+
+
+def test_a_fit_and_floor_are_written_into_the_bundle_and_a_reset_makes_it_raw_again(tmp_path: Path) -> None:
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    shutil.copy(DEFAULT_BUNDLE / "configs" / "inference.json", configs / "inference.json")
+    before = json.loads((configs / "inference.json").read_text())
+    set_calibration(tmp_path, IDENTITY, 0.0)  # what training does to the weights it replaces
+    assert is_raw(tmp_path)
+    fit = {"a": 1.5, "b": -0.2, "c": -1.0, "d": -0.9}
+    set_calibration(tmp_path, fit, 0.15)
+    after = json.loads((configs / "inference.json").read_text())
+    assert after["calibration"] == fit and after["min_confidence"] == 0.15 and not is_raw(tmp_path)
+    # Nothing else changed, and the post-processing still reads both entries by reference.
+    assert {k: v for k, v in after.items() if k not in ("calibration", "min_confidence")} == {
+        k: v for k, v in before.items() if k not in ("calibration", "min_confidence")
+    }

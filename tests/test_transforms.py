@@ -16,11 +16,11 @@ from models.transforms import (
     HYPERDENSE,
     HYPODENSE,
     LUNG_NODULE,
+    Calibration,
     CoarseMask,
     InvertToInputd,
     LesionFindingsd,
     PaintFindingsd,
-    calibrate,
     coarse_body,
     elongation,
 )
@@ -118,7 +118,7 @@ def test_confidence_is_painted_on_findings_and_the_rest_stays_below_threshold() 
     hu, spots = scene()
     out = run(hu, spots, calibration={"a": 1.0, "b": 0.0, "c": -1.0})
     prob, labels = out["prob"][0].numpy(), out["pred"][0].numpy()
-    expected = calibrate(0.9, 1.0, (1.0, 0.0, -1.0))
+    expected = Calibration(c=-1.0).confidence(0.9, 1.0, 1.0)
     assert np.allclose(prob[labels > 0], expected, atol=1e-4)
     assert prob[labels == 0].max() < 0.5
     assert all(abs(f["confidence"] - round(expected, 4)) < 1e-4 for f in out["findings"])
@@ -149,8 +149,29 @@ def test_minimum_volume_is_the_profile_setting() -> None:
 
 
 def test_identity_calibration_is_the_mean_probability() -> None:
-    assert abs(calibrate(0.73, 500.0, (1.0, 0.0, 0.0)) - 0.73) < 1e-9
-    assert calibrate(0.73, 500.0, (1.0, 0.5, 0.0)) > calibrate(0.73, 50.0, (1.0, 0.5, 0.0))
+    assert abs(Calibration.of(None).confidence(0.73, 500.0, 2.0) - 0.73) < 1e-9
+    assert Calibration.of({"a": 1.0, "b": 0.5, "c": 0.0}) == Calibration(b=0.5)  # fits without d still load
+    sized = Calibration(b=0.5)
+    assert sized.confidence(0.73, 500.0, 1.0) > sized.confidence(0.73, 50.0, 1.0)
+    shaped = Calibration(d=-1.0)
+    assert shaped.confidence(0.73, 500.0, 1.2) > shaped.confidence(0.73, 500.0, 2.5)
+
+
+def test_findings_below_the_confidence_floor_are_dropped_and_capped_below_threshold() -> None:
+    hu, spots = scene()
+    spots = {"hypo": spots["hypo"], "hyper": spots["hyper"]}
+    lobe = ball(hu.shape, (40, 60, 20), 4) | ball(hu.shape, (40, 68, 20), 4)  # the hypodense one, elongated
+    spots["hypo"] = lobe
+    hu[lobe] = 15.0
+    calibration = {"a": 1.0, "b": 0.0, "c": 0.0, "d": -1.0}  # longer: less likely a lesion
+    confidences = sorted(f["confidence"] for f in run(hu, spots, calibration=calibration)["findings"])
+    assert len(confidences) == 2 and confidences[0] < confidences[1]
+    floor = (confidences[0] + confidences[1]) / 2
+    out = run(hu, spots, calibration=calibration, min_confidence=floor)
+    labels, prob = out["pred"][0].numpy(), out["prob"][0].numpy()
+    assert [f["type"] for f in out["findings"]] == ["hyperdense lesion"]
+    assert labels[lobe].max() == 0 and prob[lobe].max() < 0.5
+    assert set(np.unique(labels[spots["hyper"]])) == {HYPERDENSE}
 
 
 def test_body_mask_keeps_lungs_and_drops_the_table() -> None:
