@@ -19,7 +19,9 @@ confidence = sigmoid(a logit(confidence) + b ln(volume) + c + d elongation) on a
 calibration split (same family, other seeds), with the confidence floor below which findings are
 dropped: the highest that keeps `--keep-true` of the split's true findings. --calibrate writes
 both into inference.json (only over an identity calibration and no floor, so fits never
-compound); run it again to measure the bundle with them. --write-metadata records the report.
+compound), then measures the bundle again with them. The report keeps the bundle's own
+calibration and floor (`shipped_calibration`); on a calibrated bundle, the fit is one on top of
+it. --write-metadata records the report.
 """
 
 from __future__ import annotations
@@ -360,10 +362,16 @@ def calibration_helps(calibration: dict[str, Any]) -> bool:
     return shipped is not None and fitted is not None and bool(fitted < shipped)  # a JSON bool, not numpy's
 
 
+def shipped_calibration(bundle: Path) -> dict[str, Any]:
+    """The bundle's own calibration and confidence floor, as its config has them."""
+    config = json.loads((bundle / "configs" / "inference.json").read_text())
+    return {"calibration": config.get("calibration"), "min_confidence": config.get("min_confidence", 0.0)}
+
+
 def is_raw(bundle: Path) -> bool:
     """The bundle reports raw mean probabilities: identity calibration, no confidence floor."""
-    config = json.loads((bundle / "configs" / "inference.json").read_text())
-    return Calibration.of(config.get("calibration")) == Calibration() and config.get("min_confidence", 0.0) == 0.0
+    shipped = shipped_calibration(bundle)
+    return Calibration.of(shipped["calibration"]) == Calibration() and shipped["min_confidence"] == 0.0
 
 
 def set_calibration(bundle: Path, params: dict[str, float], floor: float) -> None:
@@ -444,6 +452,7 @@ def main() -> None:
         "precision": current.precision,
         "runtime": runtime_line(current),
         "profiles": rows["current"],
+        "shipped_calibration": shipped_calibration(args.bundle),
         "calibration": calibration,
     }
     if "previous" in rows:
