@@ -43,13 +43,14 @@ bench: install
 schemas: install
 	$(PY) -m schemas export
 
-# Trains for 72 min from bundle 1.0's weights (python -m models.train --help), then validates (~15 min):
-# under 90 min on 2 cores. e.g. make train TRAIN_ARGS="--minutes 30 --checkpoints .cache/ck"
+# Trains for 72 min from bundle 1.0's weights (python -m models.train --help), then fits the new
+# weights' confidence and floor and validates production and fast_debug (~12 min): under 90 min
+# on 2 cores. e.g. make train TRAIN_ARGS="--minutes 30 --checkpoints .cache/ck"
 TRAIN_ARGS ?=
 EVAL_ARGS ?=
 train: install
 	$(PY) -m models.train $(TRAIN_ARGS)
-	$(PY) -m models.evaluate --previous none --calibrate --write-metadata $(EVAL_ARGS)
+	$(PY) -m models.evaluate --previous none --calibrate --write-metadata --profiles production fast_debug $(EVAL_ARGS)
 
 evaluate: install
 	$(PY) -m models.evaluate $(EVAL_ARGS)
