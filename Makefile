@@ -50,7 +50,7 @@ TRAIN_ARGS ?=
 EVAL_ARGS ?=
 train: install
 	$(PY) -m models.train $(TRAIN_ARGS)
-	$(PY) -m models.evaluate --previous none --calibrate --write-metadata --profiles production fast_debug $(EVAL_ARGS)
+	$(PY) -m models.evaluate --previous none --calibrate --write-metadata --profiles production fast_debug --runtime auto $(EVAL_ARGS)
 
 evaluate: install
 	$(PY) -m models.evaluate $(EVAL_ARGS)

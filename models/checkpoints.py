@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from models import confidence_fit
 from models.evaluate import (
     THRESHOLD,
     ScanResult,
@@ -65,12 +66,16 @@ def candidate_name(candidate: Path) -> str:
 
 
 def candidate_bundle(candidate: Path, bundle: Path, scratch: Path) -> Path:
-    """A bundle directory running `candidate`: itself if it is one, else `bundle` with its weights."""
+    """A bundle directory running `candidate`: itself if it is one (as it ships), else `bundle` with
+    its weights and no confidence fit or floor."""
     if candidate.is_dir():
         return candidate
     target = scratch / candidate_name(candidate).replace("/", "-")
     shutil.copytree(bundle, target)
     shutil.copy(candidate, target / "models" / "model.pt")
+    if confidence_fit.holds_fit(target):
+        # The bundle's confidence fit and floor belong to its own weights: a checkpoint runs raw.
+        confidence_fit.write(target, confidence_fit.IDENTITY, 0.0)
     return target
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +39,9 @@ import numpy as np
 import torch
 from scipy import optimize, special
 
+from models import confidence_fit
 from models.bundle import BundleSpec
+from models.confidence_fit import IDENTITY
 from models.device import cpu_flags, cpu_model
 from models.engine import EngineOptions, InferenceEngine
 from models.phantom import generate_phantom as simple_phantom
@@ -56,7 +57,6 @@ VALIDATION_SEED_BASE = 90_000
 NORMAL_SEED_BASE = 95_000
 CALIBRATION_SEED_BASE = 97_000
 THRESHOLD = 0.55  # the service's default decision threshold
-IDENTITY = {"a": 1.0, "b": 0.0, "c": 0.0, "d": 0.0}
 FLOORS = np.round(np.arange(0.0, 0.51, 0.025), 3)  # confidence floors tried, lowest first
 SIZE_BINS = {"found_ge10mm": (10.0, math.inf), "found_5to10mm": (5.0, 10.0), "found_lt5mm": (0.0, 5.0)}
 EXPECTED_TYPE = {"hypodense": "hypodense lesion", "hyperdense": "hyperdense lesion", "lung nodule": "lung nodule"}
@@ -239,7 +239,13 @@ def kept(confidence: np.ndarray, truth: np.ndarray, floor: float) -> dict[str, l
 def calibration_report(fit_on: list[Finding], measured_on: list[Finding], keep_true: float = 0.9) -> dict[str, Any]:
     params = fit_calibration(fit_on)
     floor = confidence_floor(fit_on, params, keep_true)
-    report: dict[str, Any] = {"parameters": params, "min_confidence": floor, "keep_true": keep_true}
+    report: dict[str, Any] = {
+        "parameters": params,
+        "min_confidence": floor,
+        "keep_true": keep_true,
+        "fit_findings": len(fit_on),
+        "fit_true_findings": sum(f.true for f in fit_on),
+    }
     if not measured_on:
         return report | {"findings": 0, "ece_shipped": None, "ece_fitted": None}
     _, truth = features(measured_on)
@@ -362,30 +368,6 @@ def calibration_helps(calibration: dict[str, Any]) -> bool:
     return shipped is not None and fitted is not None and bool(fitted < shipped)  # a JSON bool, not numpy's
 
 
-def shipped_calibration(bundle: Path) -> dict[str, Any]:
-    """The bundle's own calibration and confidence floor, as its config has them."""
-    config = json.loads((bundle / "configs" / "inference.json").read_text())
-    return {"calibration": config.get("calibration"), "min_confidence": config.get("min_confidence", 0.0)}
-
-
-def is_raw(bundle: Path) -> bool:
-    """The bundle reports raw mean probabilities: identity calibration, no confidence floor."""
-    shipped = shipped_calibration(bundle)
-    return Calibration.of(shipped["calibration"]) == Calibration() and shipped["min_confidence"] == 0.0
-
-
-def set_calibration(bundle: Path, params: dict[str, float], floor: float) -> None:
-    """Rewrite inference.json's calibration and confidence floor; the rest keeps its layout."""
-    config_file = bundle / "configs" / "inference.json"
-    text = config_file.read_text()
-    text = re.sub(r'"calibration": \{[^}]*\}', '"calibration": ' + json.dumps(params), text, count=1)
-    if '"min_confidence"' in text:
-        text = re.sub(r'"min_confidence": [0-9.eE+-]+', f'"min_confidence": {floor}', text, count=1)
-    elif floor > 0.0:
-        print("inference.json has no min_confidence: the confidence floor is not written")
-    config_file.write_text(text)
-
-
 def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
@@ -394,7 +376,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--normals", type=int, default=4, help="validation scans without lesions")
     parser.add_argument("--calibration-scans", type=int, default=30)
     parser.add_argument(
-        "--keep-true", type=float, default=0.9, help="share of the calibration split's true findings the floor keeps"
+        "--keep-true", type=share, default=0.9, help="share of the calibration split's true findings the floor keeps"
     )
     parser.add_argument("--profiles", nargs="+", default=[p.value for p in Profile], choices=[p.value for p in Profile])
     parser.add_argument(
@@ -403,6 +385,13 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--write-metadata", action="store_true", help="record the report in configs/metadata.json")
     add_runtime_argument(parser)
     return parser.parse_args()
+
+
+def share(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a share in (0, 1]")
+    return value
 
 
 def add_runtime_argument(parser: argparse.ArgumentParser) -> None:
@@ -414,10 +403,24 @@ def add_runtime_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def kept_fit(
+    earlier: dict[str, Any] | None, this_run: dict[str, Any], shipped: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The record of the fit the bundle ships: this run's when it wrote one, else the one recorded
+    before, as long as the bundle still has its parameters."""
+    if this_run.get("written"):
+        return this_run
+    if earlier and earlier.get("parameters") == shipped["calibration"]:
+        return earlier
+    return None
+
+
 def main() -> None:
     args = arguments()
-    if args.calibrate and not is_raw(args.bundle):
-        raise SystemExit("--calibrate fits raw confidences: set the calibration to identity and min_confidence to 0")
+    if args.calibrate and not (confidence_fit.holds_fit(args.bundle) and confidence_fit.is_raw(args.bundle)):
+        raise SystemExit(
+            "--calibrate fits raw confidences: inference.json needs an identity calibration and min_confidence 0"
+        )
     started = time.perf_counter()
     profiles = [Profile(p) for p in args.profiles]
     engines = {"current": loaded_engine(args.bundle, args.runtime)}
@@ -432,8 +435,9 @@ def main() -> None:
         calibration["written"] = calibration_helps(calibration)
     if calibration.get("written"):
         # What ships is measured: the same scans again, through the bundle with its fit and floor.
-        set_calibration(args.bundle, calibration["parameters"], calibration["min_confidence"])
+        confidence_fit.write(args.bundle, calibration["parameters"], calibration["min_confidence"])
         calibration["rows_uncalibrated"] = rows["current"]
+        calibration["calibration_scans"] = args.calibration_scans
         current = engines["current"] = loaded_engine(args.bundle, args.runtime)
         again = evaluate({"current": current}, scan_seeds(args.phantoms, args.normals), profiles)["current"]
         rows["current"] = {p: summarise(r) for p, r in again.items()}
@@ -452,7 +456,7 @@ def main() -> None:
         "precision": current.precision,
         "runtime": runtime_line(current),
         "profiles": rows["current"],
-        "shipped_calibration": shipped_calibration(args.bundle),
+        "shipped_calibration": confidence_fit.shipped(args.bundle),
         "calibration": calibration,
     }
     if "previous" in rows:
@@ -466,7 +470,9 @@ def main() -> None:
     if args.write_metadata:
         metadata_file = args.bundle / "configs" / "metadata.json"
         metadata = json.loads(metadata_file.read_text())
-        report["simple_phantoms"] = merged_simple(metadata.get("validation", {}).get("simple_phantoms"), simple)
+        earlier = metadata.get("validation", {})
+        report["simple_phantoms"] = merged_simple(earlier.get("simple_phantoms"), simple)
+        report["calibration_fit"] = kept_fit(earlier.get("calibration_fit"), calibration, report["shipped_calibration"])
         metadata["validation"] = report
         metadata_file.write_text(json.dumps(metadata, indent=2) + "\n")
 

@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from monai.bundle import ConfigParser
 from monai.losses import DiceLoss
 
+from models import confidence_fit
 from models.augment import LUNG_SITE, ORGAN_SITE, Insertion, insert_lesions, no_sites, sites_in_patch
 from models.device import autocast, choose_precision
-from models.evaluate import IDENTITY, set_calibration
 from models.geometry import ModelGrid, nonzero_box
 from models.networks import warm_start
 from models.phantom import generate_phantom
@@ -470,9 +470,9 @@ def _steps(
             save_weights(net, checkpoints / f"step{step:05d}.pt")
     # The bundle's weights change once, at the end: an interrupted run leaves them as they were.
     save_weights(net, bundle / "models" / "model.pt")
-    if (bundle / "configs" / "inference.json").is_file():
+    if confidence_fit.holds_fit(bundle):
         # The confidence fit and floor belong to the old weights: `models.evaluate --calibrate` refits.
-        set_calibration(bundle, IDENTITY, 0.0)
+        confidence_fit.write(bundle, confidence_fit.IDENTITY, 0.0)
     if checkpoints is not None:
         save_weights(net, checkpoints / f"step{step:05d}.pt")
     seen = recipe.pool + pool.replaced

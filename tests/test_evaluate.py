@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from models.confidence_fit import IDENTITY, holds_fit, is_raw, write
 from models.evaluate import (
     DEFAULT_BUNDLE,
-    IDENTITY,
     SIMPLE_DESCRIPTION,
     Finding,
     apply_calibration,
@@ -21,10 +21,9 @@ from models.evaluate import (
     confidence_floor,
     expected_calibration_error,
     fit_calibration,
-    is_raw,
+    kept_fit,
     merged_simple,
     score,
-    set_calibration,
 )
 from models.phantoms import Lesion, Phantom
 
@@ -166,13 +165,49 @@ def test_a_fit_and_floor_are_written_into_the_bundle_and_a_reset_makes_it_raw_ag
     configs.mkdir()
     shutil.copy(DEFAULT_BUNDLE / "configs" / "inference.json", configs / "inference.json")
     before = json.loads((configs / "inference.json").read_text())
-    set_calibration(tmp_path, IDENTITY, 0.0)  # what training does to the weights it replaces
+    assert holds_fit(tmp_path)
+    write(tmp_path, IDENTITY, 0.0)  # what training does to the weights it replaces
     assert is_raw(tmp_path)
     fit = {"a": 1.5, "b": -0.2, "c": -1.0, "d": -0.9}
-    set_calibration(tmp_path, fit, 0.15)
+    write(tmp_path, fit, 0.15)
     after = json.loads((configs / "inference.json").read_text())
     assert after["calibration"] == fit and after["min_confidence"] == 0.15 and not is_raw(tmp_path)
-    # Nothing else changed, and the post-processing still reads both entries by reference.
     assert {k: v for k, v in after.items() if k not in ("calibration", "min_confidence")} == {
         k: v for k, v in before.items() if k not in ("calibration", "min_confidence")
     }
+    # The post-processing reads both entries, so what was written is what runs.
+    (findings,) = [t for t in after["postprocessing"]["transforms"] if t["_target_"].endswith("LesionFindingsd")]
+    assert findings["calibration"] == "@calibration" and findings["min_confidence"] == "@min_confidence"
+
+
+def test_a_config_without_the_entries_is_refused_not_silently_left_as_it_was(tmp_path: Path) -> None:
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    config = json.loads((DEFAULT_BUNDLE / "configs" / "inference.json").read_text())
+    del config["min_confidence"]
+    (configs / "inference.json").write_text(json.dumps(config))
+    assert not holds_fit(tmp_path)
+    with pytest.raises(ValueError, match="min_confidence"):
+        write(tmp_path, {"a": 1.5, "b": -0.2, "c": -1.0, "d": -0.9}, 0.15)
+    assert json.loads((configs / "inference.json").read_text()) == config
+
+
+def test_the_record_of_the_shipped_fit_outlives_runs_that_do_not_refit() -> None:
+    earlier = {"parameters": {"a": 1.5, "b": 0.0, "c": -1.0, "d": -1.0}, "min_confidence": 0.1}
+    shipped = {"calibration": earlier["parameters"], "min_confidence": 0.1}
+    assert kept_fit(earlier, {"parameters": IDENTITY}, shipped) == earlier  # a plain evaluation
+    refit = {"parameters": {"a": 1.2, "b": 0.0, "c": -1.0, "d": -0.5}, "written": True}
+    assert kept_fit(earlier, refit, shipped) == refit
+    assert kept_fit(earlier, {"parameters": IDENTITY}, {"calibration": IDENTITY, "min_confidence": 0.0}) is None
+
+
+def test_a_checkpoint_runs_raw_in_a_copy_of_the_bundle_and_a_bundle_as_it_ships(tmp_path: Path) -> None:
+    from models.checkpoints import candidate_bundle
+
+    weights = tmp_path / "run" / "step00500.pt"
+    weights.parent.mkdir()
+    shutil.copy(DEFAULT_BUNDLE / "models" / "model.pt", weights)
+    copy = candidate_bundle(weights, DEFAULT_BUNDLE, tmp_path)
+    assert copy != DEFAULT_BUNDLE and is_raw(copy)  # the shipped fit belongs to the shipped weights
+    assert not is_raw(DEFAULT_BUNDLE)
+    assert candidate_bundle(DEFAULT_BUNDLE, DEFAULT_BUNDLE, tmp_path) == DEFAULT_BUNDLE
