@@ -68,6 +68,9 @@ class Prediction:
     label_names: dict[int, str]
     min_volume_mm3: float
     timings: dict[str, float] = field(default_factory=dict)
+    # The bundle's own record of each finding, when its post-processing leaves one under
+    # `findings` (the default bundle: model-grid volume, elongation, mean probability, confidence).
+    findings: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -321,6 +324,7 @@ class InferenceEngine:
             label_names=self.spec.labels,
             min_volume_mm3=self.min_volume_mm3(profile),
             timings=timings,
+            findings=_records(data.get("findings")),
         )
 
     def _postprocess(self, pipeline: Pipeline, batch: Data, shape: tuple[int, ...]) -> tuple[Data, Watched]:
@@ -405,6 +409,13 @@ def _metadata_input(metadata: dict[str, Any]) -> tuple[tuple[int, ...] | None, s
     if math.prod(shape) > _TRIAL_MAX_VOXELS:
         return None, f"the metadata's spatial_shape {shape} is too large to try at load"
     return (1, 1, *(int(side) for side in shape)), ""
+
+
+def _records(findings: Any) -> list[dict[str, Any]]:
+    """The bundle's per-finding records; nothing when it leaves something else under that key."""
+    if not isinstance(findings, list) or not all(isinstance(f, dict) for f in findings):
+        return []
+    return findings
 
 
 def _add_output(batch: Data, output: NetworkOutput) -> None:

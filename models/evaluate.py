@@ -73,7 +73,10 @@ class Finding:
     confidence: float  # mean of the engine's probability over the finding
     volume_mm3: float
     true: bool  # touches a true lesion
-    elongation: float = 1.0  # length over width (`models.transforms.elongation`)
+    elongation: float = 1.0  # length over width (`models.transforms.elongation`), on the scan's grid
+    # (mean probability, volume mm3, elongation) as the engine measured them on the model grid,
+    # where it applies the calibration; None when the bundle keeps no record of its findings.
+    engine: tuple[float, float, float] | None = None
 
 
 @dataclass
@@ -86,7 +89,19 @@ class ScanResult:
     findings: list[Finding] = field(default_factory=list)
 
 
-def score_findings(phantom: Phantom, labels: np.ndarray, prob: np.ndarray | None) -> list[Finding]:
+def engine_record(records: list[dict[str, Any]], painted: float) -> tuple[float, float, float] | None:
+    """The engine's record of the finding whose confidence is painted on a component: the one
+    record of that confidence, or None when none or several have it."""
+    same = [r for r in records if abs(float(r.get("confidence", -1.0)) - painted) < 6e-5]
+    if len(same) != 1 or not {"mean_probability", "volume_mm3", "elongation"} <= same[0].keys():
+        return None
+    record = same[0]
+    return float(record["mean_probability"]), float(record["volume_mm3"]), float(record["elongation"])
+
+
+def score_findings(
+    phantom: Phantom, labels: np.ndarray, prob: np.ndarray | None, records: list[dict[str, Any]] | None = None
+) -> list[Finding]:
     truth = phantom.lesion_mask
     predicted = cc3d.connected_components(labels > 0, connectivity=26)
     x, y, z = (float(s) for s in phantom.spacing)
@@ -97,15 +112,23 @@ def score_findings(phantom: Phantom, labels: np.ndarray, prob: np.ndarray | None
         inside = predicted[box] == index
         confidence = float(prob[box][inside].mean()) if prob is not None else 1.0
         true = bool(np.any(truth[box][inside]))
-        findings.append(Finding(confidence, float(inside.sum()) * voxel_mm3, true, elongation(inside, spacing)))
+        painted = float(np.median(prob[box][inside])) if prob is not None else 1.0
+        record = engine_record(records or [], painted)
+        volume = float(inside.sum()) * voxel_mm3
+        findings.append(Finding(confidence, volume, true, elongation(inside, spacing), record))
     return findings
 
 
 def score(
-    phantom: Phantom, labels: np.ndarray, names: dict[int, str], prob: np.ndarray | None, seconds: float
+    phantom: Phantom,
+    labels: np.ndarray,
+    names: dict[int, str],
+    prob: np.ndarray | None,
+    seconds: float,
+    records: list[dict[str, Any]] | None = None,
 ) -> ScanResult:
     truth = phantom.lesion_instances if phantom.lesion_instances is not None else phantom.lesion_mask
-    findings = score_findings(phantom, labels, prob)
+    findings = score_findings(phantom, labels, prob, records)
     found = {name: [0, 0] for name in SIZE_BINS}
     typed = set(names.values()) & set(EXPECTED_TYPE.values())
     right, detected = 0, 0
@@ -134,7 +157,9 @@ def run_scan(engine: InferenceEngine, phantom: Phantom, profile: Profile) -> Sca
     started = time.perf_counter()
     prediction = engine.predict(phantom.image, phantom.affine, profile, THRESHOLD)
     seconds = time.perf_counter() - started
-    return score(phantom, prediction.labels, prediction.label_names, prediction.probability, seconds)
+    return score(
+        phantom, prediction.labels, prediction.label_names, prediction.probability, seconds, prediction.findings
+    )
 
 
 def _mean(values: list[float], digits: int = 4) -> float | None:
@@ -163,10 +188,16 @@ def summarise(results: list[ScanResult]) -> dict[str, float | int | None]:
 
 
 # -- calibration ------------------------------------------------------------------------------
+def measured(finding: Finding) -> tuple[float, float, float]:
+    """(mean probability, volume mm3, elongation) as the calibration sees them: the engine's own
+    model-grid values when it recorded them, else what the scan's grid shows."""
+    return finding.engine or (finding.confidence, finding.volume_mm3, finding.elongation)
+
+
 def features(findings: list[Finding]) -> tuple[np.ndarray, np.ndarray]:
-    p = np.clip([f.confidence for f in findings], 1e-6, 1 - 1e-6)
-    volume = np.log(np.maximum([f.volume_mm3 for f in findings], 1e-3))
-    x = np.stack([np.log(p / (1 - p)), volume, [f.elongation for f in findings]], axis=1)
+    values = np.array([measured(f) for f in findings], dtype=float).reshape(-1, 3)
+    p = np.clip(values[:, 0], 1e-6, 1 - 1e-6)
+    x = np.stack([np.log(p / (1 - p)), np.log(np.maximum(values[:, 1], 1e-3)), values[:, 2]], axis=1)
     return x, np.array([f.true for f in findings], dtype=float)
 
 
@@ -201,7 +232,7 @@ def fit_calibration(findings: list[Finding], prior: float = 1.0) -> dict[str, fl
 def apply_calibration(findings: list[Finding], params: dict[str, float]) -> np.ndarray:
     """The confidences the engine would report with `params` (the same function it calls)."""
     calibration = Calibration.of(params)
-    return np.array([calibration.confidence(f.confidence, f.volume_mm3, f.elongation) for f in findings])
+    return np.array([calibration.confidence(*measured(f)) for f in findings])
 
 
 def expected_calibration_error(confidence: np.ndarray, truth: np.ndarray, bins: int = 10) -> float:

@@ -20,6 +20,7 @@ from models.evaluate import (
     calibration_report,
     confidence_floor,
     expected_calibration_error,
+    features,
     fit_calibration,
     kept_fit,
     merged_simple,
@@ -211,3 +212,28 @@ def test_a_checkpoint_runs_raw_in_a_copy_of_the_bundle_and_a_bundle_as_it_ships(
     assert copy != DEFAULT_BUNDLE and is_raw(copy)  # the shipped fit belongs to the shipped weights
     assert not is_raw(DEFAULT_BUNDLE)
     assert candidate_bundle(DEFAULT_BUNDLE, DEFAULT_BUNDLE, tmp_path) == DEFAULT_BUNDLE
+
+
+def test_the_calibration_reads_each_finding_as_the_engine_measured_it_on_the_model_grid() -> None:
+    phantom = _phantom()
+    labels = np.zeros(phantom.image.shape, dtype=np.uint8)
+    labels[3:6, 3:6, 3:6] = 1
+    labels[12:14, 12:14, 12:14] = 2
+    prob = np.zeros(labels.shape, np.float32)
+    prob[3:6, 3:6, 3:6] = np.float32(0.8123)  # each finding's confidence, painted as the engine does
+    prob[12:14, 12:14, 12:14] = np.float32(0.6001)
+    records = [
+        {"confidence": 0.8123, "mean_probability": 0.74, "volume_mm3": 31.0, "elongation": 1.2},
+        {"confidence": 0.6001, "mean_probability": 0.58, "volume_mm3": 9.5, "elongation": 2.6},
+    ]
+    result = score(phantom, labels, {1: "hypodense lesion", 2: "hyperdense lesion"}, prob, 1.0, records)
+    by_truth = {f.true: f for f in result.findings}
+    assert by_truth[True].engine == (0.74, 31.0, 1.2) and by_truth[False].engine == (0.58, 9.5, 2.6)
+    x, _ = features([by_truth[True]])
+    assert x[0].tolist() == pytest.approx([np.log(0.74 / 0.26), np.log(31.0), 1.2])
+    # Two records of one confidence: which is which cannot be told, so the scan's grid is read.
+    twins = [dict(records[0]), dict(records[0], elongation=2.0)]
+    again = score(phantom, labels, {1: "hypodense lesion", 2: "hyperdense lesion"}, prob, 1.0, twins)
+    assert all(f.engine is None for f in again.findings)
+    x, _ = features([f for f in again.findings if f.true])
+    assert x[0, 0] == pytest.approx(np.log(0.8123 / 0.1877), abs=1e-4) and x[0, 1] == pytest.approx(np.log(27.0))
