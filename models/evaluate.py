@@ -446,6 +446,28 @@ def kept_fit(
     return None
 
 
+def refit(
+    args: argparse.Namespace,
+    calibration: dict[str, Any],
+    engines: dict[str, InferenceEngine],
+    rows: dict[str, dict[str, dict[str, Any]]],
+) -> InferenceEngine:
+    """--calibrate: write the fit when it helps, then measure what ships (the same scans again,
+    through the bundle with its fit and floor) in place of the raw rows; -> the current engine."""
+    calibration["written"] = calibration_helps(calibration)
+    if not calibration["written"]:
+        print("--calibrate: the fit does not lower the ECE on the measured findings; inference.json left as it is")
+        return engines["current"]
+    confidence_fit.write(args.bundle, calibration["parameters"], calibration["min_confidence"])
+    calibration["rows_uncalibrated"] = rows["current"]
+    calibration["calibration_scans"] = args.calibration_scans
+    current = engines["current"] = loaded_engine(args.bundle, args.runtime)
+    profiles = [Profile(p) for p in args.profiles]
+    again = evaluate({"current": current}, scan_seeds(args.phantoms, args.normals), profiles)["current"]
+    rows["current"] = {p: summarise(r) for p, r in again.items()}
+    return current
+
+
 def main() -> None:
     args = arguments()
     if args.calibrate and not (confidence_fit.holds_fit(args.bundle) and confidence_fit.is_raw(args.bundle)):
@@ -463,17 +485,7 @@ def main() -> None:
     measured = [f for r in results["current"].get(Profile.PRODUCTION.value, []) for f in r.findings]
     calibration = calibration_report(calibration_findings(current, args.calibration_scans), measured, args.keep_true)
     if args.calibrate:
-        calibration["written"] = calibration_helps(calibration)
-    if calibration.get("written"):
-        # What ships is measured: the same scans again, through the bundle with its fit and floor.
-        confidence_fit.write(args.bundle, calibration["parameters"], calibration["min_confidence"])
-        calibration["rows_uncalibrated"] = rows["current"]
-        calibration["calibration_scans"] = args.calibration_scans
-        current = engines["current"] = loaded_engine(args.bundle, args.runtime)
-        again = evaluate({"current": current}, scan_seeds(args.phantoms, args.normals), profiles)["current"]
-        rows["current"] = {p: summarise(r) for p, r in again.items()}
-    elif args.calibrate:
-        print("--calibrate: the fit does not lower the ECE on the measured findings; inference.json left as it is")
+        current = refit(args, calibration, engines, rows)
     report: dict[str, Any] = {
         "family": "validation (models.phantoms, never trained on)",
         "scans_with_lesions": args.phantoms,
