@@ -73,9 +73,7 @@ def candidate_bundle(candidate: Path, bundle: Path, scratch: Path) -> Path:
     target = scratch / candidate_name(candidate).replace("/", "-")
     shutil.copytree(bundle, target)
     shutil.copy(candidate, target / "models" / "model.pt")
-    if confidence_fit.holds_fit(target):
-        # The bundle's confidence fit and floor belong to its own weights: a checkpoint runs raw.
-        confidence_fit.write(target, confidence_fit.IDENTITY, 0.0)
+    confidence_fit.reset(target)  # the bundle's fit belongs to its own weights: a checkpoint runs raw
     return target
 
 

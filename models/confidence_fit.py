@@ -8,12 +8,15 @@ was made on: training resets it to the identity (raw mean probabilities, no floo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
 from typing import Any
 
-IDENTITY = {"a": 1.0, "b": 0.0, "c": 0.0, "d": 0.0}
+from models.transforms import Calibration
+
+IDENTITY = dataclasses.asdict(Calibration())  # the raw mean probability
 
 
 def _config_file(bundle: Path) -> Path:
@@ -30,9 +33,7 @@ def is_raw(bundle: Path) -> bool:
     """The bundle reports raw mean probabilities: identity calibration (missing terms count as
     such), no confidence floor."""
     own = shipped(bundle)
-    calibration = own["calibration"] or {}
-    identity = all(float(calibration.get(k, v)) == v for k, v in IDENTITY.items())
-    return identity and float(own["min_confidence"]) == 0.0
+    return Calibration.of(own["calibration"]) == Calibration() and float(own["min_confidence"]) == 0.0
 
 
 def holds_fit(bundle: Path) -> bool:
@@ -57,3 +58,10 @@ def write(bundle: Path, params: dict[str, float], floor: float) -> None:
             "top-level entries (the post-processing passes @calibration and @min_confidence to LesionFindingsd)"
         )
     config_file.write_text(text)
+
+
+def reset(bundle: Path) -> None:
+    """New weights in `bundle`: its fit belongs to the old ones, so it reports raw probabilities
+    until `models.evaluate --calibrate` fits again (a bundle without the entries is left alone)."""
+    if holds_fit(bundle):
+        write(bundle, IDENTITY, 0.0)

@@ -48,6 +48,7 @@ from models.phantom import generate_phantom as simple_phantom
 from models.phantom import job_phantom
 from models.phantoms import Phantom, generate_phantom
 from models.runtime import RUNTIMES
+from models.train import as_spacing
 from models.transforms import Calibration, elongation
 from schemas.jobs import Profile
 
@@ -104,8 +105,7 @@ def score_findings(
 ) -> list[Finding]:
     truth = phantom.lesion_mask
     predicted = cc3d.connected_components(labels > 0, connectivity=26)
-    x, y, z = (float(s) for s in phantom.spacing)
-    spacing = (x, y, z)
+    spacing = as_spacing(phantom.spacing)
     voxel_mm3 = float(np.prod(spacing))
     findings = []
     for index, box in enumerate(cc3d.statistics(predicted)["bounding_boxes"][1:], start=1):
@@ -482,8 +482,8 @@ def main() -> None:
     current = engines["current"]
     results = evaluate(engines, scan_seeds(args.phantoms, args.normals), profiles)
     rows = {model: {p: summarise(r) for p, r in by_profile.items()} for model, by_profile in results.items()}
-    measured = [f for r in results["current"].get(Profile.PRODUCTION.value, []) for f in r.findings]
-    calibration = calibration_report(calibration_findings(current, args.calibration_scans), measured, args.keep_true)
+    reported = [f for r in results["current"].get(Profile.PRODUCTION.value, []) for f in r.findings]
+    calibration = calibration_report(calibration_findings(current, args.calibration_scans), reported, args.keep_true)
     if args.calibrate:
         current = refit(args, calibration, engines, rows)
     report: dict[str, Any] = {

@@ -20,7 +20,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -311,7 +311,7 @@ def draw_fresh_lesions(
         weight[numbers == number] = float(lesion_weight)
 
 
-def as_spacing(values: list[float]) -> Spacing:
+def as_spacing(values: Sequence[float]) -> Spacing:
     x, y, z = (float(v) for v in values)
     return (x, y, z)
 
@@ -470,9 +470,7 @@ def _steps(
             save_weights(net, checkpoints / f"step{step:05d}.pt")
     # The bundle's weights change once, at the end: an interrupted run leaves them as they were.
     save_weights(net, bundle / "models" / "model.pt")
-    if confidence_fit.holds_fit(bundle):
-        # The confidence fit and floor belong to the old weights: `models.evaluate --calibrate` refits.
-        confidence_fit.write(bundle, confidence_fit.IDENTITY, 0.0)
+    confidence_fit.reset(bundle)
     if checkpoints is not None:
         save_weights(net, checkpoints / f"step{step:05d}.pt")
     seen = recipe.pool + pool.replaced
