@@ -44,7 +44,7 @@ schemas: install
 	$(PY) -m schemas export
 
 # Trains for 72 min from bundle 1.0's weights (python -m models.train --help), then fits the new
-# weights' confidence and floor and validates production and fast_debug (~12 min): under 90 min
+# weights' confidence and floor and validates production and fast_debug (~13 min, estimated): under 90 min
 # on 2 cores. e.g. make train TRAIN_ARGS="--minutes 30 --checkpoints .cache/ck"
 TRAIN_ARGS ?=
 EVAL_ARGS ?=
