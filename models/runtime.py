@@ -142,7 +142,7 @@ def _try(
         log.warning("runtime %s: the network does not export (%s); running torch", name, first_line(error))
         return None
     truth = torch_predictor(network, request.device, "fp32")
-    speed_file = cache.with_suffix(f".speed-{request.precision}-{request.threads}t-torch{torch.__version__}.json")
+    speed_file = beside(cache, f".speed-{request.precision}-{request.threads}t-torch{torch.__version__}.json")
     try:
         agreement = _agreement(truth, predictor, check)
         speedup = _cached_speedup(speed_file) or _speedup(reference.predictor, predictor, check, speed_file)
@@ -209,6 +209,12 @@ def _exporter(name: str) -> Exporter | None:
     raise ValueError(f"unknown runtime {name!r}; one of {', '.join(RUNTIMES)}")
 
 
+def beside(cache: Path, suffix: str) -> Path:
+    """`cache` with `suffix` appended: its name holds versions with dots (2026.4.1), which
+    `with_suffix` would take for a suffix and cut, with the CPU's key after them."""
+    return cache.parent / f"{cache.name}{suffix}"
+
+
 def _plain(x: torch.Tensor) -> np.ndarray:
     plain = x.as_tensor() if hasattr(x, "as_tensor") else x
     return np.ascontiguousarray(plain.detach().float().cpu().numpy())
@@ -226,15 +232,14 @@ class OpenVinoExporter:
         return str(self.ov.__version__).split("-")[0]
 
     def build(self, network: torch.nn.Module, example: torch.Tensor, cache: Path, precision: str) -> Predictor:
-        xml = cache.with_suffix(".xml")
+        xml = beside(cache, "-f32.xml")
         core = self.ov.Core()
         if xml.is_file():
             model = core.read_model(str(xml))
         else:
             shape = self.ov.PartialShape([-1, *example.shape[1:]])  # any number of windows a call
             model = self.ov.convert_model(network.cpu(), example_input=example, input=[shape])
-            xml.parent.mkdir(parents=True, exist_ok=True)
-            self.ov.save_model(model, str(xml))
+            self._save(model, xml)
         compiled = core.compile_model(
             model,
             "CPU",
@@ -255,6 +260,16 @@ class OpenVinoExporter:
 
         return predict
 
+    def _save(self, model: Any, xml: Path) -> None:
+        """Weights kept in fp32 (`save_model` halves them by default, so every load after the
+        first would run other weights than the one that converted), written under other names and
+        renamed into place, the weights first: a half-written export is never read as finished."""
+        partial = xml.with_name(xml.stem + ".partial.xml")
+        xml.parent.mkdir(parents=True, exist_ok=True)
+        self.ov.save_model(model, str(partial), compress_to_fp16=False)
+        partial.with_suffix(".bin").replace(xml.with_suffix(".bin"))
+        partial.replace(xml)
+
 
 class OnnxRuntimeExporter:
     name = "onnxruntime"
@@ -268,7 +283,7 @@ class OnnxRuntimeExporter:
         return str(self.ort.__version__)
 
     def build(self, network: torch.nn.Module, example: torch.Tensor, cache: Path, precision: str) -> Predictor:
-        path = cache.with_suffix(".onnx")
+        path = beside(cache, ".onnx")
         if not path.is_file():
             # Written beside the export and renamed into place: an export that fails half-way
             # leaves no file that the next load would take for a finished one.

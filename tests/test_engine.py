@@ -23,7 +23,7 @@ from models.evaluate import DEFAULT_BUNDLE
 from models.network import unwrap_state
 from models.phantom import generate_phantom
 from models.registry import ModelNotFound, ModelRegistry
-from models.runtime import RuntimeRequest, check_input, choose_runtime
+from models.runtime import RuntimeRequest, check_input, choose_runtime, cpu_signature
 from schemas.jobs import Profile
 from tests.bundle_factory import (
     break_forward,
@@ -439,14 +439,28 @@ def _runtime_request(tmp_path: Path, requested: str, network: torch.nn.Module) -
     return RuntimeRequest(requested, torch.device("cpu"), "fp32", 2, tmp_path, digest, (1, 32, 32, 32))
 
 
+def _key(network: torch.nn.Module) -> str:
+    return f"{_runtime_request(Path(), 'auto', network).network_key[:16]}-1x32x32x32"
+
+
+def _ov_version() -> str:
+    import openvino
+
+    return str(openvino.__version__).split("-")[0]
+
+
 def test_an_exported_runtime_must_agree_with_torch_and_is_cached(tmp_path: Path, engine: InferenceEngine) -> None:
+    torch.manual_seed(0)
     network = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(4, 2, 1))
     choice = choose_runtime(network, _runtime_request(tmp_path, "openvino", network))
     assert choice.name == "openvino" and choice.agreement is not None and choice.agreement >= 0.999
     x = torch.rand(3, 1, 32, 32, 32)  # any number of windows a call
     with torch.inference_mode():
-        assert torch.allclose(choice.predictor(x), network(x), atol=1e-4)
-    assert list(tmp_path.glob("*openvino*.xml"))
+        assert torch.allclose(choice.predictor(x), network(x), atol=1e-5)
+    # The export's name keeps the whole runtime version and the CPU's key.
+    assert [p.name for p in tmp_path.glob("*.xml")] == [
+        f"{_key(network)}-openvino-{_ov_version()}-{cpu_signature()}-f32.xml"
+    ]
     # The second load reads the export from the cache instead of converting again.
     import openvino
 
@@ -457,6 +471,9 @@ def test_an_exported_runtime_must_agree_with_torch_and_is_cached(tmp_path: Path,
     finally:
         openvino.convert_model = original
     assert again.name == "openvino"
+    # ... with the weights it converted: fp32, not the fp16 that `save_model` writes by default.
+    with torch.inference_mode():
+        assert torch.allclose(again.predictor(x), network(x), atol=1e-5)
 
 
 def test_a_network_that_does_not_export_right_falls_back_to_torch(tmp_path: Path) -> None:
