@@ -7,7 +7,7 @@ import torch
 
 from models.augment import LUNG_SITE, ORGAN_SITE, Insertion, insert_lesions, sites_in_patch
 from models.geometry import ModelGrid
-from models.phantoms.anatomy import LIVER, LUNG
+from models.phantoms.anatomy import FAT, LIVER, LUNG
 from models.train import Sample, draw_batch, lesion_sites, lesion_weights, number_lesions
 
 
@@ -86,3 +86,23 @@ def test_organ_sites_leave_out_the_organs_edge_in_partial_volume_with_lung_fat_o
     organ = sites[sites[:, 3] == ORGAN_SITE]
     assert len(organ) and organ[:, 2].min() >= 12
     assert (sites[sites[:, 3] == LUNG_SITE][:, 2] < 10).all()
+
+
+def test_a_vessel_in_lung_is_a_lung_site_and_fat_is_no_site() -> None:
+    # By HU alone a vessel in lung looked like an organ: its lesion took lung as its organ and was
+    # drawn as faint lung, labelled a lesion that nothing could see.
+    tissue = np.zeros((20, 20, 20), dtype=np.uint8)
+    tissue[2:18, 2:18, 2:10] = LUNG
+    tissue[2:18, 2:18, 10:16] = LIVER
+    tissue[2:18, 2:18, 16:19] = FAT
+    hu = np.full(tissue.shape, -1000.0, dtype=np.float32)
+    hu[tissue == LUNG] = -850.0
+    hu[8:12, 8:12, 2:10] = 150.0  # an enhanced vessel, drawn as lung tissue
+    hu[tissue == LIVER] = 60.0
+    hu[tissue == FAT] = -20.0  # fat as dense as some organs, after blur and noise
+    grid = ModelGrid.for_input(tissue.shape, np.eye(4), (1.0, 1.0, 1.0))
+    sites = lesion_sites(grid, tissue, hu, np.zeros(tissue.shape, np.uint8), np.random.default_rng(0))
+    drawn = tissue[tuple(sites[:, :3].T)]
+    assert set(drawn[sites[:, 3] == ORGAN_SITE]) == {LIVER}
+    assert set(drawn[sites[:, 3] == LUNG_SITE]) == {LUNG}
+    assert any(hu[tuple(site[:3])] == 150.0 for site in sites[sites[:, 3] == LUNG_SITE])
