@@ -1,9 +1,11 @@
 """A bundle's confidence fit and floor as its configs/inference.json holds them.
 
 `calibration` ({"a", "b", "c", "d"}: see `models.transforms.Calibration`) and `min_confidence` are
-top-level entries that the post-processing reads by reference. A fit belongs to the weights it
-was made on: training resets it to the identity (raw mean probabilities, no floor), and
-`models.evaluate --calibrate` fits and writes it again.
+top-level entries that the post-processing reads by reference. A profile may have its own in
+configs/profiles.json (the same ids, overridden for that profile): a coarser grid measures a
+finding otherwise, so one fit does not suit every profile. A fit belongs to the weights it was
+made on: training resets them all to the identity (raw mean probabilities, no floor), and
+`models.evaluate --calibrate` fits and writes them again.
 """
 
 from __future__ import annotations
@@ -17,23 +19,41 @@ from typing import Any
 from models.transforms import Calibration
 
 IDENTITY = dataclasses.asdict(Calibration())  # the raw mean probability
+FIT_KEYS = ("calibration", "min_confidence")
 
 
 def _config_file(bundle: Path) -> Path:
     return bundle / "configs" / "inference.json"
 
 
-def shipped(bundle: Path) -> dict[str, Any]:
-    """The bundle's own calibration and confidence floor, as its config has them."""
+def _profiles_file(bundle: Path) -> Path:
+    return bundle / "configs" / "profiles.json"
+
+
+def _profiles(bundle: Path) -> dict[str, Any]:
+    profiles_file = _profiles_file(bundle)
+    return json.loads(profiles_file.read_text()) if profiles_file.is_file() else {}
+
+
+def shipped(bundle: Path, profile: str | None = None) -> dict[str, Any]:
+    """The calibration and confidence floor the bundle runs with (in `profile`, where given)."""
     config = json.loads(_config_file(bundle).read_text())
-    return {"calibration": config.get("calibration"), "min_confidence": config.get("min_confidence", 0.0)}
+    own = {"calibration": config.get("calibration"), "min_confidence": config.get("min_confidence", 0.0)}
+    overrides = _profiles(bundle).get(profile, {}) if profile is not None else {}
+    return own | {key: overrides[key] for key in FIT_KEYS if key in overrides}
+
+
+def profile_fits(bundle: Path) -> list[str]:
+    """The profiles with a fit of their own."""
+    return [name for name, overrides in _profiles(bundle).items() if any(key in overrides for key in FIT_KEYS)]
 
 
 def is_raw(bundle: Path) -> bool:
-    """The bundle reports raw mean probabilities: identity calibration (missing terms count as
-    such), no confidence floor."""
+    """The bundle reports raw mean probabilities in every profile: identity calibration (missing
+    terms count as such), no confidence floor, no profile with a fit of its own."""
     own = shipped(bundle)
-    return Calibration.of(own["calibration"]) == Calibration() and float(own["min_confidence"]) == 0.0
+    base_raw = Calibration.of(own["calibration"]) == Calibration() and float(own["min_confidence"]) == 0.0
+    return base_raw and not profile_fits(bundle)
 
 
 def holds_fit(bundle: Path) -> bool:
@@ -60,8 +80,26 @@ def write(bundle: Path, params: dict[str, float], floor: float) -> None:
     config_file.write_text(text)
 
 
+def write_profile(bundle: Path, profile: str, params: dict[str, float], floor: float) -> None:
+    """A fit of `profile`'s own, in configs/profiles.json (kept one line per profile)."""
+    profiles = _profiles(bundle)
+    profiles[profile] = profiles.get(profile, {}) | {"calibration": params, "min_confidence": floor}
+    _write_profiles(bundle, profiles)
+
+
+def _write_profiles(bundle: Path, profiles: dict[str, Any]) -> None:
+    lines = [f"  {json.dumps(name)}: {json.dumps(overrides)}" for name, overrides in profiles.items()]
+    _profiles_file(bundle).write_text("{\n" + ",\n".join(lines) + "\n}\n")
+
+
 def reset(bundle: Path) -> None:
-    """New weights in `bundle`: its fit belongs to the old ones, so it reports raw probabilities
+    """New weights in `bundle`: its fits belong to the old ones, so it reports raw probabilities
     until `models.evaluate --calibrate` fits again (a bundle without the entries is left alone)."""
     if holds_fit(bundle):
         write(bundle, IDENTITY, 0.0)
+    fitted = profile_fits(bundle)
+    if fitted:
+        profiles = _profiles(bundle)
+        for name in fitted:
+            profiles[name] = {key: value for key, value in profiles[name].items() if key not in FIT_KEYS}
+        _write_profiles(bundle, profiles)

@@ -17,11 +17,14 @@ Confidence: a finding's confidence is the mean of `prob` over it. The expected c
 (ECE) of the production findings is reported as shipped and after a fit of
 confidence = sigmoid(a logit(confidence) + b ln(volume) + c + d elongation) on a separate
 calibration split (same family, other seeds), with the confidence floor below which findings are
-dropped: the highest that keeps `--keep-true` of the split's true findings. --calibrate writes
-both into inference.json (only over an identity calibration and no floor, so fits never
-compound), then measures the bundle again with them. The report keeps the bundle's own
-calibration and floor (`shipped_calibration`); on a calibrated bundle, the fit is one on top of
-it. --write-metadata records the report.
+dropped: the highest that keeps `--keep-true` of the split's true findings. Production's fit is
+the bundle's own (research runs with it); every other profile evaluated gets a fit of its own on
+its own findings of the same split (`profile_calibration`). --calibrate writes each fit that
+lowers the ECE on the reported findings, production's into inference.json and the others into
+profiles.json (only over a raw bundle: identity calibration, no floor, no profile fits, so fits
+never compound), then measures the bundle again with them. The report keeps the bundle's own
+calibration and floor (`shipped_calibration`, `shipped_profile_calibration`); on a calibrated
+bundle, the fit is one on top of it. --write-metadata records the report.
 """
 
 from __future__ import annotations
@@ -318,11 +321,19 @@ def evaluate(
     return results
 
 
-def calibration_findings(engine: InferenceEngine, count: int) -> list[Finding]:
-    findings: list[Finding] = []
+def fitted_profiles(profiles: list[Profile]) -> list[Profile]:
+    """Production's fit is the bundle's own, which research (6x its time a scan) runs with too;
+    every other profile evaluated gets one of its own: a coarser grid measures findings otherwise."""
+    return [Profile.PRODUCTION] + [p for p in profiles if p not in (Profile.PRODUCTION, Profile.RESEARCH)]
+
+
+def calibration_findings(engine: InferenceEngine, count: int, profiles: list[Profile]) -> dict[str, list[Finding]]:
+    """profile -> the findings of the calibration split; each phantom is generated once."""
+    findings: dict[str, list[Finding]] = {p.value: [] for p in profiles}
     for i in range(count):
         phantom = generate_phantom(CALIBRATION_SEED_BASE + i, family="validation", lesion_count=(1, 5))
-        findings += run_scan(engine, phantom, Profile.PRODUCTION).findings
+        for profile in profiles:
+            findings[profile.value] += run_scan(engine, phantom, profile).findings
     return findings
 
 
@@ -411,7 +422,9 @@ def arguments() -> argparse.Namespace:
     )
     parser.add_argument("--profiles", nargs="+", default=[p.value for p in Profile], choices=[p.value for p in Profile])
     parser.add_argument(
-        "--calibrate", action="store_true", help="write the fitted calibration and floor into inference.json"
+        "--calibrate",
+        action="store_true",
+        help="write the fitted calibrations and floors into the bundle (production's: inference.json; others: profiles.json)",
     )
     parser.add_argument("--write-metadata", action="store_true", help="record the report in configs/metadata.json")
     add_runtime_argument(parser)
@@ -449,16 +462,23 @@ def kept_fit(
 def refit(
     args: argparse.Namespace,
     calibration: dict[str, Any],
+    by_profile: dict[str, dict[str, Any]],
     engines: dict[str, InferenceEngine],
     rows: dict[str, dict[str, dict[str, Any]]],
 ) -> InferenceEngine:
-    """--calibrate: write the fit when it helps, then measure what ships (the same scans again,
-    through the bundle with its fit and floor) in place of the raw rows; -> the current engine."""
-    calibration["written"] = calibration_helps(calibration)
-    if not calibration["written"]:
-        print("--calibrate: the fit does not lower the ECE on the measured findings; inference.json left as it is")
+    """--calibrate: write each fit that helps (production's into inference.json, another profile's
+    into profiles.json), then measure what ships (the same scans again, through the bundle with
+    its fits and floors) in place of the raw rows; -> the current engine."""
+    for fit in (calibration, *by_profile.values()):
+        fit["written"] = calibration_helps(fit)
+    if not any(fit["written"] for fit in (calibration, *by_profile.values())):
+        print("--calibrate: no fit lowers the ECE on the measured findings; the bundle is left as it is")
         return engines["current"]
-    confidence_fit.write(args.bundle, calibration["parameters"], calibration["min_confidence"])
+    if calibration["written"]:
+        confidence_fit.write(args.bundle, calibration["parameters"], calibration["min_confidence"])
+    for name, fit in by_profile.items():
+        if fit["written"]:
+            confidence_fit.write_profile(args.bundle, name, fit["parameters"], fit["min_confidence"])
     calibration["rows_uncalibrated"] = rows["current"]
     calibration["calibration_scans"] = args.calibration_scans
     current = engines["current"] = loaded_engine(args.bundle, args.runtime)
@@ -472,7 +492,8 @@ def main() -> None:
     args = arguments()
     if args.calibrate and not (confidence_fit.holds_fit(args.bundle) and confidence_fit.is_raw(args.bundle)):
         raise SystemExit(
-            "--calibrate fits raw confidences: inference.json needs an identity calibration and min_confidence 0"
+            "--calibrate fits raw confidences: inference.json needs an identity calibration and min_confidence 0, "
+            "and profiles.json no calibration or min_confidence of its own"
         )
     started = time.perf_counter()
     profiles = [Profile(p) for p in args.profiles]
@@ -482,10 +503,17 @@ def main() -> None:
     current = engines["current"]
     results = evaluate(engines, scan_seeds(args.phantoms, args.normals), profiles)
     rows = {model: {p: summarise(r) for p, r in by_profile.items()} for model, by_profile in results.items()}
-    reported = [f for r in results["current"].get(Profile.PRODUCTION.value, []) for f in r.findings]
-    calibration = calibration_report(calibration_findings(current, args.calibration_scans), reported, args.keep_true)
+    fitted = fitted_profiles(profiles)
+    split = calibration_findings(current, args.calibration_scans, fitted)
+    calibrations = {
+        p.value: calibration_report(
+            split[p.value], [f for r in results["current"].get(p.value, []) for f in r.findings], args.keep_true
+        )
+        for p in fitted
+    }
+    calibration = calibrations.pop(Profile.PRODUCTION.value)
     if args.calibrate:
-        current = refit(args, calibration, engines, rows)
+        current = refit(args, calibration, calibrations, engines, rows)
     report: dict[str, Any] = {
         "family": "validation (models.phantoms, never trained on)",
         "scans_with_lesions": args.phantoms,
@@ -501,6 +529,8 @@ def main() -> None:
         "profiles": rows["current"],
         "shipped_calibration": confidence_fit.shipped(args.bundle),
         "calibration": calibration,
+        "shipped_profile_calibration": {name: confidence_fit.shipped(args.bundle, name) for name in calibrations},
+        "profile_calibration": calibrations,
     }
     if "previous" in rows:
         report["previous_model"] = {"version": engines["previous"].spec.version, "profiles": rows["previous"]}
@@ -508,7 +538,9 @@ def main() -> None:
     names = {model: f"{model} ({engine.spec.version})" for model, engine in engines.items()}
     print(table({names[m]: r for m, r in rows.items()}))
     print(f"simple phantoms (Dice per phantom): {json.dumps(simple)}")
-    print(f"confidence (production): {json.dumps(calibration)}; {time.perf_counter() - started:.0f} s")
+    for name, fit in {Profile.PRODUCTION.value: calibration, **calibrations}.items():
+        print(f"confidence ({name}): {json.dumps({k: v for k, v in fit.items() if k != 'rows_uncalibrated'})}")
+    print(f"{time.perf_counter() - started:.0f} s")
     print(json.dumps(report, indent=2))
     if args.write_metadata:
         metadata_file = args.bundle / "configs" / "metadata.json"
@@ -516,6 +548,11 @@ def main() -> None:
         earlier = metadata.get("validation", {})
         report["simple_phantoms"] = merged_simple(earlier.get("simple_phantoms"), simple)
         report["calibration_fit"] = kept_fit(earlier.get("calibration_fit"), calibration, report["shipped_calibration"])
+        earlier_by_profile = earlier.get("profile_calibration_fit") or {}
+        report["profile_calibration_fit"] = {
+            name: kept_fit(earlier_by_profile.get(name), fit, report["shipped_profile_calibration"][name])
+            for name, fit in calibrations.items()
+        }
         metadata["validation"] = report
         metadata_file.write_text(json.dumps(metadata, indent=2) + "\n")
 

@@ -155,6 +155,19 @@ def test_lesions_are_found(engine: InferenceEngine, small_phantom) -> None:  # t
     assert dice(labels > 0, small_phantom.lesion_mask) > 0.65
 
 
+def test_a_profile_runs_with_its_own_confidence_fit(tmp_path: Path, small_phantom) -> None:  # type: ignore[no-untyped-def]
+    from models.confidence_fit import write_profile
+
+    bundle = tmp_path / DEFAULT_BUNDLE.name
+    shutil.copytree(DEFAULT_BUNDLE, bundle)
+    # A fit under which no finding reaches fast_debug's floor; production keeps the bundle's own.
+    write_profile(bundle, "fast_debug", {"a": 1.0, "b": 0.0, "c": -50.0, "d": 0.0}, 0.5)
+    engine = make_engine(bundle)
+    fast = engine.predict(small_phantom.image, small_phantom.affine, Profile.FAST_DEBUG, 0.55)
+    assert fast.findings == [] and not fast.labels.any()
+    assert len(engine.predict(small_phantom.image, small_phantom.affine, Profile.PRODUCTION, 0.55).findings) == 2
+
+
 def test_research_gives_an_uncertainty_map_and_progress(engine: InferenceEngine, small_phantom) -> None:  # type: ignore[no-untyped-def]
     shares: list[float] = []
     prediction = engine.predict(

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.confidence_fit import IDENTITY, holds_fit, is_raw, write
+from models.confidence_fit import IDENTITY, holds_fit, is_raw, profile_fits, reset, shipped, write, write_profile
 from models.evaluate import (
     DEFAULT_BUNDLE,
     SIMPLE_DESCRIPTION,
@@ -179,6 +179,23 @@ def test_a_fit_and_floor_are_written_into_the_bundle_and_a_reset_makes_it_raw_ag
     # The post-processing reads both entries, so what was written is what runs.
     (findings,) = [t for t in after["postprocessing"]["transforms"] if t["_target_"].endswith("LesionFindingsd")]
     assert findings["calibration"] == "@calibration" and findings["min_confidence"] == "@min_confidence"
+
+
+def test_a_profile_fit_goes_into_profiles_json_and_a_reset_removes_it_only(tmp_path: Path) -> None:
+    configs = tmp_path / "configs"
+    shutil.copytree(DEFAULT_BUNDLE / "configs", configs)
+    reset(tmp_path)
+    profiles_before = json.loads((configs / "profiles.json").read_text())
+    assert is_raw(tmp_path)
+    fit = {"a": 1.2, "b": -0.1, "c": -0.5, "d": -1.0}
+    write_profile(tmp_path, "fast_debug", fit, 0.2)
+    assert profile_fits(tmp_path) == ["fast_debug"] and not is_raw(tmp_path)  # --calibrate would refuse it
+    assert shipped(tmp_path, "fast_debug") == {"calibration": fit, "min_confidence": 0.2}
+    assert shipped(tmp_path, "production") == shipped(tmp_path) == {"calibration": IDENTITY, "min_confidence": 0.0}
+    profiles = json.loads((configs / "profiles.json").read_text())
+    assert profiles["fast_debug"] == profiles_before["fast_debug"] | {"calibration": fit, "min_confidence": 0.2}
+    reset(tmp_path)  # new weights: every fit goes, the profile's own settings stay
+    assert json.loads((configs / "profiles.json").read_text()) == profiles_before and is_raw(tmp_path)
 
 
 def test_a_config_without_the_entries_is_refused_not_silently_left_as_it_was(tmp_path: Path) -> None:
