@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -36,15 +37,20 @@ def _profiles(bundle: Path) -> dict[str, Any]:
 
 
 def shipped(bundle: Path, profile: str | None = None) -> dict[str, Any]:
-    """The calibration and confidence floor the bundle runs with (in `profile`, where given)."""
+    """The calibration and confidence floor the bundle runs with (in `profile`, where given): its
+    config's, under profiles.json's "all" (which the bundle loader applies to every profile), under
+    the profile's own."""
     config = json.loads(_config_file(bundle).read_text())
     own = {"calibration": config.get("calibration"), "min_confidence": config.get("min_confidence", 0.0)}
-    overrides = _profiles(bundle).get(profile, {}) if profile is not None else {}
-    return own | {key: overrides[key] for key in FIT_KEYS if key in overrides}
+    profiles = _profiles(bundle)
+    for layer in ["all"] + ([profile] if profile is not None else []):
+        overrides = profiles.get(layer, {})
+        own |= {key: overrides[key] for key in FIT_KEYS if key in overrides}
+    return own
 
 
 def profile_fits(bundle: Path) -> list[str]:
-    """The profiles with a fit of their own."""
+    """The profiles with a fit of their own ("all" counts: it is one for every profile)."""
     return [name for name, overrides in _profiles(bundle).items() if any(key in overrides for key in FIT_KEYS)]
 
 
@@ -77,7 +83,7 @@ def write(bundle: Path, params: dict[str, float], floor: float) -> None:
             f"{config_file}: could not set calibration {params} and min_confidence {floor}: it needs both as "
             "top-level entries (the post-processing passes @calibration and @min_confidence to LesionFindingsd)"
         )
-    config_file.write_text(text)
+    _replace(config_file, text)
 
 
 def write_profile(bundle: Path, profile: str, params: dict[str, float], floor: float) -> None:
@@ -89,12 +95,21 @@ def write_profile(bundle: Path, profile: str, params: dict[str, float], floor: f
 
 def _write_profiles(bundle: Path, profiles: dict[str, Any]) -> None:
     lines = [f"  {json.dumps(name)}: {json.dumps(overrides)}" for name, overrides in profiles.items()]
-    _profiles_file(bundle).write_text("{\n" + ",\n".join(lines) + "\n}\n")
+    _replace(_profiles_file(bundle), "{\n" + ",\n".join(lines) + "\n}\n")
+
+
+def _replace(target: Path, text: str) -> None:
+    """Written beside `target` under a name of this process's and renamed over it: the bundle
+    loader never reads a half-written config, whoever else writes one at the same time."""
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    partial.write_text(text)
+    partial.replace(target)
 
 
 def reset(bundle: Path) -> None:
     """New weights in `bundle`: its fits belong to the old ones, so it reports raw probabilities
-    until `models.evaluate --calibrate` fits again (a bundle without the entries is left alone)."""
+    in every profile until `models.evaluate --calibrate` fits again. A config without the two
+    entries keeps its layout; profiles lose their fits, and an entry left empty goes."""
     if holds_fit(bundle):
         write(bundle, IDENTITY, 0.0)
     fitted = profile_fits(bundle)
@@ -102,4 +117,4 @@ def reset(bundle: Path) -> None:
         profiles = _profiles(bundle)
         for name in fitted:
             profiles[name] = {key: value for key, value in profiles[name].items() if key not in FIT_KEYS}
-        _write_profiles(bundle, profiles)
+        _write_profiles(bundle, {name: overrides for name, overrides in profiles.items() if overrides})

@@ -459,6 +459,39 @@ def kept_fit(
     return None
 
 
+def write_fits(bundle: Path, calibration: dict[str, Any], by_profile: dict[str, dict[str, Any]]) -> bool:
+    """Each fit that lowers the ECE on the reported findings (marked `written`); -> any was.
+
+    A profile whose own fit does not is made raw explicitly when production's is written, so that
+    it never runs a fit measured on another profile's findings.
+    """
+    for fit in (calibration, *by_profile.values()):
+        fit["written"] = calibration_helps(fit)
+    if calibration["written"]:
+        confidence_fit.write(bundle, calibration["parameters"], calibration["min_confidence"])
+    for name, fit in by_profile.items():
+        if fit["written"]:
+            confidence_fit.write_profile(bundle, name, fit["parameters"], fit["min_confidence"])
+        elif calibration["written"]:
+            confidence_fit.write_profile(bundle, name, IDENTITY, 0.0)
+    return any(fit["written"] for fit in (calibration, *by_profile.values()))
+
+
+def kept_profile_fits(
+    earlier: dict[str, Any] | None, this_run: dict[str, dict[str, Any]], bundle: Path
+) -> dict[str, Any]:
+    """profile -> the record of the fit it ships: this run's, or one recorded before for a
+    profile this run did not measure, as long as the bundle still has its parameters."""
+    records = {
+        name: record
+        for name, record in (earlier or {}).items()
+        if record and record.get("parameters") == confidence_fit.shipped(bundle, name)["calibration"]
+    }
+    for name, fit in this_run.items():
+        records[name] = kept_fit(records.get(name), fit, confidence_fit.shipped(bundle, name))
+    return {name: record for name, record in records.items() if record is not None}
+
+
 def refit(
     args: argparse.Namespace,
     calibration: dict[str, Any],
@@ -469,16 +502,9 @@ def refit(
     """--calibrate: write each fit that helps (production's into inference.json, another profile's
     into profiles.json), then measure what ships (the same scans again, through the bundle with
     its fits and floors) in place of the raw rows; -> the current engine."""
-    for fit in (calibration, *by_profile.values()):
-        fit["written"] = calibration_helps(fit)
-    if not any(fit["written"] for fit in (calibration, *by_profile.values())):
+    if not write_fits(args.bundle, calibration, by_profile):
         print("--calibrate: no fit lowers the ECE on the measured findings; the bundle is left as it is")
         return engines["current"]
-    if calibration["written"]:
-        confidence_fit.write(args.bundle, calibration["parameters"], calibration["min_confidence"])
-    for name, fit in by_profile.items():
-        if fit["written"]:
-            confidence_fit.write_profile(args.bundle, name, fit["parameters"], fit["min_confidence"])
     calibration["rows_uncalibrated"] = rows["current"]
     calibration["calibration_scans"] = args.calibration_scans
     current = engines["current"] = loaded_engine(args.bundle, args.runtime)
@@ -548,11 +574,9 @@ def main() -> None:
         earlier = metadata.get("validation", {})
         report["simple_phantoms"] = merged_simple(earlier.get("simple_phantoms"), simple)
         report["calibration_fit"] = kept_fit(earlier.get("calibration_fit"), calibration, report["shipped_calibration"])
-        earlier_by_profile = earlier.get("profile_calibration_fit") or {}
-        report["profile_calibration_fit"] = {
-            name: kept_fit(earlier_by_profile.get(name), fit, report["shipped_profile_calibration"][name])
-            for name, fit in calibrations.items()
-        }
+        report["profile_calibration_fit"] = kept_profile_fits(
+            earlier.get("profile_calibration_fit"), calibrations, args.bundle
+        )
         metadata["validation"] = report
         metadata_file.write_text(json.dumps(metadata, indent=2) + "\n")
 

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -264,7 +265,7 @@ class OpenVinoExporter:
         """Weights kept in fp32 (`save_model` halves them by default, so every load after the
         first would run other weights than the one that converted), written under other names and
         renamed into place, the weights first: a half-written export is never read as finished."""
-        partial = xml.with_name(xml.stem + ".partial.xml")
+        partial = xml.with_name(f"{xml.stem}.{os.getpid()}.partial.xml")  # replicas may share the cache
         xml.parent.mkdir(parents=True, exist_ok=True)
         self.ov.save_model(model, str(partial), compress_to_fp16=False)
         partial.with_suffix(".bin").replace(xml.with_suffix(".bin"))
@@ -287,7 +288,7 @@ class OnnxRuntimeExporter:
         if not path.is_file():
             # Written beside the export and renamed into place: an export that fails half-way
             # leaves no file that the next load would take for a finished one.
-            partial = path.with_suffix(".onnx.partial")
+            partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
             path.parent.mkdir(parents=True, exist_ok=True)
             # The TorchScript-based exporter: it needs no onnxscript and handles MONAI's UNets.
             torch.onnx.export(

@@ -160,6 +160,7 @@ def test_a_profile_runs_with_its_own_confidence_fit(tmp_path: Path, small_phanto
 
     bundle = tmp_path / DEFAULT_BUNDLE.name
     shutil.copytree(DEFAULT_BUNDLE, bundle)
+    assert make_engine(bundle).predict(small_phantom.image, small_phantom.affine, Profile.FAST_DEBUG, 0.55).findings
     # A fit under which no finding reaches fast_debug's floor; production keeps the bundle's own.
     write_profile(bundle, "fast_debug", {"a": 1.0, "b": 0.0, "c": -50.0, "d": 0.0}, 0.5)
     engine = make_engine(bundle)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,8 +24,10 @@ from models.evaluate import (
     features,
     fit_calibration,
     kept_fit,
+    kept_profile_fits,
     merged_simple,
     score,
+    write_fits,
 )
 from models.phantoms import Lesion, Phantom
 
@@ -196,6 +199,60 @@ def test_a_profile_fit_goes_into_profiles_json_and_a_reset_removes_it_only(tmp_p
     assert profiles["fast_debug"] == profiles_before["fast_debug"] | {"calibration": fit, "min_confidence": 0.2}
     reset(tmp_path)  # new weights: every fit goes, the profile's own settings stay
     assert json.loads((configs / "profiles.json").read_text()) == profiles_before and is_raw(tmp_path)
+
+
+def _raw_configs(bundle: Path) -> Path:
+    shutil.copytree(DEFAULT_BUNDLE / "configs", bundle / "configs")
+    reset(bundle)
+    return bundle
+
+
+def _fit(ece_fitted: float, c: float) -> dict[str, Any]:
+    return {"parameters": {"a": 1.0, "b": 0.0, "c": c, "d": 0.0}, "min_confidence": 0.1} | {
+        "ece_shipped": 0.5,
+        "ece_fitted": ece_fitted,
+    }
+
+
+def test_a_profile_whose_own_fit_does_not_help_runs_raw_not_on_production_s_fit(tmp_path: Path) -> None:
+    bundle = _raw_configs(tmp_path / "a")
+    production, fast = _fit(0.1, -1.0), _fit(0.7, -2.0)
+    assert write_fits(bundle, production, {"fast_debug": fast})
+    assert production["written"] and not fast["written"]
+    assert shipped(bundle) == {"calibration": production["parameters"], "min_confidence": 0.1}
+    assert shipped(bundle, "research") == shipped(bundle)  # research runs with production's fit
+    assert shipped(bundle, "fast_debug") == {"calibration": IDENTITY, "min_confidence": 0.0}
+    # The other way round: production stays raw, fast_debug gets its own.
+    bundle = _raw_configs(tmp_path / "b")
+    production, fast = _fit(0.7, -1.0), _fit(0.1, -2.0)
+    assert write_fits(bundle, production, {"fast_debug": fast})
+    assert shipped(bundle) == {"calibration": IDENTITY, "min_confidence": 0.0}
+    assert shipped(bundle, "fast_debug") == {"calibration": fast["parameters"], "min_confidence": 0.1}
+    assert not write_fits(_raw_configs(tmp_path / "c"), _fit(0.7, -1.0), {"fast_debug": _fit(0.6, -2.0)})
+    assert is_raw(tmp_path / "c")
+
+
+def test_profile_fit_records_outlive_runs_that_do_not_measure_that_profile(tmp_path: Path) -> None:
+    bundle = _raw_configs(tmp_path)
+    fast = _fit(0.1, -2.0)
+    write_fits(bundle, _fit(0.1, -1.0), {"fast_debug": fast})
+    recorded = kept_profile_fits(None, {"fast_debug": fast}, bundle)
+    assert recorded == {"fast_debug": fast}
+    assert kept_profile_fits(recorded, {}, bundle) == recorded  # a later run of production only
+    reset(bundle)
+    assert kept_profile_fits(recorded, {}, bundle) == {}  # new weights: the record goes with the fit
+
+
+def test_a_fit_for_every_profile_under_all_counts_and_a_created_entry_goes_with_its_reset(tmp_path: Path) -> None:
+    bundle = _raw_configs(tmp_path)
+    (bundle / "configs" / "profiles.json").unlink()
+    fit = {"a": 1.0, "b": 0.0, "c": -1.0, "d": 0.0}
+    write_profile(bundle, "all", fit, 0.3)
+    assert shipped(bundle, "production") == shipped(bundle) == {"calibration": fit, "min_confidence": 0.3}
+    assert not is_raw(bundle)
+    reset(bundle)
+    assert json.loads((bundle / "configs" / "profiles.json").read_text()) == {} and is_raw(bundle)
+    assert not [p for p in (bundle / "configs").iterdir() if "partial" in p.name]
 
 
 def test_a_config_without_the_entries_is_refused_not_silently_left_as_it_was(tmp_path: Path) -> None:
