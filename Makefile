@@ -43,9 +43,10 @@ bench: install
 schemas: install
 	$(PY) -m schemas export
 
-# Trains for 72 min from bundle 1.0's weights (python -m models.train --help), then fits the new
-# weights' confidence and floor and validates production and fast_debug (~13 min, estimated): under 90 min
-# on 2 cores. e.g. make train TRAIN_ARGS="--minutes 30 --checkpoints .cache/ck"
+# Fills its phantom pool (~2 min), trains for 68 min from bundle 1.0's weights (python -m
+# models.train --help), then fits the new weights' confidence and floor per profile and validates
+# production and fast_debug (~15-19 min: 16 min measured with a previous model beside it on an
+# AVX-512 CPU): under 90 min on 2 cores. e.g. make train TRAIN_ARGS="--minutes 30 --checkpoints .cache/ck"
 TRAIN_ARGS ?=
 EVAL_ARGS ?=
 train: install

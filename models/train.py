@@ -389,7 +389,7 @@ def blob_dice_loss(logits: torch.Tensor, numbers: torch.Tensor, smooth: float = 
 @dataclass(frozen=True)
 class Recipe:
     steps: int = 6000
-    minutes: float = 72.0  # wall-clock budget: the schedule ends at whichever comes first
+    minutes: float = 68.0  # wall-clock budget: the schedule ends at whichever comes first
     pool: int = 40
     refresh_every: int = 2  # steps between swapping a fresh phantom into the pool
     batch: int = 4
