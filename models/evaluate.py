@@ -19,10 +19,12 @@ confidence = sigmoid(a logit(confidence) + b ln(volume) + c + d elongation) on a
 calibration split (same family, other seeds), with the confidence floor below which findings are
 dropped: the highest that keeps `--keep-true` of the split's true findings. Production's fit is
 the bundle's own (research runs with it); every other profile evaluated gets a fit of its own on
-its own findings of the same split (`profile_calibration`). --calibrate writes each fit that
-lowers the ECE on the reported findings, production's into inference.json and the others into
-profiles.json (only over a raw bundle: identity calibration, no floor, no profile fits, so fits
-never compound), then measures the bundle again with them. The report keeps the bundle's own
+its own findings of the same split (`profile_calibration`). --calibrate writes production's fit
+into inference.json when it lowers the ECE on the reported findings; every other profile runs
+with whichever of its own fit (written into profiles.json), production's or none measured the
+lowest ECE on its own reported findings (`runs_with`). It writes only over a raw bundle
+(identity calibration, no floor, no profile fits), so fits never compound, then measures the
+bundle again with what it wrote. The report keeps the bundle's own
 calibration and floor (`shipped_calibration`, `shipped_profile_calibration`); on a calibrated
 bundle, the fit is one on top of it. --write-metadata records the report.
 """
@@ -270,6 +272,11 @@ def kept(confidence: np.ndarray, truth: np.ndarray, floor: float) -> dict[str, l
     }
 
 
+def ece_under(params: dict[str, float], findings: list[Finding]) -> float:
+    """The expected calibration error of `findings` under the fit `params`."""
+    return expected_calibration_error(apply_calibration(findings, params), features(findings)[1])
+
+
 def calibration_report(fit_on: list[Finding], measured_on: list[Finding], keep_true: float = 0.9) -> dict[str, Any]:
     params = fit_calibration(fit_on)
     floor = confidence_floor(fit_on, params, keep_true)
@@ -462,19 +469,29 @@ def kept_fit(
 def write_fits(bundle: Path, calibration: dict[str, Any], by_profile: dict[str, dict[str, Any]]) -> bool:
     """Each fit that lowers the ECE on the reported findings (marked `written`); -> any was.
 
-    A profile whose own fit does not is made raw explicitly when production's is written, so that
-    it never runs a fit measured on another profile's findings.
+    Another profile runs with the fit that measured best on its own reported findings: its own
+    (written into profiles.json), production's (nothing written: it inherits the bundle's), or
+    none (written raw, so it never runs a fit that did not help it). `runs_with` says which.
     """
-    for fit in (calibration, *by_profile.values()):
-        fit["written"] = calibration_helps(fit)
+    calibration["written"] = calibration_helps(calibration)
     if calibration["written"]:
         confidence_fit.write(bundle, calibration["parameters"], calibration["min_confidence"])
     for name, fit in by_profile.items():
-        if fit["written"]:
+        choice = _profile_choice(fit, calibration["written"])
+        fit["written"], fit["runs_with"] = choice == "own", choice
+        if choice == "own":
             confidence_fit.write_profile(bundle, name, fit["parameters"], fit["min_confidence"])
-        elif calibration["written"]:
+        elif choice == "raw" and calibration["written"]:
             confidence_fit.write_profile(bundle, name, IDENTITY, 0.0)
     return any(fit["written"] for fit in (calibration, *by_profile.values()))
+
+
+def _profile_choice(fit: dict[str, Any], production_written: bool) -> str:
+    """own | production | raw: the lowest ECE on the profile's reported findings."""
+    inherited = fit.get("ece_production_fit") if production_written else None
+    candidates = {"raw": fit.get("ece_shipped"), "own": fit.get("ece_fitted"), "production": inherited}
+    measured = {name: ece for name, ece in candidates.items() if ece is not None}
+    return min(measured, key=lambda name: (measured[name], name != "raw")) if "raw" in measured else "raw"
 
 
 def kept_profile_fits(
@@ -531,13 +548,11 @@ def main() -> None:
     rows = {model: {p: summarise(r) for p, r in by_profile.items()} for model, by_profile in results.items()}
     fitted = fitted_profiles(profiles)
     split = calibration_findings(current, args.calibration_scans, fitted)
-    calibrations = {
-        p.value: calibration_report(
-            split[p.value], [f for r in results["current"].get(p.value, []) for f in r.findings], args.keep_true
-        )
-        for p in fitted
-    }
+    reported = {p.value: [f for r in results["current"].get(p.value, []) for f in r.findings] for p in fitted}
+    calibrations = {p.value: calibration_report(split[p.value], reported[p.value], args.keep_true) for p in fitted}
     calibration = calibrations.pop(Profile.PRODUCTION.value)
+    for name, fit in calibrations.items():
+        fit["ece_production_fit"] = ece_under(calibration["parameters"], reported[name]) if reported[name] else None
     if args.calibrate:
         current = refit(args, calibration, calibrations, engines, rows)
     report: dict[str, Any] = {

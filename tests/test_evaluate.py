@@ -230,6 +230,20 @@ def test_a_profile_whose_own_fit_does_not_help_runs_raw_not_on_production_s_fit(
     assert shipped(bundle, "fast_debug") == {"calibration": fast["parameters"], "min_confidence": 0.1}
     assert not write_fits(_raw_configs(tmp_path / "c"), _fit(0.7, -1.0), {"fast_debug": _fit(0.6, -2.0)})
     assert is_raw(tmp_path / "c")
+    # Production's fit measured better on fast_debug's own findings than fast_debug's: it inherits.
+    bundle = _raw_configs(tmp_path / "d")
+    production, fast = _fit(0.1, -1.0), _fit(0.3, -2.0) | {"ece_production_fit": 0.2}
+    assert write_fits(bundle, production, {"fast_debug": fast})
+    assert fast["runs_with"] == "production" and not fast["written"] and profile_fits(bundle) == []
+    assert (
+        shipped(bundle, "fast_debug")
+        == shipped(bundle)
+        == {"calibration": production["parameters"], "min_confidence": 0.1}
+    )
+    bundle = _raw_configs(tmp_path / "e")
+    fast = _fit(0.1, -2.0) | {"ece_production_fit": 0.3}
+    write_fits(bundle, _fit(0.1, -1.0), {"fast_debug": fast})
+    assert fast["runs_with"] == "own" and shipped(bundle, "fast_debug")["calibration"] == fast["parameters"]
 
 
 def test_profile_fit_records_outlive_runs_that_do_not_measure_that_profile(tmp_path: Path) -> None:
