@@ -112,9 +112,6 @@ def reset(bundle: Path) -> None:
     entries keeps its layout; profiles lose their fits, and an entry left empty goes."""
     if holds_fit(bundle):
         write(bundle, IDENTITY, 0.0)
-    fitted = profile_fits(bundle)
-    if fitted:
-        profiles = _profiles(bundle)
-        for name in fitted:
-            profiles[name] = {key: value for key, value in profiles[name].items() if key not in FIT_KEYS}
-        _write_profiles(bundle, {name: overrides for name, overrides in profiles.items() if overrides})
+    if profile_fits(bundle):
+        unfitted = {name: {k: v for k, v in o.items() if k not in FIT_KEYS} for name, o in _profiles(bundle).items()}
+        _write_profiles(bundle, {name: overrides for name, overrides in unfitted.items() if overrides})

@@ -499,13 +499,11 @@ def kept_profile_fits(
 ) -> dict[str, Any]:
     """profile -> the record of the fit it ships: this run's, or one recorded before for a
     profile this run did not measure, as long as the bundle still has its parameters."""
+    earlier = earlier or {}
     records = {
-        name: record
-        for name, record in (earlier or {}).items()
-        if record and record.get("parameters") == confidence_fit.shipped(bundle, name)["calibration"]
+        name: kept_fit(earlier.get(name), this_run.get(name, {}), confidence_fit.shipped(bundle, name))
+        for name in {**earlier, **this_run}
     }
-    for name, fit in this_run.items():
-        records[name] = kept_fit(records.get(name), fit, confidence_fit.shipped(bundle, name))
     return {name: record for name, record in records.items() if record is not None}
 
 
@@ -531,6 +529,37 @@ def refit(
     return current
 
 
+def fit_confidences(
+    args: argparse.Namespace, engine: InferenceEngine, results: dict[str, list[ScanResult]], profiles: list[Profile]
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Production's calibration report and every other fitted profile's, each fitted on its own
+    findings of the calibration split and measured on its reported ones (and under production's fit)."""
+    fitted = fitted_profiles(profiles)
+    split = calibration_findings(engine, args.calibration_scans, fitted)
+    reported = {p.value: [f for r in results.get(p.value, []) for f in r.findings] for p in fitted}
+    calibrations = {p.value: calibration_report(split[p.value], reported[p.value], args.keep_true) for p in fitted}
+    calibration = calibrations.pop(Profile.PRODUCTION.value)
+    for name, fit in calibrations.items():
+        fit["ece_production_fit"] = ece_under(calibration["parameters"], reported[name]) if reported[name] else None
+    return calibration, calibrations
+
+
+def record_in_metadata(bundle: Path, report: dict[str, Any], simple: dict[str, dict[str, list[float]]]) -> None:
+    """The report as the bundle's `validation`, with what earlier runs recorded that still holds."""
+    metadata_file = bundle / "configs" / "metadata.json"
+    metadata = json.loads(metadata_file.read_text())
+    earlier = metadata.get("validation", {})
+    report["simple_phantoms"] = merged_simple(earlier.get("simple_phantoms"), simple)
+    report["calibration_fit"] = kept_fit(
+        earlier.get("calibration_fit"), report["calibration"], report["shipped_calibration"]
+    )
+    report["profile_calibration_fit"] = kept_profile_fits(
+        earlier.get("profile_calibration_fit"), report["profile_calibration"], bundle
+    )
+    metadata["validation"] = report
+    metadata_file.write_text(json.dumps(metadata, indent=2) + "\n")
+
+
 def main() -> None:
     args = arguments()
     if args.calibrate and not (confidence_fit.holds_fit(args.bundle) and confidence_fit.is_raw(args.bundle)):
@@ -546,13 +575,7 @@ def main() -> None:
     current = engines["current"]
     results = evaluate(engines, scan_seeds(args.phantoms, args.normals), profiles)
     rows = {model: {p: summarise(r) for p, r in by_profile.items()} for model, by_profile in results.items()}
-    fitted = fitted_profiles(profiles)
-    split = calibration_findings(current, args.calibration_scans, fitted)
-    reported = {p.value: [f for r in results["current"].get(p.value, []) for f in r.findings] for p in fitted}
-    calibrations = {p.value: calibration_report(split[p.value], reported[p.value], args.keep_true) for p in fitted}
-    calibration = calibrations.pop(Profile.PRODUCTION.value)
-    for name, fit in calibrations.items():
-        fit["ece_production_fit"] = ece_under(calibration["parameters"], reported[name]) if reported[name] else None
+    calibration, calibrations = fit_confidences(args, current, results["current"], profiles)
     if args.calibrate:
         current = refit(args, calibration, calibrations, engines, rows)
     report: dict[str, Any] = {
@@ -584,16 +607,7 @@ def main() -> None:
     print(f"{time.perf_counter() - started:.0f} s")
     print(json.dumps(report, indent=2))
     if args.write_metadata:
-        metadata_file = args.bundle / "configs" / "metadata.json"
-        metadata = json.loads(metadata_file.read_text())
-        earlier = metadata.get("validation", {})
-        report["simple_phantoms"] = merged_simple(earlier.get("simple_phantoms"), simple)
-        report["calibration_fit"] = kept_fit(earlier.get("calibration_fit"), calibration, report["shipped_calibration"])
-        report["profile_calibration_fit"] = kept_profile_fits(
-            earlier.get("profile_calibration_fit"), calibrations, args.bundle
-        )
-        metadata["validation"] = report
-        metadata_file.write_text(json.dumps(metadata, indent=2) + "\n")
+        record_in_metadata(args.bundle, report, simple)
 
 
 if __name__ == "__main__":

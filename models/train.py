@@ -150,7 +150,7 @@ def make_sample(
     tissue = getattr(phantom, "tissue", None)
     drawn = np.zeros_like(body)
     if tissue is not None:
-        drawn = (grid.to_model(np.isin(tissue, LOOKALIKE_TISSUES).astype(np.float32))[0, 0] >= 0.5).numpy()
+        drawn = _on_model_grid(grid, np.isin(tissue, LOOKALIKE_TISSUES))
         # A kidney lesion keeps its organ's tissue label: its voxels are lesion points, not look-alikes.
         drawn &= label_u8.numpy() == 0
     numbers, lesions, size_weight = number_lesions(label_u8.numpy(), float(np.prod(spacing_mm)), size_weighting)
