@@ -66,7 +66,7 @@ def setup(bundle: Path, profile: Profile, threshold: float, output_dir: Path) ->
     spec = BundleSpec.load(bundle)
     parser = spec.parser(overrides)
     with bundle_imports(spec.path):
-        network = build_network(spec, parser, torch.device("cpu"))
+        network = build_network(spec, parser, torch.device("cpu"), spec.weights_of(profile.value))
         run = PlainRun(
             network=network,
             preprocessing=_transforms(parser, "preprocessing"),

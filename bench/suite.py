@@ -122,11 +122,13 @@ def make_scans(plan: Plan, workdir: Path) -> dict[str, Scan]:
 
 
 def export_cache_state(settings: Settings) -> str:
-    """'warm' when the export cache holds an export of the default bundle's network."""
+    """'warm' when the export cache holds an export of each of the default bundle's networks (its
+    own and those of profiles with weights of their own)."""
     from models.bundle import BundleSpec
 
-    key = BundleSpec.load(DEFAULT_BUNDLE).network_key()[:16]
-    return "warm" if any(settings.ml_export_cache.glob(f"{key}-*")) else "cold"
+    spec = BundleSpec.load(DEFAULT_BUNDLE)
+    keys = [spec.network_key(own)[:16] for own in (None, *spec.profile_weights)]
+    return "warm" if all(any(settings.ml_export_cache.glob(f"{key}-*")) for key in keys) else "cold"
 
 
 @contextlib.asynccontextmanager

@@ -2,7 +2,8 @@
 
     <bundle>/configs/metadata.json          name, version, network_data_format (label names)
     <bundle>/configs/inference.json|yaml    network_def, preprocessing, inferer, postprocessing
-    <bundle>/configs/profiles.json          optional: per-profile config overrides
+    <bundle>/configs/profiles.json          optional: per-profile config overrides, and a profile's
+                                            own weights ({"fast_debug": {"weights": "models/x.pt"}})
     <bundle>/models/model.pt | model.ts     weights (state dict or TorchScript)
     <bundle>/scripts/                       optional: the bundle's own code
 
@@ -23,9 +24,14 @@ from typing import Any
 
 from monai.bundle import ConfigParser
 
+from schemas.jobs import Profile
+
 CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
 REQUIRED_IDS = ("preprocessing", "inferer", "postprocessing")
 _CHECKPOINT_LOADER = "CheckpointLoader"
+# A profile's entry naming weights of its own (a network trained for its grid), relative to the
+# bundle root: a state dict for its network_def (the bundle's, or the profile's own override).
+PROFILE_WEIGHTS = "weights"
 
 
 class BundleError(RuntimeError):
@@ -56,6 +62,7 @@ class BundleSpec:
     weights: Weights
     labels: dict[int, str]
     profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
+    profile_weights: dict[str, Weights] = field(default_factory=dict)  # profiles with a network of their own
 
     @classmethod
     def load(cls, path: Path, name: str | None = None) -> BundleSpec:
@@ -82,6 +89,7 @@ class BundleSpec:
             weights=_find_weights(name, path, parser),
             labels=label_names(metadata),
             profiles=profiles,
+            profile_weights=_profile_weights(name, path, profiles),
         )
 
     @property
@@ -107,14 +115,40 @@ class BundleSpec:
     def has_id(self, config_id: str) -> bool:
         return config_id in self.config
 
-    def network_key(self) -> str:
+    def weights_of(self, profile: str | None = None) -> Weights:
+        """The weights a profile runs: its own, else the bundle's."""
+        return self.profile_weights.get(profile or "", self.weights)
+
+    def network_key(self, profile: str | None = None) -> str:
         """What an exported network depends on: the weights and the network's definition (its
-        `@` references replaced by their values), so an edited network_def is exported afresh."""
-        parser = self.parser()
+        `@` references replaced by their values), so an edited network_def is exported afresh.
+        A profile with weights of its own has a network of its own, defined under its overrides."""
+        own = profile in self.profile_weights
+        parser = self.parser(self.config_overrides(profile) if own else None)
         definition = _resolved(parser, parser.get("network_def")) if "network_def" in parser else None
-        digest = hashlib.sha256(self.weights.sha256.encode())
+        digest = hashlib.sha256(self.weights_of(profile).sha256.encode())
         digest.update(json.dumps(definition, sort_keys=True, default=str).encode())
         return digest.hexdigest()
+
+    def config_overrides(self, profile: str | None) -> dict[str, Any]:
+        """The profile's entries in profiles.json that are config ids (its weights are not)."""
+        return {k: v for k, v in self.profiles.get(profile or "", {}).items() if k != PROFILE_WEIGHTS}
+
+
+def _profile_weights(name: str, path: Path, profiles: dict[str, dict[str, Any]]) -> dict[str, Weights]:
+    own: dict[str, Weights] = {}
+    for profile, overrides in profiles.items():
+        if PROFILE_WEIGHTS not in overrides:
+            continue
+        if profile not in {p.value for p in Profile}:
+            raise BundleError(name, f"configs/profiles.json: '{profile}' names weights but is no profile")
+        file = path / str(overrides[PROFILE_WEIGHTS])
+        if not file.is_file():
+            raise BundleError(
+                name, f"configs/profiles.json: {profile} names weights {_relative(file, path)}, not a file"
+            )
+        own[profile] = Weights(file, None, None, sha256_file(file))
+    return own
 
 
 def _resolved(parser: ConfigParser, value: Any, depth: int = 0) -> Any:

@@ -20,7 +20,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from models import confidence_fit
 from models.evaluate import (
     THRESHOLD,
     ScanResult,
@@ -33,6 +32,7 @@ from models.evaluate import (
 )
 from models.phantom import job_phantom
 from models.phantoms import Phantom, generate_phantom
+from models.train import reset_fit, weights_file
 from schemas.jobs import Profile
 
 SELECTION_SEED_BASE = 98_000  # validation family, lesions
@@ -65,15 +65,15 @@ def candidate_name(candidate: Path) -> str:
     return candidate.name if candidate.is_dir() else f"{candidate.parent.name}/{candidate.stem}"
 
 
-def candidate_bundle(candidate: Path, bundle: Path, scratch: Path) -> Path:
+def candidate_bundle(candidate: Path, bundle: Path, scratch: Path, profile: str | None = None) -> Path:
     """A bundle directory running `candidate`: itself if it is one (as it ships), else `bundle` with
-    its weights and no confidence fit or floor."""
+    its weights (or `profile`'s own network with them) and no confidence fit or floor for them."""
     if candidate.is_dir():
         return candidate
     target = scratch / candidate_name(candidate).replace("/", "-")
     shutil.copytree(bundle, target)
-    shutil.copy(candidate, target / "models" / "model.pt")
-    confidence_fit.reset(target)  # the bundle's fit belongs to its own weights: a checkpoint runs raw
+    shutil.copy(candidate, weights_file(target, profile))
+    reset_fit(target, profile)  # a fit belongs to the weights it was made on: a checkpoint runs raw
     return target
 
 
@@ -85,7 +85,9 @@ def row_of(results: list[ScanResult], test_phantom_dice: float) -> dict[str, Any
     return row
 
 
-def compare(candidates: list[Path], bundle: Path, profiles: list[Profile], runtime: str, scans: int) -> Rows:
+def compare(
+    candidates: list[Path], bundle: Path, profiles: list[Profile], runtime: str, scans: int, own: str | None = None
+) -> Rows:
     names = [candidate_name(c) for c in candidates]
     if len(set(names)) < len(names):
         raise SystemExit(f"candidates share a name: {names}")
@@ -94,7 +96,7 @@ def compare(candidates: list[Path], bundle: Path, profiles: list[Profile], runti
     rows: Rows = {}
     with tempfile.TemporaryDirectory() as scratch:
         for candidate, name in zip(candidates, names, strict=True):
-            engine = loaded_engine(candidate_bundle(candidate, bundle, Path(scratch)), runtime)
+            engine = loaded_engine(candidate_bundle(candidate, bundle, Path(scratch), own), runtime)
             for profile in profiles:
                 labels = engine.predict(test_phantom.image, test_phantom.affine, profile, THRESHOLD).labels
                 test_dice = dice(labels > 0, test_phantom.lesion_mask)
@@ -114,8 +116,12 @@ def main() -> None:
     )
     add_runtime_argument(parser)
     parser.add_argument("--scans", type=int, default=3, help="validation-family scans with lesions")
+    parser.add_argument(
+        "--network-of", choices=[p.value for p in Profile], help="weights files are this profile's own network's"
+    )
     args = parser.parse_args()
-    rows = compare(args.candidates, args.bundle, [Profile(p) for p in args.profiles], args.runtime, args.scans)
+    profiles = [Profile(p) for p in args.profiles]
+    rows = compare(args.candidates, args.bundle, profiles, args.runtime, args.scans, args.network_of)
     print(table(rows))
     print("| candidate | profile | lesions found | test phantom Dice |\n| --- | --- | --- | --- |")
     for name, by_profile in rows.items():

@@ -1,7 +1,8 @@
 """The inference engine: one MONAI bundle loaded on one device, run on scans.
 
-`load` builds the network with its weights and instantiates the bundle's pipeline for every
-profile, so a broken bundle fails at start. `predict` is blocking and CPU/GPU bound: callers run
+`load` builds the network with its weights (and the network of each profile that has weights of
+its own, e.g. a fast_debug trained for its coarse grid) and instantiates the bundle's pipeline
+for every profile, so a broken bundle fails at start. `predict` is blocking and CPU/GPU bound: callers run
 it in a worker thread; one prediction runs at a time (a lock), because two would only fight over
 the same cores or GPU memory.
 """
@@ -29,7 +30,7 @@ from monai.transforms import Invertd
 from monai.utils import ensure_tuple_rep
 
 from models import memory, resample
-from models.bundle import BundleError, BundleSpec, first_line
+from models.bundle import PROFILE_WEIGHTS, BundleError, BundleSpec, Weights, first_line
 from models.device import choose_device, choose_precision
 from models.labels import is_discrete, to_label_maps
 from models.network import build_network, bundle_imports
@@ -48,7 +49,7 @@ PROFILE_INFERER: dict[Profile, dict[str, Any]] = {
 }
 TTA_PROFILES = frozenset({Profile.RESEARCH})
 # Keys of configs/profiles.json that the engine reads itself instead of passing to the config.
-ENGINE_KEYS = frozenset({"tta"})
+ENGINE_KEYS = frozenset({"tta", PROFILE_WEIGHTS})
 _PIPELINE_CACHE = 8
 SPATIAL_DIMS = 3  # scans are volumes: an inferer's single roi number is one for each axis
 # A whole-volume input larger than this is not tried at load (it is the first job's to run).
@@ -58,6 +59,28 @@ _TRIAL_MIN_SIDE = 16
 
 class InferenceFailed(RuntimeError):
     """A bundle failed on one scan; the message names the bundle and the stage."""
+
+
+@dataclass(frozen=True)
+class Ran:
+    """Which network ran a prediction, and how (a profile may have weights of its own)."""
+
+    runtime: str
+    precision: str
+    weights_sha256: str
+
+
+@dataclass(frozen=True)
+class Runner:
+    """A network ready to run: the runtime chosen for it and what the load ran it on."""
+
+    choice: RuntimeChoice
+    weights: Weights
+    trial: str
+
+    @property
+    def ran(self) -> Ran:
+        return Ran(self.choice.name, self.choice.precision, self.weights.sha256)
 
 
 @dataclass(frozen=True)
@@ -71,6 +94,7 @@ class Prediction:
     # The bundle's own record of each finding, when its post-processing leaves one under
     # `findings` (the default bundle: model-grid volume, elongation, mean probability, confidence).
     findings: list[dict[str, Any]] = field(default_factory=list)
+    ran: Ran | None = None
 
 
 @dataclass(frozen=True)
@@ -100,12 +124,16 @@ class InferenceEngine:
         # A bundle that says `"amp": false` (the Model Zoo's key) was validated in fp32 only.
         requested = "fp32" if bundle_amp(spec) is False and self.options.precision == "auto" else self.options.precision
         self._precision = choose_precision(self.device, requested)
-        self.choice: RuntimeChoice | None = None
         self._lock = threading.Lock()
-        self._network: torch.nn.Module | None = None
+        self._runners: dict[Profile, Runner] = {}  # profiles without weights of their own share one
         self._pipelines: OrderedDict[tuple[Profile, float | None], Pipeline] = OrderedDict()
         self.load_seconds = 0.0
-        self._trial = ""  # what the load ran through the network to check it, or why nothing
+
+    @property
+    def choice(self) -> RuntimeChoice | None:
+        """The bundle's own network's runtime (production's; a profile's own network has its own)."""
+        runner = self._runners.get(Profile.PRODUCTION)
+        return runner.choice if runner else None
 
     @property
     def runtime(self) -> str:
@@ -121,7 +149,7 @@ class InferenceEngine:
 
     @property
     def loaded(self) -> bool:
-        return self._network is not None
+        return bool(self._runners)
 
     def load(self) -> None:
         """Blocking: build the network on the device and every profile's pipeline."""
@@ -131,14 +159,12 @@ class InferenceEngine:
         resample.install()  # MONAI's Spacing/Invertd resampling in slabs: same numbers, far less memory
         memory.keep_large_blocks_mapped()  # a job's volumes go back to the system when it ends
         with bundle_imports(self.spec.path):
-            network = build_network(self.spec, self.spec.parser(self._base_overrides()), self.device)
+            networks = self._build_networks()
         with self._lock:
-            self._network = network
             try:
                 for profile in Profile:
                     self._pipeline(profile, None)
-                self.choice = choose_runtime(network, self._runtime_request())
-                self._trial = self._trial_run()
+                self._runners = self._ready(networks)
             except BaseException:
                 self._unload()  # half-loaded is not loaded: the registry loads it again, or /health says so
                 raise
@@ -156,39 +182,52 @@ class InferenceEngine:
 
     def load_report(self) -> dict[str, Any]:
         """How the model runs here, for the load log line (and the benchmark that reads it)."""
-        choice = self.choice
-        return {
-            "model": self.spec.name,
-            "runtime": self.runtime,
-            "precision": self.precision,
-            "agreement": choice.agreement if choice else None,
-            "speedup": choice.speedup if choice else None,
-            "reason": choice.reason if choice else "",
-            "trial": self._trial,
-            "seconds": round(self.load_seconds, 3),
-        }
+        report = {"model": self.spec.name, **_runner_report(self._runners.get(Profile.PRODUCTION))}
+        report["seconds"] = round(self.load_seconds, 3)
+        own = {p.value: _runner_report(r) for p, r in self._runners.items() if p.value in self.spec.profile_weights}
+        if own:
+            report["profiles"] = own
+        return report
 
-    def _window(self) -> tuple[int, ...] | None:
-        """(channels, *roi) of one window of the production inferer; None without a fixed window."""
-        inferer = self._pipeline(Profile.PRODUCTION, None).inferer
+    def _build_networks(self) -> dict[str | None, torch.nn.Module]:
+        """The bundle's network (under None) and each profile's own, built from its overrides."""
+        networks: dict[str | None, torch.nn.Module] = {
+            None: build_network(self.spec, self.spec.parser(self._base_overrides()), self.device)
+        }
+        for name, weights in self.spec.profile_weights.items():
+            parser = self.spec.parser(self.profile_run(Profile(name), None).overrides)
+            networks[name] = build_network(self.spec, parser, self.device, weights)
+        return networks
+
+    def _ready(self, networks: dict[str | None, torch.nn.Module]) -> dict[Profile, Runner]:
+        """A runtime chosen, and a trial run, for each network; every profile mapped to its own."""
+        ready: dict[str | None, Runner] = {}
+        for own, network in networks.items():
+            profile = Profile(own) if own else Profile.PRODUCTION  # whose inferer gives the window
+            choice = choose_runtime(network, self._runtime_request(profile, own))
+            ready[own] = Runner(choice, self.spec.weights_of(own), self._trial_run(choice, profile))
+        return {p: ready.get(p.value, ready[None]) for p in Profile}
+
+    def _window(self, profile: Profile) -> tuple[int, ...] | None:
+        """(channels, *roi) of one window of the profile's inferer; None without a fixed window."""
+        inferer = self._pipeline(profile, None).inferer
         if not isinstance(inferer, SlidingWindowInferer):
             return None
         roi = ensure_tuple_rep(inferer.roi_size, SPATIAL_DIMS)  # one number: every axis of the scan
         return (1, *(int(r) for r in roi)) if all(int(r) > 0 for r in roi) else None
 
-    def _trial_run(self) -> str:
+    def _trial_run(self, choice: RuntimeChoice, profile: Profile) -> str:
         """One input through the chosen runtime, so that a network that cannot run (an import in its
         forward, a shape it cannot take) fails the load with one line instead of every job; and
         the first call with a batch shape pays for kernel selection and buffers (OpenVINO: ~0.5 s
         here), which is not the first job's to pay. Returns what it ran, or why it ran nothing."""
-        assert self.choice is not None
-        shape, reason = self._trial_shape()
+        shape, reason = self._trial_shape(profile)
         if shape is None:
             log.info("model %s: no trial run at load: %s; the first job runs the network first", self.name, reason)
             return f"none: {reason}"
         try:
             with torch.inference_mode():
-                self.choice.predictor(torch.zeros(shape, device=self.device))
+                choice.predictor(torch.zeros(shape, device=self.device))
         except Exception as error:
             raise BundleError(
                 self.spec.name,
@@ -196,26 +235,25 @@ class InferenceEngine:
             ) from error
         return f"ran {shape}"
 
-    def _trial_shape(self) -> tuple[tuple[int, ...] | None, str]:
+    def _trial_shape(self, profile: Profile) -> tuple[tuple[int, ...] | None, str]:
         """A full batch of windows of a sliding-window inferer; else the input the metadata says the
         network takes; else None, and why."""
-        inferer = self._pipeline(Profile.PRODUCTION, None).inferer
-        window = self._window()
+        inferer = self._pipeline(profile, None).inferer
+        window = self._window(profile)
         if window is not None and isinstance(inferer, SlidingWindowInferer):
             return (max(1, int(inferer.sw_batch_size)), *window), ""
         shape, reason = _metadata_input(self.spec.metadata)
         return shape, f"{type(inferer).__name__} has no fixed window, and {reason}" if shape is None else ""
 
-    def _runtime_request(self) -> RuntimeRequest:
-        window = self._window()
+    def _runtime_request(self, profile: Profile, own: str | None) -> RuntimeRequest:
         return RuntimeRequest(
             requested=self.options.runtime,
             device=self.device,
             precision=self._precision,
             threads=torch.get_num_threads(),
             cache_dir=self.options.export_cache,
-            network_key=self.spec.network_key(),
-            input_shape=window,
+            network_key=self.spec.network_key(own),
+            input_shape=self._window(profile),
         )
 
     def unload(self) -> None:
@@ -223,8 +261,7 @@ class InferenceEngine:
             self._unload()
 
     def _unload(self) -> None:
-        self._network = None
-        self.choice = None
+        self._runners = {}
         self._pipelines.clear()
 
     def profile_run(self, profile: Profile, threshold: float | None) -> ProfileRun:
@@ -275,7 +312,7 @@ class InferenceEngine:
         progress: ProgressFn | None = None,
     ) -> Prediction:
         """Labels (and probabilities) for a 3-D volume in any orientation and spacing."""
-        if self._network is None:
+        if not self._runners:
             raise RuntimeError(f"model {self.spec.name} is not loaded")
         timings: dict[str, float] = {}
         with self._lock, torch.inference_mode():
@@ -296,14 +333,14 @@ class InferenceEngine:
         progress: ProgressFn | None,
         timings: dict[str, float],
     ) -> Prediction:
-        assert self.choice is not None
+        runner = self._runners[profile]
         pipeline = self._pipeline(profile, threshold)
         run = self.profile_run(profile, threshold)
         with _timer(timings, "preprocess"):
             batch = pipeline.batch(pipeline.preprocess(scan_image(volume, affine, header), "scan.nii.gz"))
             inputs = batch[pipeline.image_key].to(self.device)
         with _timer(timings, "network"):
-            _add_output(batch, run_passes(pipeline, self.choice.predictor, inputs, run.flips, progress))
+            _add_output(batch, run_passes(pipeline, runner.choice.predictor, inputs, run.flips, progress))
             del inputs  # on a GPU, its copy there
         with _timer(timings, "postprocess"):
             data, watched = self._postprocess(pipeline, batch, volume.shape)
@@ -325,6 +362,7 @@ class InferenceEngine:
             min_volume_mm3=self.min_volume_mm3(profile),
             timings=timings,
             findings=_records(data.get("findings")),
+            ran=runner.ran,
         )
 
     def _postprocess(self, pipeline: Pipeline, batch: Data, shape: tuple[int, ...]) -> tuple[Data, Watched]:
@@ -391,6 +429,19 @@ def bundle_amp(spec: BundleSpec) -> bool | None:
         if isinstance(value, bool):
             return value
     return None
+
+
+def _runner_report(runner: Runner | None) -> dict[str, Any]:
+    choice = runner.choice if runner else None
+    return {
+        "runtime": choice.name if choice else "torch",
+        "precision": choice.precision if choice else None,
+        "agreement": choice.agreement if choice else None,
+        "speedup": choice.speedup if choice else None,
+        "reason": choice.reason if choice else "",
+        "trial": runner.trial if runner else "",
+        "weights_sha256": runner.weights.sha256 if runner else None,
+    }
 
 
 def _metadata_input(metadata: dict[str, Any]) -> tuple[tuple[int, ...] | None, str]:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from monai.bundle import ConfigParser
 
-from models.bundle import BundleError, BundleSpec, first_line
+from models.bundle import BundleError, BundleSpec, Weights, first_line
 
 _IMPORTS = threading.RLock()
 _STASHED: dict[Path, dict[str, ModuleType]] = {}
@@ -58,9 +58,12 @@ def bundle_imports(path: Path) -> Iterator[None]:
             _STASHED[path] = own
 
 
-def build_network(spec: BundleSpec, parser: ConfigParser, device: torch.device) -> torch.nn.Module:
-    """The network of `network_def` with the bundle's weights, in eval mode on `device`."""
-    weights = spec.weights
+def build_network(
+    spec: BundleSpec, parser: ConfigParser, device: torch.device, weights: Weights | None = None
+) -> torch.nn.Module:
+    """The network of `network_def` with the bundle's weights (or `weights`, a profile's own), in
+    eval mode on `device`."""
+    weights = weights or spec.weights
     if weights.torchscript is not None:
         network = _load_torchscript(spec, weights.torchscript)
     else:

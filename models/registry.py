@@ -11,7 +11,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from models.bundle import BundleSpec
@@ -40,6 +40,8 @@ class ModelCard:
     device: str
     precision: str
     runtime: str
+    # sha256 of the weights of each profile that runs a network of its own (e.g. fast_debug)
+    profile_weights: dict[str, str] = field(default_factory=dict)
 
 
 class ModelRegistry:
@@ -146,4 +148,5 @@ def card(engine: InferenceEngine) -> ModelCard:
         device=str(engine.device),
         precision=engine.precision,
         runtime=engine.runtime,
+        profile_weights={name: weights.sha256 for name, weights in spec.profile_weights.items()},
     )

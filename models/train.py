@@ -71,6 +71,8 @@ BODY_POINTS = 20_000
 LOOKALIKE_TISSUES = (BOWEL, VESSEL, KIDNEY)
 SOLID_ORGANS = [label for name, label in ORGAN_LABELS.items() if name != "lung"]
 NO_INSERTION = Insertion()
+# A profile's entries that define its own network (the engine reads "weights" itself).
+NETWORK_KEYS = frozenset({"network_def"})
 DEFAULT_INIT = Path(__file__).parent.parent / "tests" / "data" / "medical_segmentation_v1.0" / "models" / "model.pt"
 
 
@@ -413,17 +415,70 @@ def cosine_lr(fraction: float, recipe: Recipe, floor: float = 1e-5) -> float:
     return floor + 0.5 * (recipe.lr - floor) * (1.0 + math.cos(math.pi * min(fraction, 1.0)))
 
 
-def train(bundle: Path, recipe: Recipe, init: Path | None = None, checkpoints: Path | None = None) -> int:
-    """Train into `bundle`'s models/model.pt; returns the steps run."""
+@dataclass(frozen=True)
+class Target:
+    """What a run trains: the bundle's network, or a profile's own (configs/profiles.json names
+    its weights), the grids it sees and where its weights go."""
+
+    world: World
+    weights: Path
+    profile: str | None = None
+
+    @classmethod
+    def of(cls, bundle: Path, realistic_share: float, profile: str | None = None) -> Target:
+        config = load_bundle_config(bundle)
+        profiles = json.loads((bundle / "configs" / "profiles.json").read_text())
+        if profile is None:
+            # Production's grid is the config's spacing, fast_debug's comes from profiles.json.
+            coarse = as_spacing(profiles["fast_debug"]["spacing"])
+            return cls(World(as_spacing(config["spacing"]), coarse, realistic_share), bundle / "models" / "model.pt")
+        grid = as_spacing(profiles.get(profile, {}).get("spacing", config["spacing"]))
+        # The profile's network serves its grid alone.
+        return cls(World(grid, grid, realistic_share), weights_file(bundle, profile), profile)
+
+    def network(self, bundle: Path) -> torch.nn.Module:
+        config = load_bundle_config(bundle)
+        if self.profile is not None:
+            own = json.loads((bundle / "configs" / "profiles.json").read_text())[self.profile]
+            config.update({key: value for key, value in own.items() if key in NETWORK_KEYS})
+        network = config.get_parsed_content("network_def")
+        assert isinstance(network, torch.nn.Module)
+        return network
+
+    def reset_fit(self, bundle: Path) -> None:
+        reset_fit(bundle, self.profile)
+
+
+def weights_file(bundle: Path, profile: str | None = None) -> Path:
+    """Where the bundle's weights are, or those of a profile with a network of its own."""
+    if profile is None:
+        return bundle / "models" / "model.pt"
+    own = json.loads((bundle / "configs" / "profiles.json").read_text()).get(profile, {})
+    if "weights" not in own:
+        raise ValueError(f"profiles.json gives {profile} no network of its own (no 'weights')")
+    return bundle / own["weights"]
+
+
+def reset_fit(bundle: Path, profile: str | None = None) -> None:
+    """The fits of the weights replaced: all of them, or the profile's own (made raw, so that it
+    never runs production's fit, made for other weights)."""
+    if profile is None:
+        confidence_fit.reset(bundle)
+    else:
+        confidence_fit.write_profile(bundle, profile, confidence_fit.IDENTITY, 0.0)
+
+
+def train(
+    bundle: Path, recipe: Recipe, init: Path | None = None, checkpoints: Path | None = None, profile: str | None = None
+) -> int:
+    """Train into `bundle`'s models/model.pt, or into `profile`'s own weights; returns the steps run."""
     torch.manual_seed(recipe.seed)
     torch.set_num_threads(recipe.threads)
     rng = np.random.default_rng(recipe.seed)
-    config = load_bundle_config(bundle)
-    # The network reads HU (its CT window is inside it); production's grid is the config's
-    # spacing, fast_debug's comes from profiles.json.
-    profiles = json.loads((bundle / "configs" / "profiles.json").read_text())
-    world = World(as_spacing(config["spacing"]), as_spacing(profiles["fast_debug"]["spacing"]), recipe.realistic_share)
-    net = config.get_parsed_content("network_def")
+    target = Target.of(bundle, recipe.realistic_share, profile)
+    world = target.world
+    # The network reads HU (its CT window is inside it).
+    net = target.network(bundle)
     if init is not None:
         # A network_def that grew (e.g. LesionUNet's `detail`) starts as the old network did.
         fresh = warm_start(net, torch.load(init, map_location="cpu", weights_only=True))
@@ -432,7 +487,7 @@ def train(bundle: Path, recipe: Recipe, init: Path | None = None, checkpoints: P
         SampleMaker(world, recipe.size_weighting), recipe.pool, TRAIN_SEED_BASE + 100_000 * recipe.seed, Sample
     )
     try:
-        return _steps(net, pool, recipe, rng, bundle, checkpoints)
+        return _steps(net, pool, recipe, rng, (bundle, target), checkpoints)
     finally:
         pool.close()
 
@@ -442,7 +497,7 @@ def _steps(
     pool: SamplePool,
     recipe: Recipe,
     rng: np.random.Generator,
-    bundle: Path,
+    into: tuple[Path, Target],
     checkpoints: Path | None,
 ) -> int:
     net.train()
@@ -478,8 +533,9 @@ def _steps(
         if step % 500 == 0 and checkpoints is not None:
             save_weights(net, checkpoints / f"step{step:05d}.pt")
     # The bundle's weights change once, at the end: an interrupted run leaves them as they were.
-    save_weights(net, bundle / "models" / "model.pt")
-    confidence_fit.reset(bundle)
+    bundle, target = into
+    save_weights(net, target.weights)
+    target.reset_fit(bundle)
     if checkpoints is not None:
         save_weights(net, checkpoints / f"step{step:05d}.pt")
     seen = recipe.pool + pool.replaced
@@ -524,6 +580,9 @@ def main() -> None:
     parser.add_argument("--init", type=Path, default=DEFAULT_INIT, help="start from these weights; 'none' for scratch")
     parser.add_argument("--checkpoints", type=Path, help="keep a checkpoint every 500 steps here (stepNNNNN.pt)")
     parser.add_argument(
+        "--profile", help="train the network of this profile's own (its 'weights' in profiles.json) at its grid"
+    )
+    parser.add_argument(
         "--realistic-share",
         type=float,
         default=defaults.realistic_share,
@@ -556,8 +615,9 @@ def main() -> None:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)}
     recipe = Recipe(**{**values, "shares": tuple(values["shares"])})
     init = None if str(args.init) == "none" else args.init
-    steps = train(args.out, recipe, init, args.checkpoints)
-    print(json.dumps({"weights": str(args.out / "models" / "model.pt"), "steps": steps}))
+    steps = train(args.out, recipe, init, args.checkpoints, args.profile)
+    weights = Target.of(args.out, recipe.realistic_share, args.profile).weights
+    print(json.dumps({"weights": str(weights), "steps": steps}))
 
 
 if __name__ == "__main__":

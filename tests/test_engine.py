@@ -644,3 +644,41 @@ def test_an_edited_network_definition_is_exported_afresh(tmp_path: Path) -> None
     config["windows"] = [[-150.0, 250.0]]  # reached only through network_def's "@windows"
     config_file.write_text(json.dumps(config))
     assert BundleSpec.load(copy).network_key() != key
+
+
+def _with_own_fast_debug(root: Path, weights: dict[str, torch.Tensor]) -> Path:
+    path = write_intensity_bundle(root, "own_fast_debug")
+    torch.save(weights, path / "models" / "fast.pt")
+    (path / "configs" / "profiles.json").write_text(json.dumps({"fast_debug": {"weights": "models/fast.pt"}}))
+    return path
+
+
+def test_a_profile_runs_the_network_of_its_own_weights(tmp_path: Path) -> None:
+    """fast_debug names weights of its own (a network trained for its coarse grid): it runs them,
+    every other profile the bundle's, and the prediction says which weights ran."""
+    swapped = {name: -value for name, value in intensity_weights().items()}
+    engine = make_engine(_with_own_fast_debug(tmp_path, swapped))
+    volume = intensity_volume()
+    production = engine.predict(volume, flipped_affine(), Profile.PRODUCTION, 0.5)
+    fast = engine.predict(volume, flipped_affine(), Profile.FAST_DEBUG, 0.5)
+    assert np.array_equal(production.labels, expected_labels(volume))
+    assert not np.array_equal(fast.labels, expected_labels(volume))
+    assert production.ran is not None and fast.ran is not None
+    assert production.ran.weights_sha256 == engine.spec.weights.sha256
+    assert fast.ran.weights_sha256 == engine.spec.profile_weights["fast_debug"].sha256 != production.ran.weights_sha256
+    report = engine.load_report()
+    assert report["profiles"]["fast_debug"]["weights_sha256"] == fast.ran.weights_sha256
+    assert report["profiles"]["fast_debug"]["trial"].startswith("ran ")
+    # Its own export: the cache key covers its weights.
+    assert engine.spec.network_key("fast_debug") != engine.spec.network_key()
+    assert engine.spec.network_key("production") == engine.spec.network_key()
+
+
+def test_a_profile_naming_missing_weights_or_no_profile_fails_at_load(tmp_path: Path) -> None:
+    path = _with_own_fast_debug(tmp_path, intensity_weights())
+    (path / "models" / "fast.pt").unlink()
+    with pytest.raises(BundleError, match=r"fast_debug names weights models/fast\.pt, not a file"):
+        BundleSpec.load(path)
+    (path / "configs" / "profiles.json").write_text(json.dumps({"fast-debug": {"weights": "models/model.pt"}}))
+    with pytest.raises(BundleError, match="'fast-debug' names weights but is no profile"):
+        BundleSpec.load(path)

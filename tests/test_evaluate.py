@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from models.confidence_fit import IDENTITY, holds_fit, is_raw, profile_fits, reset, shipped, write, write_profile
 from models.evaluate import (
@@ -300,6 +301,25 @@ def test_a_checkpoint_runs_raw_in_a_copy_of_the_bundle_and_a_bundle_as_it_ships(
     assert copy != DEFAULT_BUNDLE and is_raw(copy)  # the shipped fit belongs to the shipped weights
     assert not is_raw(DEFAULT_BUNDLE)
     assert candidate_bundle(DEFAULT_BUNDLE, DEFAULT_BUNDLE, tmp_path) == DEFAULT_BUNDLE
+
+
+def test_a_checkpoint_of_a_profile_network_replaces_its_weights_and_its_fit_alone(tmp_path: Path) -> None:
+    from models.checkpoints import candidate_bundle
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(DEFAULT_BUNDLE, bundle)
+    profiles = json.loads((bundle / "configs" / "profiles.json").read_text())
+    profiles["fast_debug"] |= {"weights": "models/fast.pt"}
+    (bundle / "configs" / "profiles.json").write_text(json.dumps(profiles))
+    shutil.copy(bundle / "models" / "model.pt", bundle / "models" / "fast.pt")
+    weights = tmp_path / "run" / "step00500.pt"
+    weights.parent.mkdir()
+    torch.save({"other": torch.zeros(1)}, weights)
+    copy = candidate_bundle(weights, bundle, tmp_path / "scratch", "fast_debug")
+    assert (copy / "models" / "fast.pt").read_bytes() == weights.read_bytes()
+    assert (copy / "models" / "model.pt").read_bytes() == (bundle / "models" / "model.pt").read_bytes()
+    assert shipped(copy) == shipped(bundle) and not is_raw(copy)  # production keeps the fit of its weights
+    assert shipped(copy, "fast_debug") == {"calibration": IDENTITY, "min_confidence": 0.0}
 
 
 def test_the_calibration_reads_each_finding_as_the_engine_measured_it_on_the_model_grid() -> None:

@@ -24,7 +24,8 @@ from consumer.service import Service
 from consumer.storage import ObjectStore
 from consumer.transport.clients import ensure_topics
 from consumer.transport.dispatch import upload_job_id
-from models.evaluate import dice
+from models.bundle import BundleSpec
+from models.evaluate import DEFAULT_BUNDLE, dice
 from models.phantom import Phantom
 from producer_tools.minio_events import minio_event
 from schemas.export import schema_path
@@ -100,6 +101,8 @@ async def test_kafka_job_completes_with_outputs(
     model = result["model"]
     assert model["name"] == final["model_name"] == "medical_segmentation_v1"
     assert len(model["weights_sha256"]) == 64 and final["model_sha256"] == model["weights_sha256"]
+    # The weights fast_debug runs: its own, where the bundle gives it a network for its grid.
+    assert model["weights_sha256"] == BundleSpec.load(DEFAULT_BUNDLE).weights_of("fast_debug").sha256
     summary_rows = dict(r[:2] for r in book["Summary"].iter_rows(values_only=True))
     assert summary_rows["Model weights (sha256)"] == model["weights_sha256"]
     # The preview is a PNG beside the outputs, listed in the result and the event.

@@ -3,17 +3,23 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from models import confidence_fit
+from models.evaluate import DEFAULT_BUNDLE
 from models.train import (
     Batch,
     Recipe,
     Sample,
+    Target,
     World,
     blob_dice_loss,
     cosine_lr,
@@ -35,6 +41,30 @@ def test_the_world_mixes_grids_between_production_and_fast_debug_and_both_phanto
     between = [s for s in spacings if s not in (FINE, COARSE)]
     assert between and all(FINE[0] < s[0] < COARSE[0] for s in between)
     assert 0.65 < np.mean([d[1] for d in draws]) < 0.85
+
+
+def test_a_profile_network_trains_at_its_grid_alone_into_its_own_weights(tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(DEFAULT_BUNDLE, bundle)
+    whole = Target.of(bundle, 0.75)
+    assert whole.weights == bundle / "models" / "model.pt" and whole.world.fine != whole.world.coarse
+    with pytest.raises(ValueError, match="no network of its own"):
+        Target.of(bundle, 0.75, "fast_debug")
+    profiles = json.loads((bundle / "configs" / "profiles.json").read_text())
+    profiles["fast_debug"] |= {"spacing": [2.5, 2.5, 2.5], "weights": "models/fast.pt"}
+    (bundle / "configs" / "profiles.json").write_text(json.dumps(profiles))
+    own = Target.of(bundle, 0.75, "fast_debug")
+    assert own.weights == bundle / "models" / "fast.pt"
+    assert {own.world.draw(np.random.default_rng(seed))[0] for seed in range(50)} == {(2.5, 2.5, 2.5)}
+    assert isinstance(own.network(bundle), torch.nn.Module)
+    # New weights of fast_debug's: its fit goes raw; production's fit (other weights) stays.
+    before = confidence_fit.shipped(bundle)
+    own.reset_fit(bundle)
+    assert confidence_fit.shipped(bundle) == before
+    assert confidence_fit.shipped(bundle, "fast_debug") == {
+        "calibration": confidence_fit.IDENTITY,
+        "min_confidence": 0.0,
+    }
 
 
 def _sample(seed: int, lesion: bool = True) -> Sample:

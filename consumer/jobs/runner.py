@@ -12,6 +12,7 @@ by the Kafka commit when the caller gives one (`finish`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -192,6 +193,8 @@ class JobRunner:
                 "infer",
                 steps.infer(self.models, ctx.model.name, scan, ctx.profile, ctx.threshold, progress.report),
             )
+        if prediction.ran is not None:  # a profile may run a network of its own
+            ctx.model = ctx.model.model_copy(update=dataclasses.asdict(prediction.ran))
         await self.publisher.publish(job_event(ctx, JobStatus.PROGRESS, step="analyse", progress=0.8))
         analysis = await self._step(ctx, "analyse", steps.find_lesions(scan, prediction))
         metrics: list[Metric] = []
