@@ -54,12 +54,16 @@ def profile_fits(bundle: Path) -> list[str]:
     return [name for name, overrides in _profiles(bundle).items() if any(key in overrides for key in FIT_KEYS)]
 
 
+def runs_raw(bundle: Path, profile: str | None = None) -> bool:
+    """The bundle (or `profile`) reports raw mean probabilities: identity calibration, no floor."""
+    own = shipped(bundle, profile)
+    return Calibration.of(own["calibration"]) == Calibration() and float(own["min_confidence"]) == 0.0
+
+
 def is_raw(bundle: Path) -> bool:
     """The bundle reports raw mean probabilities in every profile: identity calibration (missing
     terms count as such), no confidence floor, no profile with a fit of its own."""
-    own = shipped(bundle)
-    base_raw = Calibration.of(own["calibration"]) == Calibration() and float(own["min_confidence"]) == 0.0
-    return base_raw and not profile_fits(bundle)
+    return runs_raw(bundle) and not profile_fits(bundle)
 
 
 def holds_fit(bundle: Path) -> bool:
@@ -91,6 +95,15 @@ def write_profile(bundle: Path, profile: str, params: dict[str, float], floor: f
     profiles = _profiles(bundle)
     profiles[profile] = profiles.get(profile, {}) | {"calibration": params, "min_confidence": floor}
     _write_profiles(bundle, profiles)
+
+
+def inherit(bundle: Path, profile: str) -> None:
+    """`profile` runs with production's fit: its own entries go (and an entry left empty)."""
+    profiles = _profiles(bundle)
+    own = {key: value for key, value in profiles.get(profile, {}).items() if key not in FIT_KEYS}
+    _write_profiles(
+        bundle, {name: own if name == profile else o for name, o in profiles.items() if name != profile or own}
+    )
 
 
 def _write_profiles(bundle: Path, profiles: dict[str, Any]) -> None:

@@ -467,28 +467,38 @@ def kept_fit(
 
 
 def write_fits(bundle: Path, calibration: dict[str, Any], by_profile: dict[str, dict[str, Any]]) -> bool:
-    """Each fit that lowers the ECE on the reported findings (marked `written`); -> any was.
+    """Each fit of what runs raw (new weights) that lowers the ECE on the reported findings (marked
+    `written`); -> any was. A fit the bundle ships is kept (`runs_with`: "kept"): e.g. production's,
+    when only a profile's own network was trained anew.
 
     Another profile runs with the fit that measured best on its own reported findings: its own
     (written into profiles.json), production's (nothing written: it inherits the bundle's), or
     none (written raw, so it never runs a fit that did not help it). `runs_with` says which.
     """
-    calibration["written"] = calibration_helps(calibration)
+    production_raw = confidence_fit.runs_raw(bundle, Profile.PRODUCTION.value)
+    raw = {name for name in by_profile if confidence_fit.runs_raw(bundle, name)}  # before production's is written
+    calibration["written"] = production_raw and calibration_helps(calibration)
     if calibration["written"]:
         confidence_fit.write(bundle, calibration["parameters"], calibration["min_confidence"])
+    production_fitted = calibration["written"] or not production_raw
+    changed = calibration["written"]
     for name, fit in by_profile.items():
-        choice = _profile_choice(fit, calibration["written"])
+        choice = _profile_choice(fit, production_fitted) if name in raw else "kept"
         fit["written"], fit["runs_with"] = choice == "own", choice
         if choice == "own":
             confidence_fit.write_profile(bundle, name, fit["parameters"], fit["min_confidence"])
-        elif choice == "raw" and calibration["written"]:
+        elif choice == "raw" and production_fitted:
             confidence_fit.write_profile(bundle, name, IDENTITY, 0.0)
-    return any(fit["written"] for fit in (calibration, *by_profile.values()))
+        elif choice == "production" and name in confidence_fit.profile_fits(bundle):
+            confidence_fit.inherit(bundle, name)  # its raw entry (new weights) would hide production's
+            changed = True
+        changed = changed or fit["written"]
+    return bool(changed)
 
 
-def _profile_choice(fit: dict[str, Any], production_written: bool) -> str:
+def _profile_choice(fit: dict[str, Any], production_fitted: bool) -> str:
     """own | production | raw: the lowest ECE on the profile's reported findings."""
-    inherited = fit.get("ece_production_fit") if production_written else None
+    inherited = fit.get("ece_production_fit") if production_fitted else None
     candidates = {"raw": fit.get("ece_shipped"), "own": fit.get("ece_fitted"), "production": inherited}
     measured = {name: ece for name, ece in candidates.items() if ece is not None}
     return min(measured, key=lambda name: (measured[name], name != "raw")) if "raw" in measured else "raw"
@@ -539,8 +549,11 @@ def fit_confidences(
     reported = {p.value: [f for r in results.get(p.value, []) for f in r.findings] for p in fitted}
     calibrations = {p.value: calibration_report(split[p.value], reported[p.value], args.keep_true) for p in fitted}
     calibration = calibrations.pop(Profile.PRODUCTION.value)
+    # What production will run with: this run's fit (if it is written), else the one it ships.
+    raw = confidence_fit.runs_raw(args.bundle, Profile.PRODUCTION.value)
+    production = calibration["parameters"] if raw else confidence_fit.shipped(args.bundle)["calibration"]
     for name, fit in calibrations.items():
-        fit["ece_production_fit"] = ece_under(calibration["parameters"], reported[name]) if reported[name] else None
+        fit["ece_production_fit"] = ece_under(production, reported[name]) if reported[name] else None
     return calibration, calibrations
 
 
@@ -562,10 +575,13 @@ def record_in_metadata(bundle: Path, report: dict[str, Any], simple: dict[str, d
 
 def main() -> None:
     args = arguments()
-    if args.calibrate and not (confidence_fit.holds_fit(args.bundle) and confidence_fit.is_raw(args.bundle)):
+    fitted = fitted_profiles([Profile(p) for p in args.profiles])
+    raw = [p for p in fitted if confidence_fit.runs_raw(args.bundle, p.value)]
+    if args.calibrate and not (confidence_fit.holds_fit(args.bundle) and raw):
         raise SystemExit(
-            "--calibrate fits raw confidences: inference.json needs an identity calibration and min_confidence 0, "
-            "and profiles.json no calibration or min_confidence of its own"
+            "--calibrate fits what runs raw (new weights: training resets their fits): inference.json needs "
+            "calibration and min_confidence entries, and production or another profile evaluated an identity "
+            "calibration and min_confidence 0"
         )
     started = time.perf_counter()
     profiles = [Profile(p) for p in args.profiles]

@@ -247,6 +247,38 @@ def test_a_profile_whose_own_fit_does_not_help_runs_raw_not_on_production_s_fit(
     assert fast["runs_with"] == "own" and shipped(bundle, "fast_debug")["calibration"] == fast["parameters"]
 
 
+def test_new_weights_of_a_profile_are_fitted_and_production_keeps_the_fit_it_ships(tmp_path: Path) -> None:
+    """Only fast_debug's own network was trained anew (its fit made raw): production's shipped fit
+    stays whatever this run's refit of it says, and fast_debug chooses among its own fit,
+    production's shipped one and none."""
+    bundle = tmp_path / "a"
+    shutil.copytree(DEFAULT_BUNDLE / "configs", bundle / "configs")
+    write_profile(bundle, "fast_debug", IDENTITY, 0.0)
+    production_before = shipped(bundle)
+    assert production_before["calibration"] != IDENTITY and shipped(bundle, "fast_debug")["calibration"] == IDENTITY
+    production, fast = _fit(0.01, -9.0), _fit(0.1, -2.0) | {"ece_production_fit": 0.3}
+    assert write_fits(bundle, production, {"fast_debug": fast})
+    assert not production["written"] and shipped(bundle) == production_before
+    assert fast["runs_with"] == "own" and shipped(bundle, "fast_debug")["calibration"] == fast["parameters"]
+    # Production's shipped fit measured better on fast_debug's findings: fast_debug inherits it.
+    bundle = tmp_path / "b"
+    shutil.copytree(DEFAULT_BUNDLE / "configs", bundle / "configs")
+    entry = json.loads((bundle / "configs" / "profiles.json").read_text())["fast_debug"]
+    write_profile(bundle, "fast_debug", IDENTITY, 0.0)
+    fast = _fit(0.3, -2.0) | {"ece_production_fit": 0.2}
+    assert write_fits(bundle, _fit(0.01, -9.0), {"fast_debug": fast})
+    assert fast["runs_with"] == "production" and not fast["written"]
+    assert shipped(bundle, "fast_debug") == shipped(bundle) == production_before  # its raw entry went
+    assert json.loads((bundle / "configs" / "profiles.json").read_text())["fast_debug"] == entry
+    # A profile whose own fit the bundle ships (not raw) is kept as it is.
+    bundle = tmp_path / "c"
+    shutil.copytree(DEFAULT_BUNDLE / "configs", bundle / "configs")
+    write_profile(bundle, "fast_debug", {"a": 2.0, "b": 0.0, "c": 0.0, "d": 0.0}, 0.1)
+    fast = _fit(0.01, -2.0)
+    assert not write_fits(bundle, _fit(0.01, -9.0), {"fast_debug": fast})
+    assert fast["runs_with"] == "kept" and shipped(bundle, "fast_debug")["min_confidence"] == 0.1
+
+
 def test_profile_fit_records_outlive_runs_that_do_not_measure_that_profile(tmp_path: Path) -> None:
     bundle = _raw_configs(tmp_path)
     fast = _fit(0.1, -2.0)
