@@ -32,6 +32,7 @@ _CHECKPOINT_LOADER = "CheckpointLoader"
 # A profile's entry naming weights of its own (a network trained for its grid), relative to the
 # bundle root: a state dict for its network_def (the bundle's, or the profile's own override).
 PROFILE_WEIGHTS = "weights"
+OWN_NETWORK_PROFILES = (Profile.FAST_DEBUG.value,)
 
 
 class BundleError(RuntimeError):
@@ -40,6 +41,7 @@ class BundleError(RuntimeError):
     def __init__(self, bundle: str, message: str):
         super().__init__(f"bundle {bundle}: {message}")
         self.bundle = bundle
+        self.message = message
 
 
 @dataclass(frozen=True)
@@ -140,8 +142,12 @@ def _profile_weights(name: str, path: Path, profiles: dict[str, dict[str, Any]])
     for profile, overrides in profiles.items():
         if PROFILE_WEIGHTS not in overrides:
             continue
-        if profile not in {p.value for p in Profile}:
-            raise BundleError(name, f"configs/profiles.json: '{profile}' names weights but is no profile")
+        if profile not in OWN_NETWORK_PROFILES:
+            raise BundleError(
+                name,
+                f"configs/profiles.json: '{profile}' names weights, but only {', '.join(OWN_NETWORK_PROFILES)} may "
+                "run a network of its own (production's is the bundle's, and research refines production's)",
+            )
         file = path / str(overrides[PROFILE_WEIGHTS])
         if not file.is_file():
             raise BundleError(

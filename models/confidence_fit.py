@@ -4,8 +4,9 @@
 top-level entries that the post-processing reads by reference. A profile may have its own in
 configs/profiles.json (the same ids, overridden for that profile): a coarser grid measures a
 finding otherwise, so one fit does not suit every profile. A fit belongs to the weights it was
-made on: training resets them all to the identity (raw mean probabilities, no floor), and
-`models.evaluate --calibrate` fits and writes them again.
+made on: training the bundle's network resets its fits to the identity (raw mean probabilities, no
+floor), training a profile's own network (configs/profiles.json names its "weights") that
+profile's alone, and `models.evaluate --calibrate` fits and writes what runs raw again.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from models.bundle import PROFILE_WEIGHTS
 from models.transforms import Calibration
 
 IDENTITY = dataclasses.asdict(Calibration())  # the raw mean probability
@@ -47,6 +49,11 @@ def shipped(bundle: Path, profile: str | None = None) -> dict[str, Any]:
         overrides = profiles.get(layer, {})
         own |= {key: overrides[key] for key in FIT_KEYS if key in overrides}
     return own
+
+
+def own_networks(bundle: Path) -> set[str]:
+    """The profiles that run a network of their own: a fit of production's network is not theirs."""
+    return {name for name, overrides in _profiles(bundle).items() if PROFILE_WEIGHTS in overrides}
 
 
 def profile_fits(bundle: Path) -> list[str]:
@@ -120,11 +127,16 @@ def _replace(target: Path, text: str) -> None:
 
 
 def reset(bundle: Path) -> None:
-    """New weights in `bundle`: its fits belong to the old ones, so it reports raw probabilities
-    in every profile until `models.evaluate --calibrate` fits again. A config without the two
-    entries keeps its layout; profiles lose their fits, and an entry left empty goes."""
+    """New weights of the bundle's network: its fits belong to the old ones, so it reports raw
+    probabilities in every profile that runs it until `models.evaluate --calibrate` fits again
+    (a profile with a network of its own keeps its fit). A config without the two entries keeps its
+    layout; profiles lose their fits, and an entry left empty goes."""
     if holds_fit(bundle):
         write(bundle, IDENTITY, 0.0)
     if profile_fits(bundle):
-        unfitted = {name: {k: v for k, v in o.items() if k not in FIT_KEYS} for name, o in _profiles(bundle).items()}
+        own = own_networks(bundle)
+        unfitted = {
+            name: o if name in own else {k: v for k, v in o.items() if k not in FIT_KEYS}
+            for name, o in _profiles(bundle).items()
+        }
         _write_profiles(bundle, {name: overrides for name, overrides in unfitted.items() if overrides})

@@ -180,6 +180,14 @@ class InferenceEngine:
             extra={"model_loaded": self.load_report()},
         )
 
+    def own_networks(self) -> dict[str, Ran]:
+        """Each profile with a network of its own, and what runs it (until loaded: the bundle's
+        runtime and precision, as for the bundle's own network)."""
+        return {
+            name: self._runners[Profile(name)].ran if self._runners else Ran(self.runtime, self.precision, w.sha256)
+            for name, w in self.spec.profile_weights.items()
+        }
+
     def load_report(self) -> dict[str, Any]:
         """How the model runs here, for the load log line (and the benchmark that reads it)."""
         report = {"model": self.spec.name, **_runner_report(self._runners.get(Profile.PRODUCTION))}
@@ -196,7 +204,10 @@ class InferenceEngine:
         }
         for name, weights in self.spec.profile_weights.items():
             parser = self.spec.parser(self.profile_run(Profile(name), None).overrides)
-            networks[name] = build_network(self.spec, parser, self.device, weights)
+            try:
+                networks[name] = build_network(self.spec, parser, self.device, weights)
+            except BundleError as error:
+                raise BundleError(self.spec.name, f"{name}'s own network: {error.message}") from error
         return networks
 
     def _ready(self, networks: dict[str | None, torch.nn.Module]) -> dict[Profile, Runner]:
@@ -229,9 +240,9 @@ class InferenceEngine:
             with torch.inference_mode():
                 choice.predictor(torch.zeros(shape, device=self.device))
         except Exception as error:
+            own = f"{profile.value}'s own network" if profile.value in self.spec.profile_weights else "the network"
             raise BundleError(
-                self.spec.name,
-                f"the network does not run on a {shape} input: {type(error).__name__}: {first_line(error)}",
+                self.spec.name, f"{own} does not run on a {shape} input: {type(error).__name__}: {first_line(error)}"
             ) from error
         return f"ran {shape}"
 

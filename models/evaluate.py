@@ -483,7 +483,9 @@ def write_fits(bundle: Path, calibration: dict[str, Any], by_profile: dict[str, 
     production_fitted = calibration["written"] or not production_raw
     changed = calibration["written"]
     for name, fit in by_profile.items():
-        choice = _profile_choice(fit, production_fitted) if name in raw else "kept"
+        # Production's fit was made on another network's findings than a profile's own network's.
+        inheritable = production_fitted and name not in confidence_fit.own_networks(bundle)
+        choice = _profile_choice(fit, inheritable) if name in raw else "kept"
         fit["written"], fit["runs_with"] = choice == "own", choice
         if choice == "own":
             confidence_fit.write_profile(bundle, name, fit["parameters"], fit["min_confidence"])
@@ -551,7 +553,7 @@ def fit_confidences(
     calibration = calibrations.pop(Profile.PRODUCTION.value)
     # What production will run with: this run's fit (if it is written), else the one it ships.
     raw = confidence_fit.runs_raw(args.bundle, Profile.PRODUCTION.value)
-    production = calibration["parameters"] if raw else confidence_fit.shipped(args.bundle)["calibration"]
+    production = calibration["parameters"] if raw else confidence_fit.shipped(args.bundle, "production")["calibration"]
     for name, fit in calibrations.items():
         fit["ece_production_fit"] = ece_under(production, reported[name]) if reported[name] else None
     return calibration, calibrations

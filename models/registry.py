@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from models.bundle import BundleSpec
-from models.engine import InferenceEngine
+from models.engine import InferenceEngine, Ran
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,8 @@ class ModelCard:
     device: str
     precision: str
     runtime: str
-    # sha256 of the weights of each profile that runs a network of its own (e.g. fast_debug)
-    profile_weights: dict[str, str] = field(default_factory=dict)
+    # each profile that runs a network of its own (fast_debug trained for its grid): what runs it
+    profile_networks: dict[str, Ran] = field(default_factory=dict)
 
 
 class ModelRegistry:
@@ -148,5 +148,5 @@ def card(engine: InferenceEngine) -> ModelCard:
         device=str(engine.device),
         precision=engine.precision,
         runtime=engine.runtime,
-        profile_weights={name: weights.sha256 for name, weights in spec.profile_weights.items()},
+        profile_networks=engine.own_networks(),
     )

@@ -34,7 +34,9 @@ from monai.losses import DiceLoss
 
 from models import confidence_fit
 from models.augment import LUNG_SITE, ORGAN_SITE, Insertion, insert_lesions, no_sites, sites_in_patch
+from models.bundle import OWN_NETWORK_PROFILES
 from models.device import autocast, choose_precision
+from models.engine import ENGINE_KEYS
 from models.geometry import ModelGrid, nonzero_box
 from models.networks import warm_start
 from models.phantom import generate_phantom
@@ -71,8 +73,6 @@ BODY_POINTS = 20_000
 LOOKALIKE_TISSUES = (BOWEL, VESSEL, KIDNEY)
 SOLID_ORGANS = [label for name, label in ORGAN_LABELS.items() if name != "lung"]
 NO_INSERTION = Insertion()
-# A profile's entries that define its own network (the engine reads "weights" itself).
-NETWORK_KEYS = frozenset({"network_def"})
 DEFAULT_INIT = Path(__file__).parent.parent / "tests" / "data" / "medical_segmentation_v1.0" / "models" / "model.pt"
 
 
@@ -420,6 +420,7 @@ class Target:
     """What a run trains: the bundle's network, or a profile's own (configs/profiles.json names
     its weights), the grids it sees and where its weights go."""
 
+    bundle: Path
     world: World
     weights: Path
     profile: str | None = None
@@ -429,24 +430,28 @@ class Target:
         config = load_bundle_config(bundle)
         profiles = json.loads((bundle / "configs" / "profiles.json").read_text())
         if profile is None:
-            # Production's grid is the config's spacing, fast_debug's comes from profiles.json.
-            coarse = as_spacing(profiles["fast_debug"]["spacing"])
-            return cls(World(as_spacing(config["spacing"]), coarse, realistic_share), bundle / "models" / "model.pt")
+            # Production's grid is the config's spacing, fast_debug's comes from profiles.json
+            # (unless fast_debug runs a network of its own: then production's grid alone).
+            fine, fast = as_spacing(config["spacing"]), profiles.get("fast_debug", {})
+            coarse = fine if "weights" in fast else as_spacing(fast.get("spacing", fine))
+            return cls(bundle, World(fine, coarse, realistic_share), weights_file(bundle))
         grid = as_spacing(profiles.get(profile, {}).get("spacing", config["spacing"]))
         # The profile's network serves its grid alone.
-        return cls(World(grid, grid, realistic_share), weights_file(bundle, profile), profile)
+        return cls(bundle, World(grid, grid, realistic_share), weights_file(bundle, profile), profile)
 
-    def network(self, bundle: Path) -> torch.nn.Module:
-        config = load_bundle_config(bundle)
-        if self.profile is not None:
-            own = json.loads((bundle / "configs" / "profiles.json").read_text())[self.profile]
-            config.update({key: value for key, value in own.items() if key in NETWORK_KEYS})
+    def network(self) -> torch.nn.Module:
+        """network_def as the engine builds it: under profiles.json's "all" and the profile's own
+        config ids (a `windows` it overrides reaches network_def through "@windows")."""
+        config = load_bundle_config(self.bundle)
+        profiles = json.loads((self.bundle / "configs" / "profiles.json").read_text())
+        own = profiles.get(self.profile, {}) if self.profile is not None else {}
+        config.update(profiles.get("all", {}) | {key: value for key, value in own.items() if key not in ENGINE_KEYS})
         network = config.get_parsed_content("network_def")
         assert isinstance(network, torch.nn.Module)
         return network
 
-    def reset_fit(self, bundle: Path) -> None:
-        reset_fit(bundle, self.profile)
+    def reset_fit(self) -> None:
+        reset_fit(self.bundle, self.profile)
 
 
 def weights_file(bundle: Path, profile: str | None = None) -> Path:
@@ -470,15 +475,16 @@ def reset_fit(bundle: Path, profile: str | None = None) -> None:
 
 def train(
     bundle: Path, recipe: Recipe, init: Path | None = None, checkpoints: Path | None = None, profile: str | None = None
-) -> int:
-    """Train into `bundle`'s models/model.pt, or into `profile`'s own weights; returns the steps run."""
+) -> tuple[int, Path]:
+    """Train into `bundle`'s models/model.pt, or into `profile`'s own weights; -> the steps run and
+    the weights file written."""
     torch.manual_seed(recipe.seed)
     torch.set_num_threads(recipe.threads)
     rng = np.random.default_rng(recipe.seed)
     target = Target.of(bundle, recipe.realistic_share, profile)
     world = target.world
     # The network reads HU (its CT window is inside it).
-    net = target.network(bundle)
+    net = target.network()
     if init is not None:
         # A network_def that grew (e.g. LesionUNet's `detail`) starts as the old network did.
         fresh = warm_start(net, torch.load(init, map_location="cpu", weights_only=True))
@@ -487,7 +493,7 @@ def train(
         SampleMaker(world, recipe.size_weighting), recipe.pool, TRAIN_SEED_BASE + 100_000 * recipe.seed, Sample
     )
     try:
-        return _steps(net, pool, recipe, rng, (bundle, target), checkpoints)
+        return _steps(net, pool, recipe, rng, target, checkpoints), target.weights
     finally:
         pool.close()
 
@@ -497,7 +503,7 @@ def _steps(
     pool: SamplePool,
     recipe: Recipe,
     rng: np.random.Generator,
-    into: tuple[Path, Target],
+    target: Target,
     checkpoints: Path | None,
 ) -> int:
     net.train()
@@ -533,9 +539,8 @@ def _steps(
         if step % 500 == 0 and checkpoints is not None:
             save_weights(net, checkpoints / f"step{step:05d}.pt")
     # The bundle's weights change once, at the end: an interrupted run leaves them as they were.
-    bundle, target = into
     save_weights(net, target.weights)
-    target.reset_fit(bundle)
+    target.reset_fit()
     if checkpoints is not None:
         save_weights(net, checkpoints / f"step{step:05d}.pt")
     seen = recipe.pool + pool.replaced
@@ -580,7 +585,9 @@ def main() -> None:
     parser.add_argument("--init", type=Path, default=DEFAULT_INIT, help="start from these weights; 'none' for scratch")
     parser.add_argument("--checkpoints", type=Path, help="keep a checkpoint every 500 steps here (stepNNNNN.pt)")
     parser.add_argument(
-        "--profile", help="train the network of this profile's own (its 'weights' in profiles.json) at its grid"
+        "--profile",
+        choices=OWN_NETWORK_PROFILES,
+        help="train this profile's own network (its 'weights' in profiles.json) at its grid alone",
     )
     parser.add_argument(
         "--realistic-share",
@@ -615,8 +622,7 @@ def main() -> None:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)}
     recipe = Recipe(**{**values, "shares": tuple(values["shares"])})
     init = None if str(args.init) == "none" else args.init
-    steps = train(args.out, recipe, init, args.checkpoints, args.profile)
-    weights = Target.of(args.out, recipe.realistic_share, args.profile).weights
+    steps, weights = train(args.out, recipe, init, args.checkpoints, args.profile)
     print(json.dumps({"weights": str(weights), "steps": steps}))
 
 

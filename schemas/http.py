@@ -45,6 +45,14 @@ class HealthCheck(BaseModel):
     detail: str
 
 
+class ProfileNetwork(BaseModel):
+    """A profile's own network: its weights and what runs them."""
+
+    weights_sha256: str
+    runtime: str
+    precision: str
+
+
 class ModelStatus(BaseModel):
     """A hosted model: /health lists every one."""
 
@@ -57,6 +65,9 @@ class ModelStatus(BaseModel):
     default: bool
     runtime: str
     precision: str
+    profile_networks: dict[str, ProfileNetwork] = Field(
+        default_factory=dict, description="profiles that run a network of their own (fast_debug trained for its grid)"
+    )
 
 
 class HealthResponse(BaseModel):

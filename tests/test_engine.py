@@ -22,7 +22,7 @@ from models.engine import EngineOptions, InferenceEngine, InferenceFailed
 from models.evaluate import DEFAULT_BUNDLE
 from models.network import unwrap_state
 from models.phantom import generate_phantom
-from models.registry import ModelNotFound, ModelRegistry
+from models.registry import ModelNotFound, ModelRegistry, card
 from models.runtime import RuntimeRequest, check_input, choose_runtime, cpu_signature
 from schemas.jobs import Profile
 from tests.bundle_factory import (
@@ -666,6 +666,10 @@ def test_a_profile_runs_the_network_of_its_own_weights(tmp_path: Path) -> None:
     assert production.ran is not None and fast.ran is not None
     assert production.ran.weights_sha256 == engine.spec.weights.sha256
     assert fast.ran.weights_sha256 == engine.spec.profile_weights["fast_debug"].sha256 != production.ran.weights_sha256
+    research = engine.predict(volume, flipped_affine(), Profile.RESEARCH, 0.5)
+    assert research.ran == production.ran  # research refines production's network
+    # /health's card and the load's report name it and what runs it.
+    assert card(engine).profile_networks == {"fast_debug": fast.ran}
     report = engine.load_report()
     assert report["profiles"]["fast_debug"]["weights_sha256"] == fast.ran.weights_sha256
     assert report["profiles"]["fast_debug"]["trial"].startswith("ran ")
@@ -675,10 +679,13 @@ def test_a_profile_runs_the_network_of_its_own_weights(tmp_path: Path) -> None:
 
 
 def test_a_profile_naming_missing_weights_or_no_profile_fails_at_load(tmp_path: Path) -> None:
-    path = _with_own_fast_debug(tmp_path, intensity_weights())
+    path = _with_own_fast_debug(tmp_path, {"conv.weight": torch.zeros(2, 1, 1, 1, 1)})
+    with pytest.raises(BundleError, match="fast_debug's own network: the weights do not fit network_def"):
+        make_engine(path)
     (path / "models" / "fast.pt").unlink()
     with pytest.raises(BundleError, match=r"fast_debug names weights models/fast\.pt, not a file"):
         BundleSpec.load(path)
-    (path / "configs" / "profiles.json").write_text(json.dumps({"fast-debug": {"weights": "models/model.pt"}}))
-    with pytest.raises(BundleError, match="'fast-debug' names weights but is no profile"):
-        BundleSpec.load(path)
+    for name in ("fast-debug", "research"):
+        (path / "configs" / "profiles.json").write_text(json.dumps({name: {"weights": "models/model.pt"}}))
+        with pytest.raises(BundleError, match=f"'{name}' names weights, but only fast_debug may"):
+            BundleSpec.load(path)

@@ -12,7 +12,18 @@ import numpy as np
 import pytest
 import torch
 
-from models.confidence_fit import IDENTITY, holds_fit, is_raw, profile_fits, reset, shipped, write, write_profile
+from models.confidence_fit import (
+    IDENTITY,
+    holds_fit,
+    is_raw,
+    own_networks,
+    profile_fits,
+    reset,
+    runs_raw,
+    shipped,
+    write,
+    write_profile,
+)
 from models.evaluate import (
     DEFAULT_BUNDLE,
     SIMPLE_DESCRIPTION,
@@ -186,8 +197,7 @@ def test_a_fit_and_floor_are_written_into_the_bundle_and_a_reset_makes_it_raw_ag
 
 
 def test_a_profile_fit_goes_into_profiles_json_and_a_reset_removes_it_only(tmp_path: Path) -> None:
-    configs = tmp_path / "configs"
-    shutil.copytree(DEFAULT_BUNDLE / "configs", configs)
+    configs = _shared_network_configs(tmp_path) / "configs"
     reset(tmp_path)
     profiles_before = json.loads((configs / "profiles.json").read_text())
     assert is_raw(tmp_path)
@@ -202,8 +212,17 @@ def test_a_profile_fit_goes_into_profiles_json_and_a_reset_removes_it_only(tmp_p
     assert json.loads((configs / "profiles.json").read_text()) == profiles_before and is_raw(tmp_path)
 
 
-def _raw_configs(bundle: Path) -> Path:
+def _shared_network_configs(bundle: Path) -> Path:
+    """The default bundle's configs with every profile on the bundle's network (no "weights")."""
     shutil.copytree(DEFAULT_BUNDLE / "configs", bundle / "configs")
+    profiles = json.loads((bundle / "configs" / "profiles.json").read_text())
+    shared = {name: {k: v for k, v in o.items() if k != "weights"} for name, o in profiles.items()}
+    (bundle / "configs" / "profiles.json").write_text(json.dumps(shared))
+    return bundle
+
+
+def _raw_configs(bundle: Path) -> Path:
+    _shared_network_configs(bundle)
     reset(bundle)
     return bundle
 
@@ -247,12 +266,43 @@ def test_a_profile_whose_own_fit_does_not_help_runs_raw_not_on_production_s_fit(
     assert fast["runs_with"] == "own" and shipped(bundle, "fast_debug")["calibration"] == fast["parameters"]
 
 
+def _own_fast_debug_configs(bundle: Path) -> Path:
+    """Configs where fast_debug runs a network of its own, fresh from training (its fit raw)."""
+    _shared_network_configs(bundle)
+    profiles = json.loads((bundle / "configs" / "profiles.json").read_text())
+    profiles["fast_debug"] |= {"weights": "models/fast.pt"}
+    (bundle / "configs" / "profiles.json").write_text(json.dumps(profiles))
+    write_profile(bundle, "fast_debug", IDENTITY, 0.0)
+    return bundle
+
+
+def test_a_profile_network_keeps_its_fit_when_the_bundle_s_network_is_retrained(tmp_path: Path) -> None:
+    bundle = _own_fast_debug_configs(tmp_path)
+    fit = {"a": 1.2, "b": -0.1, "c": -0.5, "d": -1.0}
+    write_profile(bundle, "fast_debug", fit, 0.2)
+    reset(bundle)
+    assert shipped(bundle) == {"calibration": IDENTITY, "min_confidence": 0.0}
+    assert shipped(bundle, "fast_debug") == {"calibration": fit, "min_confidence": 0.2}
+
+
+def test_a_profile_network_never_inherits_production_s_fit(tmp_path: Path) -> None:
+    """Production's fit (and floor) was made on another network's findings: even when it measures
+    better on fast_debug's own network's findings, that network runs its own fit or none."""
+    bundle = _own_fast_debug_configs(tmp_path / "a")
+    fast = _fit(0.3, -2.0) | {"ece_production_fit": 0.2}
+    assert write_fits(bundle, _fit(0.01, -9.0), {"fast_debug": fast})
+    assert fast["runs_with"] == "own" and shipped(bundle, "fast_debug")["calibration"] == fast["parameters"]
+    bundle = _own_fast_debug_configs(tmp_path / "b")
+    fast = _fit(0.7, -2.0) | {"ece_production_fit": 0.2}
+    assert not write_fits(bundle, _fit(0.01, -9.0), {"fast_debug": fast})  # nothing to measure again
+    assert fast["runs_with"] == "raw" and shipped(bundle, "fast_debug")["calibration"] == IDENTITY
+
+
 def test_new_weights_of_a_profile_are_fitted_and_production_keeps_the_fit_it_ships(tmp_path: Path) -> None:
     """Only fast_debug's own network was trained anew (its fit made raw): production's shipped fit
     stays whatever this run's refit of it says, and fast_debug chooses among its own fit,
     production's shipped one and none."""
-    bundle = tmp_path / "a"
-    shutil.copytree(DEFAULT_BUNDLE / "configs", bundle / "configs")
+    bundle = _shared_network_configs(tmp_path / "a")
     write_profile(bundle, "fast_debug", IDENTITY, 0.0)
     production_before = shipped(bundle)
     assert production_before["calibration"] != IDENTITY and shipped(bundle, "fast_debug")["calibration"] == IDENTITY
@@ -261,8 +311,7 @@ def test_new_weights_of_a_profile_are_fitted_and_production_keeps_the_fit_it_shi
     assert not production["written"] and shipped(bundle) == production_before
     assert fast["runs_with"] == "own" and shipped(bundle, "fast_debug")["calibration"] == fast["parameters"]
     # Production's shipped fit measured better on fast_debug's findings: fast_debug inherits it.
-    bundle = tmp_path / "b"
-    shutil.copytree(DEFAULT_BUNDLE / "configs", bundle / "configs")
+    bundle = _shared_network_configs(tmp_path / "b")
     entry = json.loads((bundle / "configs" / "profiles.json").read_text())["fast_debug"]
     write_profile(bundle, "fast_debug", IDENTITY, 0.0)
     fast = _fit(0.3, -2.0) | {"ece_production_fit": 0.2}
@@ -271,8 +320,7 @@ def test_new_weights_of_a_profile_are_fitted_and_production_keeps_the_fit_it_shi
     assert shipped(bundle, "fast_debug") == shipped(bundle) == production_before  # its raw entry went
     assert json.loads((bundle / "configs" / "profiles.json").read_text())["fast_debug"] == entry
     # A profile whose own fit the bundle ships (not raw) is kept as it is.
-    bundle = tmp_path / "c"
-    shutil.copytree(DEFAULT_BUNDLE / "configs", bundle / "configs")
+    bundle = _shared_network_configs(tmp_path / "c")
     write_profile(bundle, "fast_debug", {"a": 2.0, "b": 0.0, "c": 0.0, "d": 0.0}, 0.1)
     fast = _fit(0.01, -2.0)
     assert not write_fits(bundle, _fit(0.01, -9.0), {"fast_debug": fast})
@@ -330,7 +378,9 @@ def test_a_checkpoint_runs_raw_in_a_copy_of_the_bundle_and_a_bundle_as_it_ships(
     weights.parent.mkdir()
     shutil.copy(DEFAULT_BUNDLE / "models" / "model.pt", weights)
     copy = candidate_bundle(weights, DEFAULT_BUNDLE, tmp_path)
-    assert copy != DEFAULT_BUNDLE and is_raw(copy)  # the shipped fit belongs to the shipped weights
+    # The shipped fit belongs to the shipped weights; a profile's own network keeps its own.
+    assert copy != DEFAULT_BUNDLE and runs_raw(copy, "production") and runs_raw(copy, "research")
+    assert all(shipped(copy, name) == shipped(DEFAULT_BUNDLE, name) for name in own_networks(copy))
     assert not is_raw(DEFAULT_BUNDLE)
     assert candidate_bundle(DEFAULT_BUNDLE, DEFAULT_BUNDLE, tmp_path) == DEFAULT_BUNDLE
 

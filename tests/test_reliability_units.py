@@ -19,7 +19,7 @@ from aiokafka.structs import ConsumerRecord
 from consumer import activity
 from consumer.activity import Activity, Finals, Phase
 from consumer.errors import InputTooLarge, InvalidMessage, OutputNotAllowed
-from consumer.jobs.cache import cache_key
+from consumer.jobs.cache import cache_key, model_identity
 from consumer.jobs.context import JobContext
 from consumer.jobs.outputs import OutputKeys, check_allowed
 from consumer.jobs.workspace import LOCK_NAME, PROCESS_PREFIX, Workspace, sweep
@@ -27,6 +27,8 @@ from consumer.observability import memory
 from consumer.retry import Deadline, RetryPolicy, budget, retry
 from consumer.storage import ObjectInfo
 from consumer.transport.publisher import LETTER_HEAD, dead_letter_of
+from models.engine import Ran
+from models.registry import ModelCard
 from schemas.events import DeadLetter
 from schemas.jobs import JobRequest, Profile, Source
 from schemas.results import ModelInfo
@@ -257,6 +259,25 @@ def test_the_cache_key_covers_what_the_outputs_depend_on() -> None:
     ]
     assert base not in different and len(set(different)) == len(different)
     assert cache_key(context(), ObjectInfo("uploads/j/a.nii.gz", 100, None, None), None, "m") is None
+
+
+class OneModel:
+    """The registry's face that the cache's model identity reads: one hosted model."""
+
+    def __init__(self, fast_sha: str):
+        ran = Ran("openvino", "fp32", fast_sha)
+        self.card_ = ModelCard("m", "1", "", "CT", {}, "sha", True, "cpu", "fp32", "openvino", {"fast_debug": ran})
+
+    def resolve(self, requested: str | None, modality: str | None = None) -> str:
+        return "m"
+
+    def card(self, name: str) -> ModelCard:
+        return self.card_
+
+
+def test_new_weights_of_a_profile_network_are_a_new_model_to_the_cache() -> None:
+    first, again, retrained = (model_identity(OneModel(sha), "m") for sha in ("fast-1", "fast-1", "fast-2"))  # type: ignore[arg-type]
+    assert first == again != retrained and "fast_debug#fast-1" in first
 
 
 # --- the work directory ------------------------------------------------------------------------

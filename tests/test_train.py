@@ -56,10 +56,16 @@ def test_a_profile_network_trains_at_its_grid_alone_into_its_own_weights(tmp_pat
     own = Target.of(bundle, 0.75, "fast_debug")
     assert own.weights == bundle / "models" / "fast.pt"
     assert {own.world.draw(np.random.default_rng(seed))[0] for seed in range(50)} == {(2.5, 2.5, 2.5)}
-    assert isinstance(own.network(bundle), torch.nn.Module)
+    assert own.network().windows == whole.network().windows  # type: ignore[union-attr]
+    # Its config ids reach network_def as the engine's parser resolves them ("@windows").
+    profiles["fast_debug"]["windows"] = [[-160.0, 240.0]]
+    (bundle / "configs" / "profiles.json").write_text(json.dumps(profiles))
+    assert Target.of(bundle, 0.75, "fast_debug").network().windows == [(-160.0, 240.0)]  # type: ignore[union-attr]
+    # The bundle's own network no longer serves fast_debug's grid: production's alone.
+    assert {Target.of(bundle, 0.75).world.draw(np.random.default_rng(s))[0] for s in range(50)} == {whole.world.fine}
     # New weights of fast_debug's: its fit goes raw; production's fit (other weights) stays.
     before = confidence_fit.shipped(bundle)
-    own.reset_fit(bundle)
+    own.reset_fit()
     assert confidence_fit.shipped(bundle) == before
     assert confidence_fit.shipped(bundle, "fast_debug") == {
         "calibration": confidence_fit.IDENTITY,

@@ -20,9 +20,9 @@ from consumer.jobs.slots import JobSlots
 from consumer.jobs.workspace import Workspace
 from consumer.storage import ObjectStore
 from consumer.transport.worker import Stall
-from models.registry import ModelRegistry
+from models.registry import ModelCard, ModelRegistry
 from schemas.api_docs import VERSION
-from schemas.http import CheckStatus, HealthCheck, HealthResponse, ModelStatus, ProbeResponse
+from schemas.http import CheckStatus, HealthCheck, HealthResponse, ModelStatus, ProbeResponse, ProfileNetwork
 
 # A health probe every few seconds must not become a storage load test.
 _STORAGE_CACHE_S = 5.0
@@ -33,6 +33,12 @@ class GroupMembership(Protocol):
     """The partitions this replica holds (an AIOKafkaConsumer is one)."""
 
     def assignment(self) -> set[TopicPartition]: ...
+
+
+def _own_runs(card: ModelCard) -> str:
+    """What runs the profiles with a network of their own, e.g. " (fast_debug: openvino bf16)"."""
+    own = ", ".join(f"{name}: {ran.runtime} {ran.precision}" for name, ran in card.profile_networks.items())
+    return f" ({own})" if own else ""
 
 
 def memory_usage() -> dict[str, float]:
@@ -144,7 +150,7 @@ class HealthChecks:
         cards = self.models.cards()
         if not cards:
             return HealthCheck(status=CheckStatus.OK, detail="no model loaded yet")
-        runs = ", ".join(f"{c.name}: {c.device} {c.runtime} {c.precision}" for c in cards)
+        runs = ", ".join(f"{c.name}: {c.device} {c.runtime} {c.precision}{_own_runs(c)}" for c in cards)
         return HealthCheck(status=CheckStatus.OK, detail=runs)
 
     def model_statuses(self) -> list[ModelStatus]:
@@ -159,6 +165,12 @@ class HealthChecks:
                 default=card.name == self.models.default,
                 runtime=card.runtime,
                 precision=card.precision,
+                profile_networks={
+                    name: ProfileNetwork(
+                        weights_sha256=ran.weights_sha256, runtime=ran.runtime, precision=ran.precision
+                    )
+                    for name, ran in card.profile_networks.items()
+                },
             )
             for card in self.models.cards()
         ]

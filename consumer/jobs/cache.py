@@ -31,6 +31,7 @@ from consumer.jobs.context import JobContext, Written
 from consumer.jobs.outputs import CACHE_DIR, CONTENT_TYPES, encode_result
 from consumer.jobs.report import build_report
 from consumer.storage import ObjectInfo, ObjectStore
+from models.engine import Ran
 from models.registry import ModelRegistry
 from schemas.api_docs import VERSION
 from schemas.results import AnalysisResult
@@ -52,16 +53,16 @@ class CacheEntry(BaseModel):
 def model_identity(models: ModelRegistry, requested: str | None) -> str:
     """The model a job will run, as far as it is known before the read."""
     cards = [models.card(models.resolve(requested))] if requested else models.cards()
-    hosted = ";".join(f"{c.name}@{c.version}#{c.weights_sha256}{_own(c.profile_weights)}" for c in cards)
+    hosted = ";".join(f"{c.name}@{c.version}#{c.weights_sha256}{_own(c.profile_networks)}" for c in cards)
     if requested:
         return hosted
     routes = ",".join(f"{modality}:{name}" for modality, name in sorted(models.routes.items()))
     return f"route[{routes}|default={models.default}]{hosted}"
 
 
-def _own(profile_weights: dict[str, str]) -> str:
+def _own(networks: dict[str, Ran]) -> str:
     """Profiles' own weights: new ones answer anew, whatever the bundle's version says."""
-    return "".join(f"+{name}#{sha}" for name, sha in sorted(profile_weights.items()))
+    return "".join(f"+{name}#{ran.weights_sha256}" for name, ran in sorted(networks.items()))
 
 
 def cache_key(ctx: JobContext, source: ObjectInfo, reference: ObjectInfo | None, model: str) -> str | None:

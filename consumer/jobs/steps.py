@@ -86,13 +86,14 @@ async def infer(
         raise InferenceError(f"model {name}: inference failed: {error}") from error
     # The engine's own split of the step (pre-processing, network, post-processing), for
     # operators and the benchmark; the result JSON keeps the job's steps only.
+    runtime, precision = (prediction.ran.runtime, prediction.ran.precision) if prediction.ran else ("?", "?")
     log.info(
         "inference on %s (%s, %s): %s",
-        engine.runtime,
-        engine.precision,
+        runtime,
+        precision,
         profile.value,
         ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in prediction.timings.items()),
-        extra={"engine_timings": prediction.timings, "runtime": engine.runtime, "precision": engine.precision},
+        extra={"engine_timings": prediction.timings, "runtime": runtime, "precision": precision},
     )
     return prediction
 
