@@ -47,6 +47,8 @@ schemas: install
 # models.train --help), then fits the new weights' confidence and floor per profile and validates
 # production and fast_debug (~15-19 min: 16 min measured with a previous model beside it on an
 # AVX-512 CPU): under 90 min on 2 cores. e.g. make train TRAIN_ARGS="--minutes 30 --checkpoints .cache/ck"
+# fast_debug's own network: TRAIN_ARGS="--profile fast_debug --init <bundle>/models/model.pt" (the
+# evaluation then fits fast_debug's confidence alone; production keeps the fit it ships).
 TRAIN_ARGS ?=
 EVAL_ARGS ?=
 train: install
