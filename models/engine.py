@@ -211,13 +211,19 @@ class InferenceEngine:
         return networks
 
     def _ready(self, networks: dict[str | None, torch.nn.Module]) -> dict[Profile, Runner]:
-        """A runtime chosen, and a trial run, for each network; every profile mapped to its own."""
-        ready: dict[str | None, Runner] = {}
-        for own, network in networks.items():
-            profile = Profile(own) if own else Profile.PRODUCTION  # whose inferer gives the window
-            choice = choose_runtime(network, self._runtime_request(profile, own))
-            ready[own] = Runner(choice, self.spec.weights_of(own), self._trial_run(choice, profile))
-        return {p: ready.get(p.value, ready[None]) for p in Profile}
+        """A runtime chosen, and a trial run, for each network and window a profile runs: an
+        export takes one window shape, so a profile whose window differs from production's gets
+        an export of its own even on the bundle's network."""
+        ready: dict[tuple[str | None, tuple[int, ...] | None], Runner] = {}
+        runners: dict[Profile, Runner] = {}
+        for profile in (Profile.PRODUCTION, *(p for p in Profile if p is not Profile.PRODUCTION)):
+            own = profile.value if profile.value in networks else None
+            key = (own, self._window(profile))
+            if key not in ready:
+                choice = choose_runtime(networks[own], self._runtime_request(profile, own))
+                ready[key] = Runner(choice, self.spec.weights_of(own), self._trial_run(choice, profile))
+            runners[profile] = ready[key]
+        return runners
 
     def _window(self, profile: Profile) -> tuple[int, ...] | None:
         """(channels, *roi) of one window of the profile's inferer; None without a fixed window."""

@@ -689,3 +689,20 @@ def test_a_profile_naming_missing_weights_or_no_profile_fails_at_load(tmp_path: 
         (path / "configs" / "profiles.json").write_text(json.dumps({name: {"weights": "models/model.pt"}}))
         with pytest.raises(BundleError, match=f"'{name}' names weights, but only fast_debug may"):
             BundleSpec.load(path)
+
+
+def test_a_profile_with_a_window_of_its_own_runs_an_export_of_its_own(tmp_path: Path) -> None:
+    """An export takes one window shape: fast_debug with another roi than production's, on the
+    bundle's network, gets its own export (it used to meet production's 32^3 one and fail)."""
+    path = write_intensity_bundle(tmp_path, "own_window")
+    (path / "configs" / "profiles.json").write_text(json.dumps({"fast_debug": {"inferer#roi_size": [16, 16, 16]}}))
+    options = EngineOptions(device="cpu", precision="fp32", threads=2, runtime="openvino", export_cache=tmp_path / "x")
+    engine = InferenceEngine(BundleSpec.load(path), options)
+    engine.load()
+    volume = intensity_volume()
+    for profile in (Profile.FAST_DEBUG, Profile.PRODUCTION):
+        prediction = engine.predict(volume, flipped_affine(), profile, 0.5)
+        assert np.array_equal(prediction.labels, expected_labels(volume))
+        assert prediction.ran is not None and prediction.ran.runtime == "openvino"
+    shapes = sorted(p.name.split("-")[1] for p in (tmp_path / "x").glob("*.xml"))
+    assert shapes == ["1x16x16x16", "1x32x32x32"]
