@@ -32,6 +32,8 @@ _CHECKPOINT_LOADER = "CheckpointLoader"
 # A profile's entry naming weights of its own (a network trained for its grid), relative to the
 # bundle root: a state dict for its network_def (the bundle's, or the profile's own override).
 PROFILE_WEIGHTS = "weights"
+# Keys of configs/profiles.json that the engine reads itself instead of passing to the config.
+ENGINE_KEYS = frozenset({"tta", PROFILE_WEIGHTS})
 OWN_NETWORK_PROFILES = (Profile.FAST_DEBUG.value,)
 
 
@@ -133,8 +135,8 @@ class BundleSpec:
         return digest.hexdigest()
 
     def config_overrides(self, profile: str | None) -> dict[str, Any]:
-        """The profile's entries in profiles.json that are config ids (its weights are not)."""
-        return {k: v for k, v in self.profiles.get(profile or "", {}).items() if k != PROFILE_WEIGHTS}
+        """The profile's entries in profiles.json that are config ids (not its weights or `tta`)."""
+        return {k: v for k, v in self.profiles.get(profile or "", {}).items() if k not in ENGINE_KEYS}
 
 
 def _profile_weights(name: str, path: Path, profiles: dict[str, dict[str, Any]]) -> dict[str, Weights]:

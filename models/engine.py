@@ -30,7 +30,7 @@ from monai.transforms import Invertd
 from monai.utils import ensure_tuple_rep
 
 from models import memory, resample
-from models.bundle import PROFILE_WEIGHTS, BundleError, BundleSpec, Weights, first_line
+from models.bundle import BundleError, BundleSpec, Weights, first_line
 from models.device import choose_device, choose_precision
 from models.labels import is_discrete, to_label_maps
 from models.network import build_network, bundle_imports
@@ -48,8 +48,6 @@ PROFILE_INFERER: dict[Profile, dict[str, Any]] = {
     Profile.RESEARCH: {"overlap": 0.5, "mode": "gaussian"},
 }
 TTA_PROFILES = frozenset({Profile.RESEARCH})
-# Keys of configs/profiles.json that the engine reads itself instead of passing to the config.
-ENGINE_KEYS = frozenset({"tta", PROFILE_WEIGHTS})
 _PIPELINE_CACHE = 8
 SPATIAL_DIMS = 3  # scans are volumes: an inferer's single roi number is one for each axis
 # A whole-volume input larger than this is not tried at load (it is the first job's to run).
@@ -90,11 +88,11 @@ class Prediction:
     uncertainty: np.ndarray | None  # float32 variance across test-time flips (research)
     label_names: dict[int, str]
     min_volume_mm3: float
+    ran: Ran  # which network ran it: a profile may have one of its own
     timings: dict[str, float] = field(default_factory=dict)
     # The bundle's own record of each finding, when its post-processing leaves one under
     # `findings` (the default bundle: model-grid volume, elongation, mean probability, confidence).
     findings: list[dict[str, Any]] = field(default_factory=list)
-    ran: Ran | None = None
 
 
 @dataclass(frozen=True)
@@ -285,11 +283,10 @@ class InferenceEngine:
         overrides = self._base_overrides()
         if str(self.spec.parser().get("inferer#_target_", "")).endswith("SlidingWindowInferer"):
             overrides.update({f"inferer#{k}": v for k, v in PROFILE_INFERER[profile].items()})
-        own = self.spec.profiles.get(profile.value, {})
-        overrides.update({k: v for k, v in own.items() if k not in ENGINE_KEYS})
+        overrides.update(self.spec.config_overrides(profile.value))
         if threshold is not None and self._uses_threshold:
             overrides["threshold"] = threshold
-        tta = bool(own.get("tta", profile in TTA_PROFILES))
+        tta = bool(self.spec.profiles.get(profile.value, {}).get("tta", profile in TTA_PROFILES))
         return ProfileRun(overrides, FLIPS if tta else ((),))
 
     @property

@@ -34,9 +34,8 @@ from monai.losses import DiceLoss
 
 from models import confidence_fit
 from models.augment import LUNG_SITE, ORGAN_SITE, Insertion, insert_lesions, no_sites, sites_in_patch
-from models.bundle import OWN_NETWORK_PROFILES
+from models.bundle import ENGINE_KEYS, OWN_NETWORK_PROFILES, PROFILE_WEIGHTS
 from models.device import autocast, choose_precision
-from models.engine import ENGINE_KEYS
 from models.geometry import ModelGrid, nonzero_box
 from models.networks import warm_start
 from models.phantom import generate_phantom
@@ -433,7 +432,7 @@ class Target:
             # Production's grid is the config's spacing, fast_debug's comes from profiles.json
             # (unless fast_debug runs a network of its own: then production's grid alone).
             fine, fast = as_spacing(config["spacing"]), profiles.get("fast_debug", {})
-            coarse = fine if "weights" in fast else as_spacing(fast.get("spacing", fine))
+            coarse = fine if PROFILE_WEIGHTS in fast else as_spacing(fast.get("spacing", fine))
             return cls(bundle, World(fine, coarse, realistic_share), weights_file(bundle))
         grid = as_spacing(profiles.get(profile, {}).get("spacing", config["spacing"]))
         # The profile's network serves its grid alone.
@@ -459,9 +458,9 @@ def weights_file(bundle: Path, profile: str | None = None) -> Path:
     if profile is None:
         return bundle / "models" / "model.pt"
     own = json.loads((bundle / "configs" / "profiles.json").read_text()).get(profile, {})
-    if "weights" not in own:
-        raise ValueError(f"profiles.json gives {profile} no network of its own (no 'weights')")
-    return bundle / own["weights"]
+    if PROFILE_WEIGHTS not in own:
+        raise ValueError(f"profiles.json gives {profile} no network of its own (no '{PROFILE_WEIGHTS}')")
+    return bundle / own[PROFILE_WEIGHTS]
 
 
 def reset_fit(bundle: Path, profile: str | None = None) -> None:

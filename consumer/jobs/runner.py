@@ -193,8 +193,8 @@ class JobRunner:
                 "infer",
                 steps.infer(self.models, ctx.model.name, scan, ctx.profile, ctx.threshold, progress.report),
             )
-        if prediction.ran is not None:  # a profile may run a network of its own
-            ctx.model = ctx.model.model_copy(update=dataclasses.asdict(prediction.ran))
+        # A profile may run a network of its own: the result names what ran.
+        ctx.model = ctx.model.model_copy(update=dataclasses.asdict(prediction.ran))
         await self.publisher.publish(job_event(ctx, JobStatus.PROGRESS, step="analyse", progress=0.8))
         analysis = await self._step(ctx, "analyse", steps.find_lesions(scan, prediction))
         metrics: list[Metric] = []

@@ -86,7 +86,7 @@ async def infer(
         raise InferenceError(f"model {name}: inference failed: {error}") from error
     # The engine's own split of the step (pre-processing, network, post-processing), for
     # operators and the benchmark; the result JSON keeps the job's steps only.
-    runtime, precision = (prediction.ran.runtime, prediction.ran.precision) if prediction.ran else ("?", "?")
+    runtime, precision = prediction.ran.runtime, prediction.ran.precision
     log.info(
         "inference on %s (%s, %s): %s",
         runtime,
