@@ -103,6 +103,7 @@ async def test_kafka_job_completes_with_outputs(
     assert len(model["weights_sha256"]) == 64 and final["model_sha256"] == model["weights_sha256"]
     # The weights fast_debug runs: its own, where the bundle gives it a network for its grid.
     assert model["weights_sha256"] == BundleSpec.load(DEFAULT_BUNDLE).weights_of("fast_debug").sha256
+    assert {e["model_sha256"] for e in job_events.by_job[job]} == {model["weights_sha256"]}  # from the first on
     summary_rows = dict(r[:2] for r in book["Summary"].iter_rows(values_only=True))
     assert summary_rows["Model weights (sha256)"] == model["weights_sha256"]
     # The preview is a PNG beside the outputs, listed in the result and the event.

@@ -22,6 +22,7 @@ from consumer.errors import InputTooLarge, InvalidMessage, OutputNotAllowed
 from consumer.jobs.cache import cache_key, model_identity
 from consumer.jobs.context import JobContext
 from consumer.jobs.outputs import OutputKeys, check_allowed
+from consumer.jobs.result import model_info
 from consumer.jobs.workspace import LOCK_NAME, PROCESS_PREFIX, Workspace, sweep
 from consumer.observability import memory
 from consumer.retry import Deadline, RetryPolicy, budget, retry
@@ -275,9 +276,21 @@ class OneModel:
         return self.card_
 
 
-def test_new_weights_of_a_profile_network_are_a_new_model_to_the_cache() -> None:
-    first, again, retrained = (model_identity(OneModel(sha), "m") for sha in ("fast-1", "fast-1", "fast-2"))  # type: ignore[arg-type]
+def test_a_job_names_its_profiles_own_network_from_its_first_event() -> None:
+    card = OneModel("fast-1").card_
+    fast, production = model_info(card, Profile.FAST_DEBUG), model_info(card, Profile.PRODUCTION)
+    assert (fast.weights_sha256, fast.runtime) == ("fast-1", "openvino")
+    assert production.weights_sha256 == "sha"
+
+
+def test_new_weights_of_a_profile_network_are_a_new_model_to_that_profile_alone() -> None:
+    def identity(sha: str, profile: Profile) -> str:
+        return model_identity(OneModel(sha), "m", profile)  # type: ignore[arg-type]
+
+    first, again, retrained = (identity(sha, Profile.FAST_DEBUG) for sha in ("fast-1", "fast-1", "fast-2"))
     assert first == again != retrained and "fast_debug#fast-1" in first
+    # Production runs the bundle's network: fast_debug's new weights leave its entries valid.
+    assert identity("fast-1", Profile.PRODUCTION) == identity("fast-2", Profile.PRODUCTION)
 
 
 # --- the work directory ------------------------------------------------------------------------

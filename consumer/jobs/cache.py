@@ -5,7 +5,8 @@ JSON. The key is a sha256 over everything its outputs depend on: the input's ide
 size: the same bytes under any key), profile, threshold, series, the reference mask's identity,
 the mask format, the service version and the model. The model of a job that names none is
 chosen after the read, by the scan's modality, so such a job is keyed on every hosted model
-(name, version, weights sha256) and the routes: a new bundle or new weights is a miss.
+(name, version, weights sha256, and those of the profile's own network) and the routes: a new
+bundle or new weights is a miss.
 
 A job whose key has an entry copies those outputs inside the bucket (server-side copies) to its
 own keys, rewrites the result JSON and the report (they name the job and its input), and
@@ -34,6 +35,7 @@ from consumer.storage import ObjectInfo, ObjectStore
 from models.engine import Ran
 from models.registry import ModelRegistry
 from schemas.api_docs import VERSION
+from schemas.jobs import Profile
 from schemas.results import AnalysisResult
 
 log = logging.getLogger(__name__)
@@ -50,19 +52,21 @@ class CacheEntry(BaseModel):
     mask_bytes: int
 
 
-def model_identity(models: ModelRegistry, requested: str | None) -> str:
-    """The model a job will run, as far as it is known before the read."""
+def model_identity(models: ModelRegistry, requested: str | None, profile: Profile) -> str:
+    """The model a job will run, as far as it is known before the read: with the weights of the
+    profile's own network where it has one, so retraining fast_debug leaves production's entries."""
     cards = [models.card(models.resolve(requested))] if requested else models.cards()
-    hosted = ";".join(f"{c.name}@{c.version}#{c.weights_sha256}{_own(c.profile_networks)}" for c in cards)
+    hosted = ";".join(f"{c.name}@{c.version}#{c.weights_sha256}{_own(c.profile_networks, profile)}" for c in cards)
     if requested:
         return hosted
     routes = ",".join(f"{modality}:{name}" for modality, name in sorted(models.routes.items()))
     return f"route[{routes}|default={models.default}]{hosted}"
 
 
-def _own(networks: dict[str, Ran]) -> str:
-    """Profiles' own weights: new ones answer anew, whatever the bundle's version says."""
-    return "".join(f"+{name}#{ran.weights_sha256}" for name, ran in sorted(networks.items()))
+def _own(networks: dict[str, Ran], profile: Profile) -> str:
+    """The profile's own weights: new ones answer anew, whatever the bundle's version says."""
+    own = networks.get(profile.value)
+    return f"+{profile.value}#{own.weights_sha256}" if own else ""
 
 
 def cache_key(ctx: JobContext, source: ObjectInfo, reference: ObjectInfo | None, model: str) -> str | None:

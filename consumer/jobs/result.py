@@ -8,17 +8,21 @@ from consumer.imaging.analysis import Analysis
 from consumer.imaging.scans import Scan
 from consumer.jobs.context import JobContext
 from models.registry import ModelCard
+from schemas.jobs import Profile
 from schemas.results import AnalysisResult, InputInfo, Metric, ModelInfo, Segmentation, Summary
 
 
-def model_info(card: ModelCard) -> ModelInfo:
+def model_info(card: ModelCard, profile: Profile) -> ModelInfo:
+    """The model as this profile runs it: a profile with a network of its own (fast_debug trained
+    for its grid) names those weights and their runtime from the job's first event on."""
+    own = card.profile_networks.get(profile.value)
     return ModelInfo(
         name=card.name,
         version=card.version,
         device=card.device,
-        precision=card.precision,
-        runtime=card.runtime,
-        weights_sha256=card.weights_sha256,
+        precision=own.precision if own else card.precision,
+        runtime=own.runtime if own else card.runtime,
+        weights_sha256=own.weights_sha256 if own else card.weights_sha256,
         task=card.task or None,
     )
 

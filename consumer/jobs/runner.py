@@ -45,7 +45,7 @@ from models.engine import Prediction
 from models.registry import ModelNotFound as UnknownModel
 from models.registry import ModelRegistry
 from schemas.events import JobEvent, JobStatus
-from schemas.jobs import JobRequest, Source
+from schemas.jobs import JobRequest, Profile, Source
 from schemas.results import Metric, ModelInfo
 
 log = logging.getLogger(__name__)
@@ -96,19 +96,20 @@ class JobRunner:
             return await self._complete(ctx, written, finish)
 
     def _context(self, request: JobRequest, source: Source) -> JobContext:
+        profile = request.profile or self.settings.ml_default_profile
         return JobContext(
             request=request,
             source=source,
-            profile=request.profile or self.settings.ml_default_profile,
+            profile=profile,
             threshold=request.threshold or self.settings.ml_decision_threshold,
             keys=OutputKeys.for_job(request, self.settings.ml_output_prefix),
-            model=self._model_info(request.model),
+            model=self._model_info(request.model, profile),
         )
 
-    def _model_info(self, requested: str | None) -> ModelInfo:
+    def _model_info(self, requested: str | None, profile: Profile) -> ModelInfo:
         """The model the job names (or the default); the scan's modality may still route it elsewhere."""
         try:
-            return model_info(self.models.card(self.models.resolve(requested)))
+            return model_info(self.models.card(self.models.resolve(requested)), profile)
         except UnknownModel:
             return unknown_model(requested or "")
 
@@ -172,7 +173,7 @@ class JobRunner:
         reference = await steps.reference_info(self.store, ctx.request.reference_object)
         if ctx.request.reference_object is not None and reference is None:
             return None
-        return cache_key(ctx, info, reference, model_identity(self.models, ctx.request.model))
+        return cache_key(ctx, info, reference, model_identity(self.models, ctx.request.model, ctx.profile))
 
     async def _from_cache(self, ctx: JobContext, key: str) -> Written | None:
         written = await self._step(ctx, "cache", self.cache.find(key, ctx))
@@ -185,7 +186,7 @@ class JobRunner:
     async def _analyse(self, ctx: JobContext, path: Path, size: int, tmp: Path) -> Written:
         request, limits = ctx.request, self.read_limits
         scan = await self._step(ctx, "read", steps.read(path, tmp, limits, request.series_uid))
-        ctx.model = model_info(await steps.resolve_model(self.models, request.model, scan))
+        ctx.model = model_info(await steps.resolve_model(self.models, request.model, scan), ctx.profile)
         await self.publisher.publish(job_event(ctx, JobStatus.RUNNING, step="infer", progress=0.2))
         async with ProgressReporter(self.publisher.publish, ctx) as progress:
             prediction = await self._step(
