@@ -79,6 +79,16 @@ def random_acquisition(rng: np.random.Generator) -> tuple[tuple[int, int, int], 
     return (n_xy, n_xy, n_z), (in_plane, in_plane, slice_mm)
 
 
+def small_body_acquisition(rng: np.random.Generator) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+    """A grid whose 150-250 mm field of view this world fills with a trunk: a child's, where a
+    coarse grid leaves a lesion few voxels (random_acquisition draws one in about 20 %)."""
+    n_xy = int(rng.choice([192, 256]))
+    in_plane = float(rng.uniform(150.0, 250.0)) / n_xy
+    slice_mm = float(rng.choice([1.0, 1.5, 2.0, 2.5, 3.0, 5.0]))
+    n_z = int(np.clip(round(rng.uniform(120, 240) / slice_mm), 24, 400))
+    return (n_xy, n_xy, n_z), (in_plane, in_plane, slice_mm)
+
+
 def phantom_affine(shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> np.ndarray:
     """LPS-scanner-like affine as a DICOM converter writes it: x and y flipped, centred at 0."""
     affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])

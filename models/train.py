@@ -38,7 +38,7 @@ from models.bundle import ENGINE_KEYS, OWN_NETWORK_PROFILES, PROFILE_WEIGHTS
 from models.device import autocast, choose_precision
 from models.geometry import ModelGrid, nonzero_box
 from models.networks import warm_start
-from models.phantom import generate_phantom
+from models.phantom import generate_phantom, small_body_acquisition
 from models.phantoms import generate_phantom as realistic_phantom
 from models.phantoms.anatomy import BOWEL, KIDNEY, LUNG, ORGAN_LABELS, VESSEL
 from models.train_pool import SamplePool
@@ -120,8 +120,19 @@ def _subsample(points: np.ndarray, rng: np.random.Generator, count: int = BODY_P
     return points[rng.choice(len(points), size=min(len(points), count), replace=False)]
 
 
+def _simple_acquisition(
+    seed: int, small_body: bool
+) -> tuple[tuple[int, int, int], tuple[float, float, float]] | tuple[None, None]:
+    """A child's trunk when asked for; else the simple world's own random acquisition."""
+    return small_body_acquisition(np.random.default_rng([seed, 2])) if small_body else (None, None)
+
+
 def make_sample(
-    seed: int, spacing_mm: Spacing, realistic: bool = False, size_weighting: str = SIZE_WEIGHTING
+    seed: int,
+    spacing_mm: Spacing,
+    realistic: bool = False,
+    size_weighting: str = SIZE_WEIGHTING,
+    small_body: bool = False,
 ) -> Sample:
     # More lesions per scan than the validation phantoms: more positive patches per phantom.
     # The realistic world (bone, table, bowel, lungs...) teaches what to leave alone; the simple
@@ -129,7 +140,7 @@ def make_sample(
     phantom = (
         realistic_phantom(seed, family="train", lesion_count=(2, 8))
         if realistic
-        else generate_phantom(seed, lesion_count=(3, 8))
+        else generate_phantom(seed, *_simple_acquisition(seed, small_body), lesion_count=(3, 8))
     )
     grid = ModelGrid.for_input(phantom.image.shape, phantom.affine, spacing_mm)
     img_t = grid.to_model(phantom.image)[0, 0]
@@ -332,10 +343,13 @@ class SampleMaker:
 
     world: World
     size_weighting: str = SIZE_WEIGHTING
+    small_body_share: float = 0.0  # of simple phantoms: a trunk of 15-25 cm (small_body_acquisition)
 
     def __call__(self, seed: int) -> Sample:
-        spacing, realistic = self.world.draw(np.random.default_rng([seed, 1]))
-        return make_sample(seed, spacing, realistic, self.size_weighting)
+        rng = np.random.default_rng([seed, 1])
+        spacing, realistic = self.world.draw(rng)
+        small = not realistic and bool(rng.random() < self.small_body_share)
+        return make_sample(seed, spacing, realistic, self.size_weighting, small)
 
 
 LossFn = Callable[[torch.Tensor, Batch], torch.Tensor]
@@ -404,6 +418,7 @@ class Recipe:
     size_weighting: str = SIZE_WEIGHTING  # of a lesion's voxels by its size: SIZE_WEIGHTINGS
     blob_weight: float = 0.0  # of the per-lesion Dice (blob_dice_loss); 0 leaves it out
     insert_share: float = 0.0  # of patches that get fresh lesions drawn in (models.augment)
+    small_body_share: float = 0.0  # of simple phantoms drawn as a child's trunk (15-25 cm across)
 
 
 def progress(step: int, started: float, recipe: Recipe) -> float:
@@ -489,7 +504,10 @@ def train(
         fresh = warm_start(net, torch.load(init, map_location="cpu", weights_only=True))
         log.info("continuing from %s%s", init, f"; new: {', '.join(fresh)}" if fresh else "")
     pool = SamplePool(
-        SampleMaker(world, recipe.size_weighting), recipe.pool, TRAIN_SEED_BASE + 100_000 * recipe.seed, Sample
+        SampleMaker(world, recipe.size_weighting, recipe.small_body_share),
+        recipe.pool,
+        TRAIN_SEED_BASE + 100_000 * recipe.seed,
+        Sample,
     )
     try:
         return _steps(net, pool, recipe, rng, target, checkpoints), target.weights
@@ -612,6 +630,7 @@ def main() -> None:
     for name, text in (
         ("blob_weight", "of the mean per-lesion Dice (blob loss), so each lesion counts whatever its size; 0: none"),
         ("insert_share", "share of patches that get 1-3 fresh lesions of 3-16 mm drawn in (models.augment); 0: none"),
+        ("small_body_share", "share of simple phantoms drawn as a trunk of 15-25 cm (a child's); 0: as they come"),
     ):
         option = "--" + name.replace("_", "-")
         parser.add_argument(option, type=float, default=getattr(defaults, name), help=text)

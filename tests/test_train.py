@@ -15,10 +15,12 @@ import torch
 
 from models import confidence_fit
 from models.evaluate import DEFAULT_BUNDLE
+from models.phantom import MIN_FOV_MM, small_body_acquisition
 from models.train import (
     Batch,
     Recipe,
     Sample,
+    SampleMaker,
     Target,
     World,
     blob_dice_loss,
@@ -41,6 +43,15 @@ def test_the_world_mixes_grids_between_production_and_fast_debug_and_both_phanto
     between = [s for s in spacings if s not in (FINE, COARSE)]
     assert between and all(FINE[0] < s[0] < COARSE[0] for s in between)
     assert 0.65 < np.mean([d[1] for d in draws]) < 0.85
+
+
+def test_small_bodies_are_simple_phantoms_whose_trunk_is_a_childs() -> None:
+    fields = [n[0] * s[0] for n, s in (small_body_acquisition(np.random.default_rng(k)) for k in range(50))]
+    assert all(max(150.0, MIN_FOV_MM) <= f <= 250.0 for f in fields) and max(fields) - min(fields) > 50
+    # The trunk fills the field of view: at 2 mm a small body is at most 125 voxels across.
+    world = World(COARSE, COARSE, realistic_share=0.0)
+    small, usual = SampleMaker(world, small_body_share=1.0)(7), SampleMaker(world)(7)
+    assert max(small.image.shape[:2]) <= 126 < max(usual.image.shape[:2])
 
 
 def test_a_profile_network_trains_at_its_grid_alone_into_its_own_weights(tmp_path: Path) -> None:
