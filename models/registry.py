@@ -43,6 +43,10 @@ class ModelCard:
     # each profile that runs a network of its own (fast_debug trained for its grid): what runs it
     profile_networks: dict[str, Ran] = field(default_factory=dict)
 
+    def ran_by(self, profile: str) -> Ran:
+        """What runs this profile's jobs: its own network where it has one, else the bundle's."""
+        return self.profile_networks.get(profile) or Ran(self.runtime, self.precision, self.weights_sha256)
+
 
 class ModelRegistry:
     def __init__(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime
 
 from consumer.imaging.analysis import Analysis
@@ -15,15 +16,12 @@ from schemas.results import AnalysisResult, InputInfo, Metric, ModelInfo, Segmen
 def model_info(card: ModelCard, profile: Profile) -> ModelInfo:
     """The model as this profile runs it: a profile with a network of its own (fast_debug trained
     for its grid) names those weights and their runtime from the job's first event on."""
-    own = card.profile_networks.get(profile.value)
     return ModelInfo(
         name=card.name,
         version=card.version,
         device=card.device,
-        precision=own.precision if own else card.precision,
-        runtime=own.runtime if own else card.runtime,
-        weights_sha256=own.weights_sha256 if own else card.weights_sha256,
         task=card.task or None,
+        **dataclasses.asdict(card.ran_by(profile.value)),
     )
 
 

@@ -194,7 +194,7 @@ class JobRunner:
                 "infer",
                 steps.infer(self.models, ctx.model.name, scan, ctx.profile, ctx.threshold, progress.report),
             )
-        # A profile may run a network of its own: the result names what ran.
+        # The engine's own word on what ran (the card said what would), for the result.
         ctx.model = ctx.model.model_copy(update=dataclasses.asdict(prediction.ran))
         await self.publisher.publish(job_event(ctx, JobStatus.PROGRESS, step="analyse", progress=0.8))
         analysis = await self._step(ctx, "analyse", steps.find_lesions(scan, prediction))
