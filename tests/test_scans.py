@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import tracemalloc
 import zipfile
 import zlib
 from pathlib import Path
@@ -150,10 +151,35 @@ def test_gzip_bomb_inflates_only_what_the_header_claims(tmp_path: Path) -> None:
     for _ in range(256):  # 256 MiB of trailing zeros, a few hundred KiB compressed
         bomb += compressor.compress(zeros)
     bomb += compressor.flush()
-    scan = read_scan(write(tmp_path, "bomb.nii.gz", bomb), tmp_path, LIMITS)
+    path = write(tmp_path, "bomb.nii.gz", bomb)
+    tracemalloc.start()
+    try:
+        scan = read_scan(path, tmp_path, LIMITS)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
     assert scan.data.shape == (10, 10, 10)
-    (inflated,) = tmp_path.rglob("scan.nii")
-    assert inflated.stat().st_size == len(small)
+    assert peak < 16 * 2**20  # the bomb's 256 MiB were never inflated
+
+
+@pytest.mark.parametrize("gzipped", [False, True])
+@pytest.mark.parametrize(
+    ("dtype", "slope", "inter"),
+    [(">i2", 1.0, -1024.0), ("<u2", 0.5, 0.0), ("u1", None, 0.0), ("<f8", None, 0.0), (">f4", 2.0, 1.0)],
+)
+def test_stored_types_read_as_nibabel_scales_them_in_c_order(
+    dtype: str, slope: float | None, inter: float, gzipped: bool, tmp_path: Path
+) -> None:
+    raw = np.random.default_rng(3).integers(0, 200, (7, 6, 5)).astype(dtype)
+    if raw.dtype.kind == "f":
+        raw[1, 2, 3] = np.nan  # outside the field of view: the lowest intensity
+    content = nifti_bytes(raw, slope=slope, inter=inter)
+    path = write(tmp_path, "scan", gzip.compress(content) if gzipped else content)
+    scan = read_scan(path, tmp_path, LIMITS)
+    expected = nib.Nifti1Image.from_bytes(content).get_fdata()
+    expected = np.where(np.isnan(expected), np.nanmin(expected), expected)
+    assert scan.data.dtype == np.float32 and scan.data.flags.c_contiguous
+    np.testing.assert_allclose(scan.data, expected, rtol=1e-6)
 
 
 def test_gzipped_truncated_nifti_refused(tmp_path: Path) -> None:

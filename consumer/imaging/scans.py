@@ -122,9 +122,9 @@ def read_scan(path: Path, workdir: Path, limits: ReadLimits, series_uid: str | N
         extracted = extract_members(path, members, limits.archive, limits.threads)
         volume = read_series(extracted.files, series_uid, limits.max_voxels, limits.threads, tuple(extracted.warnings))
         return _from_dicom(volume, fmt)
-    nifti_path = Path(tempfile.mkdtemp(prefix="nifti-", dir=workdir)) / "scan.nii"
     if fmt is ScanFormat.NIFTI_GZ:
-        return _from_nifti(read_gzipped_nifti(path, nifti_path, limits.max_voxels), fmt)
+        return _from_nifti(read_gzipped_nifti(path, limits.max_voxels), fmt)
+    nifti_path = Path(tempfile.mkdtemp(prefix="nifti-", dir=workdir)) / "scan.nii"
     # nibabel picks its reader by file name; ours was picked by content, so name it so.
     nifti_path.symlink_to(path.resolve())
     return _from_nifti(read_nifti(nifti_path, limits.max_voxels), fmt)
