@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from isal import igzip
 from isal.igzip_lib import IsalError  # type: ignore[attr-defined]
+from nibabel.arrayproxy import ArrayProxy
 
 from consumer.errors import InputError, UnsupportedInput
 from consumer.imaging.limits import check_voxels
@@ -127,6 +128,8 @@ def read_nifti(path: Path, max_voxels: int) -> NiftiVolume:
         )
     # A loaded image keeps its scaling in the data proxy; its header's is reset.
     proxy = image.dataobj
+    if not isinstance(proxy, ArrayProxy):  # nib.load gives one; anything else is not a file we read
+        raise InputError("the NIfTI data is not readable from the file", code=ErrorCode.INVALID_NIFTI)
     stored = np.asarray(proxy.get_unscaled()).reshape(shape, order="F")
     return _volume(stored, (proxy.slope, proxy.inter), _affine(image.affine), header)
 
