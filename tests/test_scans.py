@@ -140,7 +140,22 @@ def test_gzipped_huge_header_refused_without_inflating(tmp_path: Path) -> None:
     header.set_data_dtype(np.int16)
     path = write(tmp_path, "huge.nii.gz", gzip.compress(header.binaryblock + b"\x00" * 4))
     assert refused(path, tmp_path).code is ErrorCode.IMAGE_TOO_LARGE
-    assert not list(tmp_path.rglob("scan.nii"))
+
+
+def test_a_claim_the_compressed_file_cannot_hold_is_refused_before_allocating(tmp_path: Path) -> None:
+    """85 bytes that claim 160 MB (within the voxel limit): refused from the header, nothing held."""
+    header = nib.Nifti1Header()
+    header.set_data_shape((400, 400, 125))
+    header.set_data_dtype(np.float64)
+    path = write(tmp_path, "claim.nii.gz", gzip.compress(header.binaryblock + b"\x00" * 4))
+    tracemalloc.start()
+    try:
+        error = refused(path, tmp_path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert error.code is ErrorCode.INVALID_NIFTI and "truncated" in error.message
+    assert peak < 16 * 2**20
 
 
 def test_gzip_bomb_inflates_only_what_the_header_claims(tmp_path: Path) -> None:
@@ -160,6 +175,21 @@ def test_gzip_bomb_inflates_only_what_the_header_claims(tmp_path: Path) -> None:
         tracemalloc.stop()
     assert scan.data.shape == (10, 10, 10)
     assert peak < 16 * 2**20  # the bomb's 256 MiB were never inflated
+
+
+@pytest.mark.parametrize("gzipped", [False, True])
+def test_a_scaling_that_overflows_float32_leaves_no_inf(gzipped: bool, tmp_path: Path) -> None:
+    content = nifti_bytes(np.arange(-3000, 3000, 100, dtype=np.int16).reshape(3, 4, 5), slope=1e36)  # to 3e39
+    scan = read_scan(write(tmp_path, "scan", gzip.compress(content) if gzipped else content), tmp_path, LIMITS)
+    assert np.all(np.isfinite(scan.data))
+
+
+def test_a_gzipped_file_with_kilobytes_of_header_extensions_is_read(tmp_path: Path) -> None:
+    raw = np.arange(60, dtype=np.int16).reshape(3, 4, 5)
+    image = nib.Nifti1Image(raw, np.eye(4))
+    image.header.extensions.append(nib.nifti1.Nifti1Extension("comment", b"x" * 4000))
+    scan = read_scan(write(tmp_path, "scan", gzip.compress(image.to_bytes())), tmp_path, LIMITS)
+    np.testing.assert_array_equal(scan.data, raw)
 
 
 @pytest.mark.parametrize("gzipped", [False, True])

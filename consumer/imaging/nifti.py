@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import struct
-import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from schemas.errors import ErrorCode
 
 HEADER_BYTES = 540  # enough for a NIfTI-2 header (NIfTI-1 needs 348)
 _CHUNK = 4 * 1024 * 1024
+_MAX_DEFLATE_RATIO = 1032  # the most one compressed byte can inflate to (zlib's limit)
 # What a broken gzip stream raises: zlib and isal differ.
 _GZIP_ERRORS: tuple[type[BaseException], ...] = (OSError, EOFError, IsalError, zlib.error)  # type: ignore[assignment]
 
@@ -59,23 +59,30 @@ def gunzip_head(path: Path) -> bytes:
         raise InputError(f"the gzip stream is corrupt: {error}", code=ErrorCode.INVALID_GZIP) from error
 
 
-def gunzip_into(path: Path, size: int) -> bytearray:
+def gunzip_into(path: Path, size: int) -> np.ndarray:
     """Inflate exactly `size` bytes into memory; a stream that ends early is an error, and bytes
-    past `size` are never inflated."""
-    buffer = bytearray(size)
+    past `size` are never inflated.
+
+    A file too small to inflate to `size` (deflate expands at most ~1032:1) is refused before
+    anything is allocated, and the buffer's pages are taken as they are written (np.empty, not a
+    zero-filled bytearray): a header's claim costs no memory that the stream does not fill."""
+    if size > _MAX_DEFLATE_RATIO * path.stat().st_size:
+        raise InputError(
+            f"the NIfTI file is truncated: its header needs {size} bytes, more than "
+            f"{path.stat().st_size} compressed bytes can hold",
+            code=ErrorCode.INVALID_NIFTI,
+        )
+    buffer = np.empty(size, dtype=np.uint8)
     written = 0
-    with memoryview(buffer) as view:
-        try:
-            with igzip.open(path, "rb") as src:
-                while written < size:
-                    count = src.readinto(view[written : min(size, written + _CHUNK)])
-                    if not count:
-                        break
-                    written += count
-        except _GZIP_ERRORS as error:
-            raise InputError(
-                f"the gzip stream is truncated or corrupt: {error}", code=ErrorCode.INVALID_GZIP
-            ) from error
+    try:
+        with igzip.open(path, "rb") as src:
+            while written < size:
+                count = src.readinto(buffer[written : min(size, written + _CHUNK)])
+                if not count:
+                    break
+                written += count
+    except _GZIP_ERRORS as error:
+        raise InputError(f"the gzip stream is truncated or corrupt: {error}", code=ErrorCode.INVALID_GZIP) from error
     if written < size:
         raise InputError(
             f"the NIfTI file is truncated: {written} bytes, the header needs {size}", code=ErrorCode.INVALID_NIFTI
@@ -92,7 +99,7 @@ def read_gzipped_nifti(path: Path, max_voxels: int) -> NiftiVolume:
     dtype = _scalar_dtype(header)
     offset = int(header.get_data_offset())
     buffer = gunzip_into(path, offset + voxels * dtype.itemsize)
-    stored = np.frombuffer(buffer, dtype=dtype, count=voxels, offset=offset).reshape(shape, order="F")
+    stored = buffer[offset:].view(dtype).reshape(shape, order="F")
     try:
         scaling = header.get_slope_inter()
     except Exception as error:  # nibabel's HeaderDataError: a valid slope with a NaN intercept
@@ -101,9 +108,11 @@ def read_gzipped_nifti(path: Path, max_voxels: int) -> NiftiVolume:
 
 
 def _header(head: bytes) -> nib.Nifti1Header:
+    """The fixed header alone: extensions (AFNI writes kilobytes of them) are not needed to read
+    the data, which starts at vox_offset whatever they hold."""
     klass = nib.Nifti2Header if struct.unpack("<i", head[:4])[0] in (540, 469893120) else nib.Nifti1Header
     try:
-        return klass.from_fileobj(io.BytesIO(head))
+        return klass.from_fileobj(io.BytesIO(head[: klass.sizeof_hdr]))
     except Exception as error:  # nibabel raises several types for a broken header
         raise InputError(f"not a readable NIfTI header: {error}", code=ErrorCode.INVALID_NIFTI) from error
 
@@ -152,14 +161,16 @@ def _volume(
     stored: np.ndarray, scaling: tuple[float | None, float | None], affine: np.ndarray, header: nib.Nifti1Header
 ) -> NiftiVolume:
     """The stored values as float32 in C order, scaled (scl_slope, scl_inter) as nibabel's
-    get_fdata scales them; non-finite values (only a float file has them) replaced."""
+    get_fdata scales them; non-finite values (a float file's, or a scaling's overflow) replaced."""
     slope = 1.0 if scaling[0] is None else float(scaling[0])
     inter = 0.0 if scaling[1] is None else float(scaling[1])
     data = as_float32_c(stored)
-    if slope != 1.0 or inter != 0.0:
-        data *= np.float32(slope)
-        data += np.float32(inter)
-    if stored.dtype.kind == "f" and not np.all(np.isfinite(data)):
+    scaled = slope != 1.0 or inter != 0.0
+    if scaled:
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is replaced just below
+            data *= np.float32(slope)
+            data += np.float32(inter)
+    if (scaled or stored.dtype.kind == "f") and not np.all(np.isfinite(data)):
         data = np.nan_to_num(
             data, nan=float(np.nanmin(data)) if np.isfinite(data).any() else 0.0, posinf=0.0, neginf=0.0
         )
@@ -171,9 +182,7 @@ def as_float32_c(stored: np.ndarray) -> np.ndarray:
     copy, for a dtype or byte order torch does not take, runs on one)."""
     data = np.empty(stored.shape, dtype=np.float32)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # torch on a read-only map: it is only read
-            torch.from_numpy(data).copy_(torch.from_numpy(stored))
+        torch.from_numpy(data).copy_(torch.from_numpy(stored))
     except (TypeError, ValueError, RuntimeError):
         np.copyto(data, stored, casting="unsafe")
     return data
