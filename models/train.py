@@ -38,7 +38,9 @@ from models.bundle import ENGINE_KEYS, OWN_NETWORK_PROFILES, PROFILE_WEIGHTS
 from models.device import autocast, choose_precision
 from models.geometry import ModelGrid, nonzero_box
 from models.networks import warm_start
+from models.phantom import Phantom as SimplePhantom
 from models.phantom import generate_phantom, small_body_acquisition
+from models.phantoms import Phantom as RealisticPhantom
 from models.phantoms import generate_phantom as realistic_phantom
 from models.phantoms.anatomy import BOWEL, KIDNEY, LUNG, ORGAN_LABELS, VESSEL
 from models.train_pool import SamplePool
@@ -120,13 +122,6 @@ def _subsample(points: np.ndarray, rng: np.random.Generator, count: int = BODY_P
     return points[rng.choice(len(points), size=min(len(points), count), replace=False)]
 
 
-def _simple_acquisition(
-    seed: int, small_body: bool
-) -> tuple[tuple[int, int, int], tuple[float, float, float]] | tuple[None, None]:
-    """A child's trunk when asked for; else the simple world's own random acquisition."""
-    return small_body_acquisition(np.random.default_rng([seed, 2])) if small_body else (None, None)
-
-
 def make_sample(
     seed: int,
     spacing_mm: Spacing,
@@ -137,11 +132,13 @@ def make_sample(
     # More lesions per scan than the validation phantoms: more positive patches per phantom.
     # The realistic world (bone, table, bowel, lungs...) teaches what to leave alone; the simple
     # one keeps the clean lesion cases the model started from.
-    phantom = (
-        realistic_phantom(seed, family="train", lesion_count=(2, 8))
-        if realistic
-        else generate_phantom(seed, *_simple_acquisition(seed, small_body), lesion_count=(3, 8))
-    )
+    phantom: SimplePhantom | RealisticPhantom
+    if realistic:
+        phantom = realistic_phantom(seed, family="train", lesion_count=(2, 8))
+    else:
+        # A child's trunk when asked for; else the simple world's own random acquisition.
+        shape, spacing = small_body_acquisition(np.random.default_rng([seed, 2])) if small_body else (None, None)
+        phantom = generate_phantom(seed, shape, spacing, lesion_count=(3, 8))
     grid = ModelGrid.for_input(phantom.image.shape, phantom.affine, spacing_mm)
     img_t = grid.to_model(phantom.image)[0, 0]
     lab_t = grid.to_model(phantom.lesion_mask)[0, 0]

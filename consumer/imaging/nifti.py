@@ -101,9 +101,10 @@ def read_gzipped_nifti(path: Path, max_voxels: int) -> NiftiVolume:
     buffer = gunzip_into(path, offset + voxels * dtype.itemsize)
     stored = buffer[offset:].view(dtype).reshape(shape, order="F")
     try:
-        scaling = header.get_slope_inter()
+        slope, inter = header.get_slope_inter()  # (None, None): no scaling
     except Exception as error:  # nibabel's HeaderDataError: a valid slope with a NaN intercept
         raise InputError(f"the NIfTI scaling is invalid: {error}", code=ErrorCode.INVALID_NIFTI) from error
+    scaling = (1.0, 0.0) if slope is None or inter is None else (float(slope), float(inter))
     return _volume(stored, scaling, _affine(header.get_best_affine()), header)
 
 
@@ -140,7 +141,7 @@ def read_nifti(path: Path, max_voxels: int) -> NiftiVolume:
     if not isinstance(proxy, ArrayProxy):  # nib.load gives one; anything else is not a file we read
         raise InputError("the NIfTI data is not readable from the file", code=ErrorCode.INVALID_NIFTI)
     stored = np.asarray(proxy.get_unscaled()).reshape(shape, order="F")
-    return _volume(stored, (proxy.slope, proxy.inter), _affine(image.affine), header)
+    return _volume(stored, (float(proxy.slope), float(proxy.inter)), _affine(image.affine), header)
 
 
 def _scalar_dtype(header: nib.Nifti1Header) -> np.dtype:
@@ -158,12 +159,11 @@ def _affine(affine: np.ndarray) -> np.ndarray:
 
 
 def _volume(
-    stored: np.ndarray, scaling: tuple[float | None, float | None], affine: np.ndarray, header: nib.Nifti1Header
+    stored: np.ndarray, scaling: tuple[float, float], affine: np.ndarray, header: nib.Nifti1Header
 ) -> NiftiVolume:
     """The stored values as float32 in C order, scaled (scl_slope, scl_inter) as nibabel's
     get_fdata scales them; non-finite values (a float file's, or a scaling's overflow) replaced."""
-    slope = 1.0 if scaling[0] is None else float(scaling[0])
-    inter = 0.0 if scaling[1] is None else float(scaling[1])
+    slope, inter = scaling
     data = as_float32_c(stored)
     scaled = slope != 1.0 or inter != 0.0
     if scaled:
