@@ -2,8 +2,9 @@
 
     <bundle>/configs/metadata.json          name, version, network_data_format (label names)
     <bundle>/configs/inference.json|yaml    network_def, preprocessing, inferer, postprocessing
-    <bundle>/configs/profiles.json          optional: per-profile config overrides, and a profile's
-                                            own weights ({"fast_debug": {"weights": "models/x.pt"}})
+    <bundle>/configs/profiles.json          optional: per-profile config overrides, a profile's
+                                            own weights ({"fast_debug": {"weights": "models/x.pt"}}),
+                                            and its setup for small patients ("small_patients")
     <bundle>/models/model.pt | model.ts     weights (state dict or TorchScript)
     <bundle>/scripts/                       optional: the bundle's own code
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -32,9 +34,32 @@ _CHECKPOINT_LOADER = "CheckpointLoader"
 # A profile's entry naming weights of its own (a network trained for its grid), relative to the
 # bundle root: a state dict for its network_def (the bundle's, or the profile's own override).
 PROFILE_WEIGHTS = "weights"
-# Keys of configs/profiles.json that the engine reads itself instead of passing to the config.
-ENGINE_KEYS = frozenset({"tta", PROFILE_WEIGHTS})
 OWN_NETWORK_PROFILES = (Profile.FAST_DEBUG.value,)
+# A profile's entry may hold a second entry, run instead for patients whose body is narrower than
+# `below_mm` (its effective diameter, models.patient_size; the body is what lies above `body_above`
+# in the scan's own units): a network trained on a coarse grid for adults may lose a child's
+# organs and lesions, where a finer grid costs little because the body is small. The inner entry
+# is a profile entry of its own (config ids, "weights", "tta") over the bundle's config: it takes
+# nothing from the outer one. It is kept under profiles["<profile>@small"].
+SMALL_PATIENTS = "small_patients"
+SMALL_SETUP = "@small"
+# Keys of configs/profiles.json that the engine reads itself instead of passing to the config.
+ENGINE_KEYS = frozenset({"tta", PROFILE_WEIGHTS, SMALL_PATIENTS})
+_SIZE_KEYS = ("below_mm", "body_above")
+
+
+@dataclass(frozen=True)
+class SizeRule:
+    """Which setup of a profile a scan runs: `setup` below `below_mm`, the profile's own above."""
+
+    below_mm: float
+    body_above: float
+    setup: str
+
+
+def profile_of(setup: str) -> str:
+    """The profile a setup belongs to ("fast_debug@small" -> "fast_debug")."""
+    return setup.removesuffix(SMALL_SETUP)
 
 
 class BundleError(RuntimeError):
@@ -66,7 +91,8 @@ class BundleSpec:
     weights: Weights
     labels: dict[int, str]
     profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
-    profile_weights: dict[str, Weights] = field(default_factory=dict)  # profiles with a network of their own
+    profile_weights: dict[str, Weights] = field(default_factory=dict)  # setups with a network of their own
+    size_rules: dict[str, SizeRule] = field(default_factory=dict)  # profile -> its setup for small patients
 
     @classmethod
     def load(cls, path: Path, name: str | None = None) -> BundleSpec:
@@ -79,6 +105,7 @@ class BundleSpec:
         # A site's overrides for every parser (network_def and the weights' path included), e.g. to
         # load a DiNTS architecture file on the CPU: configs/profiles.json {"all": {"<config id>": value}}.
         config = _with_overrides(_read_config(name, config_file), profiles.pop("all", {}))
+        size_rules = _small_patient_setups(name, profiles)
         parser = _parser(path, metadata, config)
         _check_ids(name, parser)
         _check_inputs(name, metadata)
@@ -94,7 +121,13 @@ class BundleSpec:
             labels=label_names(metadata),
             profiles=profiles,
             profile_weights=_profile_weights(name, path, profiles),
+            size_rules=size_rules,
         )
+
+    @property
+    def setups(self) -> list[str]:
+        """Every way this bundle runs a scan: each profile, and each profile's small-patient setup."""
+        return [p.value for p in Profile] + [rule.setup for rule in self.size_rules.values()]
 
     @property
     def version(self) -> str:
@@ -144,7 +177,7 @@ def _profile_weights(name: str, path: Path, profiles: dict[str, dict[str, Any]])
     for profile, overrides in profiles.items():
         if PROFILE_WEIGHTS not in overrides:
             continue
-        if profile not in OWN_NETWORK_PROFILES:
+        if profile_of(profile) not in OWN_NETWORK_PROFILES:
             raise BundleError(
                 name,
                 f"configs/profiles.json: '{profile}' names weights, but only {', '.join(OWN_NETWORK_PROFILES)} may "
@@ -157,6 +190,31 @@ def _profile_weights(name: str, path: Path, profiles: dict[str, dict[str, Any]])
             )
         own[profile] = Weights(file, None, None, sha256_file(file))
     return own
+
+
+def _small_patient_setups(name: str, profiles: dict[str, dict[str, Any]]) -> dict[str, SizeRule]:
+    """Each profile's `small_patients` entry taken out as a setup of its own ("<profile>@small")."""
+    rules: dict[str, SizeRule] = {}
+    for profile in list(profiles):
+        inner = profiles[profile].get(SMALL_PATIENTS)
+        if inner is None:
+            continue
+        where = f"configs/profiles.json: {profile}'s {SMALL_PATIENTS}"
+        if profile not in {p.value for p in Profile}:
+            raise BundleError(name, f"{where}: '{profile}' is not a profile ({', '.join(p.value for p in Profile)})")
+        if not isinstance(inner, dict) or not all(_is_number(inner.get(key)) for key in _SIZE_KEYS):
+            raise BundleError(name, f"{where} must be an object with numbers {' and '.join(_SIZE_KEYS)}")
+        if float(inner["below_mm"]) <= 0:
+            raise BundleError(name, f"{where}: below_mm must be above 0 mm, not {inner['below_mm']}")
+        setup = profile + SMALL_SETUP
+        profiles[profile] = {k: v for k, v in profiles[profile].items() if k != SMALL_PATIENTS}
+        profiles[setup] = {k: v for k, v in inner.items() if k not in _SIZE_KEYS}
+        rules[profile] = SizeRule(float(inner["below_mm"]), float(inner["body_above"]), setup)
+    return rules
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _resolved(parser: ConfigParser, value: Any, depth: int = 0) -> Any:

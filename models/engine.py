@@ -2,7 +2,8 @@
 
 `load` builds the network with its weights (and the network of each profile that has weights of
 its own, e.g. a fast_debug trained for its coarse grid) and instantiates the bundle's pipeline
-for every profile, so a broken bundle fails at start. `predict` is blocking and CPU/GPU bound: callers run
+for every setup (each profile, and a profile's setup for small patients), so a broken bundle fails
+at start. `predict` is blocking and CPU/GPU bound: callers run
 it in a worker thread; one prediction runs at a time (a lock), because two would only fight over
 the same cores or GPU memory.
 """
@@ -30,11 +31,12 @@ from monai.transforms import Invertd
 from monai.utils import ensure_tuple_rep
 
 from models import memory, resample
-from models.bundle import BundleError, BundleSpec, Weights, first_line
+from models.bundle import BundleError, BundleSpec, Weights, first_line, profile_of
 from models.device import choose_device, choose_precision
 from models.labels import is_discrete, to_label_maps
 from models.network import build_network, bundle_imports
 from models.passes import FLIPS, NetworkOutput, ProgressFn, run_passes
+from models.patient_size import effective_diameter_mm
 from models.pipeline import Data, Pipeline, StageError, scan_image
 from models.runtime import RuntimeChoice, RuntimeRequest, choose_runtime
 from schemas.jobs import Profile
@@ -123,8 +125,8 @@ class InferenceEngine:
         requested = "fp32" if bundle_amp(spec) is False and self.options.precision == "auto" else self.options.precision
         self._precision = choose_precision(self.device, requested)
         self._lock = threading.Lock()
-        self._runners: dict[Profile, Runner] = {}  # profiles without weights of their own share one
-        self._pipelines: OrderedDict[tuple[Profile, float | None], Pipeline] = OrderedDict()
+        self._runners: dict[str, Runner] = {}  # by setup; setups without weights of their own share one
+        self._pipelines: OrderedDict[tuple[str, float | None], Pipeline] = OrderedDict()
         self.load_seconds = 0.0
 
     @property
@@ -160,8 +162,8 @@ class InferenceEngine:
             networks = self._build_networks()
         with self._lock:
             try:
-                for profile in Profile:
-                    self._pipeline(profile, None)
+                for setup in self.spec.setups:
+                    self._pipeline(setup, None)
                 self._runners = self._ready(networks)
             except BaseException:
                 self._unload()  # half-loaded is not loaded: the registry loads it again, or /health says so
@@ -179,10 +181,10 @@ class InferenceEngine:
         )
 
     def own_networks(self) -> dict[str, Ran]:
-        """Each profile with a network of its own, and what runs it (until loaded: the bundle's
+        """Each setup with a network of its own, and what runs it (until loaded: the bundle's
         runtime and precision, as for the bundle's own network)."""
         return {
-            name: self._runners[Profile(name)].ran if self._runners else Ran(self.runtime, self.precision, w.sha256)
+            name: self._runners[name].ran if self._runners else Ran(self.runtime, self.precision, w.sha256)
             for name, w in self.spec.profile_weights.items()
         }
 
@@ -190,7 +192,7 @@ class InferenceEngine:
         """How the model runs here, for the load log line (and the benchmark that reads it)."""
         report = {"model": self.spec.name, **_runner_report(self._runners.get(Profile.PRODUCTION))}
         report["seconds"] = round(self.load_seconds, 3)
-        own = {p.value: _runner_report(r) for p, r in self._runners.items() if p.value in self.spec.profile_weights}
+        own = {name: _runner_report(r) for name, r in self._runners.items() if name in self.spec.profile_weights}
         if own:
             report["profiles"] = own
         return report
@@ -201,42 +203,43 @@ class InferenceEngine:
             None: build_network(self.spec, self.spec.parser(self._base_overrides()), self.device)
         }
         for name, weights in self.spec.profile_weights.items():
-            parser = self.spec.parser(self.profile_run(Profile(name), None).overrides)
+            parser = self.spec.parser(self.profile_run(name, None).overrides)
             try:
                 networks[name] = build_network(self.spec, parser, self.device, weights)
             except BundleError as error:
                 raise BundleError(self.spec.name, f"{name}'s own network: {error.message}") from error
         return networks
 
-    def _ready(self, networks: dict[str | None, torch.nn.Module]) -> dict[Profile, Runner]:
-        """A runtime chosen, and a trial run, for each network and window a profile runs: an
-        export takes one window shape, so a profile whose window differs from production's gets
+    def _ready(self, networks: dict[str | None, torch.nn.Module]) -> dict[str, Runner]:
+        """A runtime chosen, and a trial run, for each network and window a setup runs: an
+        export takes one window shape, so a setup whose window differs from production's gets
         an export of its own even on the bundle's network."""
         ready: dict[tuple[str | None, tuple[int, ...] | None], Runner] = {}
-        runners: dict[Profile, Runner] = {}
-        for profile in (Profile.PRODUCTION, *(p for p in Profile if p is not Profile.PRODUCTION)):
-            own = profile.value if profile.value in networks else None
-            key = (own, self._window(profile))
+        runners: dict[str, Runner] = {}
+        production = Profile.PRODUCTION.value
+        for setup in (production, *(s for s in self.spec.setups if s != production)):
+            own = setup if setup in networks else None
+            key = (own, self._window(setup))
             if key not in ready:
-                choice = choose_runtime(networks[own], self._runtime_request(profile, own))
-                ready[key] = Runner(choice, self.spec.weights_of(own), self._trial_run(choice, profile))
-            runners[profile] = ready[key]
+                choice = choose_runtime(networks[own], self._runtime_request(setup, own))
+                ready[key] = Runner(choice, self.spec.weights_of(own), self._trial_run(choice, setup))
+            runners[setup] = ready[key]
         return runners
 
-    def _window(self, profile: Profile) -> tuple[int, ...] | None:
-        """(channels, *roi) of one window of the profile's inferer; None without a fixed window."""
-        inferer = self._pipeline(profile, None).inferer
+    def _window(self, setup: str) -> tuple[int, ...] | None:
+        """(channels, *roi) of one window of the setup's inferer; None without a fixed window."""
+        inferer = self._pipeline(setup, None).inferer
         if not isinstance(inferer, SlidingWindowInferer):
             return None
         roi = ensure_tuple_rep(inferer.roi_size, SPATIAL_DIMS)  # one number: every axis of the scan
         return (1, *(int(r) for r in roi)) if all(int(r) > 0 for r in roi) else None
 
-    def _trial_run(self, choice: RuntimeChoice, profile: Profile) -> str:
+    def _trial_run(self, choice: RuntimeChoice, setup: str) -> str:
         """One input through the chosen runtime, so that a network that cannot run (an import in its
         forward, a shape it cannot take) fails the load with one line instead of every job; and
         the first call with a batch shape pays for kernel selection and buffers (OpenVINO: ~0.5 s
         here), which is not the first job's to pay. Returns what it ran, or why it ran nothing."""
-        shape, reason = self._trial_shape(profile)
+        shape, reason = self._trial_shape(setup)
         if shape is None:
             log.info("model %s: no trial run at load: %s; the first job runs the network first", self.name, reason)
             return f"none: {reason}"
@@ -244,23 +247,23 @@ class InferenceEngine:
             with torch.inference_mode():
                 choice.predictor(torch.zeros(shape, device=self.device))
         except Exception as error:
-            own = f"{profile.value}'s own network" if profile.value in self.spec.profile_weights else "the network"
+            own = f"{setup}'s own network" if setup in self.spec.profile_weights else "the network"
             raise BundleError(
                 self.spec.name, f"{own} does not run on a {shape} input: {type(error).__name__}: {first_line(error)}"
             ) from error
         return f"ran {shape}"
 
-    def _trial_shape(self, profile: Profile) -> tuple[tuple[int, ...] | None, str]:
+    def _trial_shape(self, setup: str) -> tuple[tuple[int, ...] | None, str]:
         """A full batch of windows of a sliding-window inferer; else the input the metadata says the
         network takes; else None, and why."""
-        inferer = self._pipeline(profile, None).inferer
-        window = self._window(profile)
+        inferer = self._pipeline(setup, None).inferer
+        window = self._window(setup)
         if window is not None and isinstance(inferer, SlidingWindowInferer):
             return (max(1, int(inferer.sw_batch_size)), *window), ""
         shape, reason = _metadata_input(self.spec.metadata)
         return shape, f"{type(inferer).__name__} has no fixed window, and {reason}" if shape is None else ""
 
-    def _runtime_request(self, profile: Profile, own: str | None) -> RuntimeRequest:
+    def _runtime_request(self, setup: str, own: str | None) -> RuntimeRequest:
         return RuntimeRequest(
             requested=self.options.runtime,
             device=self.device,
@@ -268,7 +271,7 @@ class InferenceEngine:
             threads=torch.get_num_threads(),
             cache_dir=self.options.export_cache,
             network_key=self.spec.network_key(own),
-            input_shape=self._window(profile),
+            input_shape=self._window(setup),
         )
 
     def unload(self) -> None:
@@ -279,14 +282,16 @@ class InferenceEngine:
         self._runners = {}
         self._pipelines.clear()
 
-    def profile_run(self, profile: Profile, threshold: float | None) -> ProfileRun:
+    def profile_run(self, setup: str, threshold: float | None) -> ProfileRun:
+        """How a setup runs: a profile (a `Profile` is its name), or its setup for small patients."""
+        profile = Profile(profile_of(setup))
         overrides = self._base_overrides()
         if str(self.spec.parser().get("inferer#_target_", "")).endswith("SlidingWindowInferer"):
             overrides.update({f"inferer#{k}": v for k, v in PROFILE_INFERER[profile].items()})
-        overrides.update(self.spec.config_overrides(profile.value))
+        overrides.update(self.spec.config_overrides(setup))
         if threshold is not None and self._uses_threshold:
             overrides["threshold"] = threshold
-        tta = bool(self.spec.profiles.get(profile.value, {}).get("tta", profile in TTA_PROFILES))
+        tta = bool(self.spec.profiles.get(setup, {}).get("tta", profile in TTA_PROFILES))
         return ProfileRun(overrides, FLIPS if tta else ((),))
 
     @property
@@ -296,24 +301,24 @@ class InferenceEngine:
     def _base_overrides(self) -> dict[str, Any]:
         return {"device": self.device}
 
-    def _pipeline(self, profile: Profile, threshold: float | None) -> Pipeline:
-        key = (profile, threshold if self._uses_threshold else None)
+    def _pipeline(self, setup: str, threshold: float | None) -> Pipeline:
+        key = (str(setup), threshold if self._uses_threshold else None)
         pipeline = self._pipelines.get(key)
         if pipeline is None:
-            parser = self.spec.parser(self.profile_run(profile, threshold).overrides)
+            parser = self.spec.parser(self.profile_run(setup, threshold).overrides)
             with bundle_imports(self.spec.path):
                 try:
                     pipeline = Pipeline.build(parser)
                 except Exception as error:
-                    raise BundleError(self.spec.name, f"{profile.value}: {first_line(error)}") from error
+                    raise BundleError(self.spec.name, f"{setup}: {first_line(error)}") from error
             self._pipelines[key] = pipeline
             while len(self._pipelines) > _PIPELINE_CACHE:
                 self._pipelines.popitem(last=False)
         self._pipelines.move_to_end(key)
         return pipeline
 
-    def min_volume_mm3(self, profile: Profile) -> float:
-        parser = self.spec.parser(self.profile_run(profile, None).overrides)
+    def min_volume_mm3(self, setup: str) -> float:
+        parser = self.spec.parser(self.profile_run(setup, None).overrides)
         return float(parser.get("min_volume_mm3", 0.0) or 0.0)
 
     def predict(
@@ -324,14 +329,17 @@ class InferenceEngine:
         threshold: float,
         header: nib.Nifti1Header | None = None,
         progress: ProgressFn | None = None,
+        setup: str | None = None,
     ) -> Prediction:
-        """Labels (and probabilities) for a 3-D volume in any orientation and spacing."""
+        """Labels (and probabilities) for a 3-D volume in any orientation and spacing; in `setup`
+        where the caller chose it already (`setup_for`), else in the one the profile picks."""
         if not self._runners:
             raise RuntimeError(f"model {self.spec.name} is not loaded")
         timings: dict[str, float] = {}
         with self._lock, torch.inference_mode():
             try:
-                return self._predict(volume, affine, header, profile, threshold, progress, timings)
+                setup = setup or self.setup_for(profile, volume, affine)
+                return self._predict(volume, affine, header, setup, threshold, progress, timings)
             except StageError as error:
                 raise InferenceFailed(f"bundle {self.spec.name}: {error}") from error
             finally:
@@ -342,14 +350,13 @@ class InferenceEngine:
         volume: np.ndarray,
         affine: np.ndarray,
         header: nib.Nifti1Header | None,
-        profile: Profile,
+        setup: str,
         threshold: float,
         progress: ProgressFn | None,
         timings: dict[str, float],
     ) -> Prediction:
-        runner = self._runners[profile]
-        pipeline = self._pipeline(profile, threshold)
-        run = self.profile_run(profile, threshold)
+        runner, pipeline = self._runners[setup], self._pipeline(setup, threshold)
+        run = self.profile_run(setup, threshold)
         with _timer(timings, "preprocess"):
             batch = pipeline.batch(pipeline.preprocess(scan_image(volume, affine, header), "scan.nii.gz"))
             inputs = batch[pipeline.image_key].to(self.device)
@@ -373,11 +380,30 @@ class InferenceEngine:
             probability=maps.probability,
             uncertainty=uncertainty,
             label_names=self.spec.labels,
-            min_volume_mm3=self.min_volume_mm3(profile),
+            min_volume_mm3=self.min_volume_mm3(setup),
             timings=timings,
             findings=_records(data.get("findings")),
             ran=runner.ran,
         )
+
+    def setup_for(self, profile: Profile, volume: np.ndarray, affine: np.ndarray) -> str:
+        """The profile's own setup, or its setup for small patients where the body is narrower
+        than its rule says (a few tens of milliseconds on a coarse copy of the scan)."""
+        rule = self.spec.size_rules.get(profile.value)
+        if rule is None:
+            return profile.value
+        diameter = effective_diameter_mm(volume, affine, rule.body_above)
+        setup = rule.setup if diameter < rule.below_mm else profile.value
+        log.info(
+            "%s: the body is %.0f mm across (effective diameter), %s %.0f mm: %s runs",
+            profile.value,
+            diameter,
+            "below" if setup == rule.setup else "not below",
+            rule.below_mm,
+            setup,
+            extra={"patient_diameter_mm": round(diameter, 1), "setup": setup},
+        )
+        return setup
 
     def _postprocess(self, pipeline: Pipeline, batch: Data, shape: tuple[int, ...]) -> tuple[Data, Watched]:
         """Run the bundle's post-processing (it consumes the batch), watching what it leaves in

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import cc3d
 import numpy as np
@@ -34,7 +34,7 @@ from monai.losses import DiceLoss
 
 from models import confidence_fit
 from models.augment import LUNG_SITE, ORGAN_SITE, Insertion, insert_lesions, no_sites, sites_in_patch
-from models.bundle import ENGINE_KEYS, OWN_NETWORK_PROFILES, PROFILE_WEIGHTS
+from models.bundle import ENGINE_KEYS, OWN_NETWORK_PROFILES, PROFILE_WEIGHTS, SMALL_PATIENTS
 from models.device import autocast, choose_precision
 from models.geometry import ModelGrid, nonzero_box
 from models.networks import warm_start
@@ -441,10 +441,10 @@ class Target:
         config = load_bundle_config(bundle)
         profiles = json.loads((bundle / "configs" / "profiles.json").read_text())
         if profile is None:
-            # Production's grid is the config's spacing, fast_debug's comes from profiles.json
-            # (unless fast_debug runs a network of its own: then production's grid alone).
-            fine, fast = as_spacing(config["spacing"]), profiles.get("fast_debug", {})
-            coarse = fine if PROFILE_WEIGHTS in fast else as_spacing(fast.get("spacing", fine))
+            # Production's grid is the config's spacing; the coarse one is that of fast_debug's
+            # setup that runs the bundle's network (its own, or the one for small patients), if any.
+            fine = as_spacing(config["spacing"])
+            coarse = as_spacing(bundle_network_setup(profiles.get("fast_debug", {})).get("spacing", fine))
             return cls(bundle, World(fine, coarse, realistic_share), weights_file(bundle))
         grid = as_spacing(profiles.get(profile, {}).get("spacing", config["spacing"]))
         # The profile's network serves its grid alone.
@@ -463,6 +463,14 @@ class Target:
 
     def reset_fit(self) -> None:
         reset_fit(self.bundle, self.profile)
+
+
+def bundle_network_setup(entry: dict[str, Any]) -> dict[str, Any]:
+    """A profile's entry, or its small-patient setup, whichever runs the bundle's network ({}: neither)."""
+    for setup in (entry, entry.get(SMALL_PATIENTS, {})):
+        if PROFILE_WEIGHTS not in setup:
+            return setup
+    return {}
 
 
 def weights_file(bundle: Path, profile: str | None = None) -> Path:

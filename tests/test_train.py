@@ -57,12 +57,14 @@ def test_small_bodies_are_simple_phantoms_whose_trunk_is_a_childs() -> None:
 def test_a_profile_network_trains_at_its_grid_alone_into_its_own_weights(tmp_path: Path) -> None:
     bundle = tmp_path / "bundle"
     shutil.copytree(DEFAULT_BUNDLE, bundle)
+    # fast_debug on the bundle's network: that network trains at production's grid and fast_debug's.
+    profiles = {"fast_debug": {"spacing": [1.5, 1.5, 1.5]}, "production": {"min_volume_mm3": 5.0}}
+    (bundle / "configs" / "profiles.json").write_text(json.dumps(profiles))
     whole = Target.of(bundle, 0.75)
-    assert whole.weights == bundle / "models" / "model.pt" and whole.world.fine != whole.world.coarse
+    assert whole.weights == bundle / "models" / "model.pt" and whole.world.coarse == (1.5, 1.5, 1.5) != whole.world.fine
     with pytest.raises(ValueError, match="no network of its own"):
         Target.of(bundle, 0.75, "fast_debug")
-    profiles = json.loads((bundle / "configs" / "profiles.json").read_text())
-    profiles["fast_debug"] |= {"spacing": [2.5, 2.5, 2.5], "weights": "models/fast.pt"}
+    profiles["fast_debug"] = {"spacing": [2.5, 2.5, 2.5], "weights": "models/fast.pt"}
     (bundle / "configs" / "profiles.json").write_text(json.dumps(profiles))
     own = Target.of(bundle, 0.75, "fast_debug")
     assert own.weights == bundle / "models" / "fast.pt"
@@ -74,6 +76,13 @@ def test_a_profile_network_trains_at_its_grid_alone_into_its_own_weights(tmp_pat
     assert Target.of(bundle, 0.75, "fast_debug").network().windows == [(-160.0, 240.0)]  # type: ignore[union-attr]
     # The bundle's own network no longer serves fast_debug's grid: production's alone.
     assert {Target.of(bundle, 0.75).world.draw(np.random.default_rng(s))[0] for s in range(50)} == {whole.world.fine}
+    # Unless fast_debug's setup for small patients runs it (as the default bundle's does): its grid too.
+    small = {"below_mm": 200, "body_above": -350.0, "spacing": [1.75, 1.75, 1.75]}
+    (bundle / "configs" / "profiles.json").write_text(
+        json.dumps(profiles | {"fast_debug": profiles["fast_debug"] | {"small_patients": small}})
+    )
+    assert Target.of(bundle, 0.75).world.coarse == (1.75, 1.75, 1.75)
+    (bundle / "configs" / "profiles.json").write_text(json.dumps(profiles))
     # New weights of fast_debug's: its fit goes raw; production's fit (other weights) stays.
     before = confidence_fit.shipped(bundle)
     own.reset_fit()

@@ -32,6 +32,7 @@ from consumer.jobs.context import JobContext, Written
 from consumer.jobs.outputs import CACHE_DIR, CONTENT_TYPES, encode_result
 from consumer.jobs.report import build_report
 from consumer.storage import ObjectInfo, ObjectStore
+from models.bundle import profile_of
 from models.engine import Ran
 from models.registry import ModelRegistry
 from schemas.api_docs import VERSION
@@ -64,9 +65,10 @@ def model_identity(models: ModelRegistry, requested: str | None, profile: Profil
 
 
 def _own(networks: dict[str, Ran], profile: Profile) -> str:
-    """The profile's own weights: new ones answer anew, whatever the bundle's version says."""
-    own = networks.get(profile.value)
-    return f"+{profile.value}#{own.weights_sha256}" if own else ""
+    """The weights of the profile's own networks (its setup for small patients may have one too):
+    new ones answer anew, whatever the bundle's version says."""
+    own = sorted((name, ran.weights_sha256) for name, ran in networks.items() if profile_of(name) == profile.value)
+    return "".join(f"+{name}#{sha256}" for name, sha256 in own)
 
 
 def cache_key(ctx: JobContext, source: ObjectInfo, reference: ObjectInfo | None, model: str) -> str | None:

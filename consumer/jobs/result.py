@@ -9,19 +9,18 @@ from consumer.imaging.analysis import Analysis
 from consumer.imaging.scans import Scan
 from consumer.jobs.context import JobContext
 from models.registry import ModelCard
-from schemas.jobs import Profile
 from schemas.results import AnalysisResult, InputInfo, Metric, ModelInfo, Segmentation, Summary
 
 
-def model_info(card: ModelCard, profile: Profile) -> ModelInfo:
-    """The model as this profile runs it: a profile with a network of its own (fast_debug trained
-    for its grid) names those weights and their runtime from the job's first event on."""
+def model_info(card: ModelCard, setup: str) -> ModelInfo:
+    """The model as this setup (a profile, or its setup for small patients) runs it: one with a
+    network of its own (fast_debug trained for its grid) names those weights and their runtime."""
     return ModelInfo(
         name=card.name,
         version=card.version,
         device=card.device,
         task=card.task or None,
-        **dataclasses.asdict(card.ran_by(profile.value)),
+        **dataclasses.asdict(card.ran_by(setup)),
     )
 
 

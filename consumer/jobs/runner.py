@@ -109,7 +109,7 @@ class JobRunner:
     def _model_info(self, requested: str | None, profile: Profile) -> ModelInfo:
         """The model the job names (or the default); the scan's modality may still route it elsewhere."""
         try:
-            return model_info(self.models.card(self.models.resolve(requested)), profile)
+            return model_info(self.models.card(self.models.resolve(requested)), profile.value)
         except UnknownModel:
             return unknown_model(requested or "")
 
@@ -186,13 +186,15 @@ class JobRunner:
     async def _analyse(self, ctx: JobContext, path: Path, size: int, tmp: Path) -> Written:
         request, limits = ctx.request, self.read_limits
         scan = await self._step(ctx, "read", steps.read(path, tmp, limits, request.series_uid))
-        ctx.model = model_info(await steps.resolve_model(self.models, request.model, scan), ctx.profile)
+        card = await steps.resolve_model(self.models, request.model, scan)
+        setup = await steps.choose_setup(self.models, card.name, scan, ctx.profile)
+        ctx.model = model_info(card, setup)
         await self.publisher.publish(job_event(ctx, JobStatus.RUNNING, step="infer", progress=0.2))
         async with ProgressReporter(self.publisher.publish, ctx) as progress:
             prediction = await self._step(
                 ctx,
                 "infer",
-                steps.infer(self.models, ctx.model.name, scan, ctx.profile, ctx.threshold, progress.report),
+                steps.infer(self.models, card.name, scan, ctx.profile, ctx.threshold, progress.report, setup),
             )
         # The engine's own word on what ran (the card said what would), for the result.
         ctx.model = ctx.model.model_copy(update=dataclasses.asdict(prediction.ran))

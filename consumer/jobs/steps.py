@@ -71,13 +71,30 @@ async def resolve_model(models: ModelRegistry, requested: str | None, scan: Scan
         raise ModelNotFound(str(error)) from error
 
 
+async def choose_setup(models: ModelRegistry, name: str, scan: Scan, profile: Profile) -> str:
+    """The setup of the profile this scan runs in (its setup for small patients, where it has one
+    and the patient is small): known before inference, so that every event names the weights."""
+    try:
+        engine = await asyncio.to_thread(models.engine, name)  # loads it again if it was unloaded
+        return await asyncio.to_thread(engine.setup_for, profile, scan.data, scan.affine)
+    except (RuntimeError, ValueError) as error:
+        log.exception("choosing the setup failed")
+        raise InferenceError(f"model {name}: choosing the setup of {profile.value} failed: {error}") from error
+
+
 async def infer(
-    models: ModelRegistry, name: str, scan: Scan, profile: Profile, threshold: float, progress: ProgressFn
+    models: ModelRegistry,
+    name: str,
+    scan: Scan,
+    profile: Profile,
+    threshold: float,
+    progress: ProgressFn,
+    setup: str | None = None,
 ) -> Prediction:
     try:
         engine = await asyncio.to_thread(models.engine, name)  # loads it again if it was unloaded
         prediction = await asyncio.to_thread(
-            engine.predict, scan.data, scan.affine, profile, threshold, scan.header, progress
+            engine.predict, scan.data, scan.affine, profile, threshold, scan.header, progress, setup
         )
     except InferenceFailed as error:
         raise InferenceError(str(error)) from error
@@ -91,7 +108,7 @@ async def infer(
         "inference on %s (%s, %s): %s",
         runtime,
         precision,
-        profile.value,
+        setup or profile.value,
         ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in prediction.timings.items()),
         extra={"engine_timings": prediction.timings, "runtime": runtime, "precision": precision},
     )

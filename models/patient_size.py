@@ -1,0 +1,60 @@
+"""How large the patient in a scan is: the effective diameter of the body's axial cross-section.
+
+A profile may run another setup for small patients (configs/profiles.json, `small_patients`): a
+network trained on a coarse grid for adults loses a child's organs and lesions, where a finer
+grid costs little because the scan is small. The measure is the effective diameter of AAPM
+report 204 (the diameter of a circle with the body's cross-sectional area), the median over the
+axial slices that hold body: the table and blankets are left out as smaller components, and
+lungs and bowel gas count as body (holes are filled slice by slice).
+"""
+
+from __future__ import annotations
+
+import math
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from models.geometry import voxel_spacing
+
+# The body is found on a grid of about this many mm: fine enough for a child's trunk, and a
+# 512x512x300 scan becomes ~1e6 voxels (tens of milliseconds).
+_STEP_MM = 4.0
+
+
+def effective_diameter_mm(volume: np.ndarray, affine: np.ndarray, body_above: float) -> float:
+    """The patient's effective diameter in mm (0.0 when nothing in the scan is above body_above)."""
+    spacing = voxel_spacing(affine)
+    steps = tuple(max(1, int(_STEP_MM // s)) for s in spacing)
+    coarse = np.asarray(volume[tuple(slice(None, None, k) for k in steps)]) > body_above
+    body = _largest_component(coarse)
+    if body is None:
+        return 0.0
+    axial = _axial_axis(affine)
+    body = _filled_per_slice(body, axial)
+    pixel_mm2 = math.prod(spacing[a] * steps[a] for a in range(3) if a != axial)
+    areas = body.sum(axis=tuple(a for a in range(3) if a != axial)) * pixel_mm2
+    area = float(np.median(areas[areas > 0]))
+    return 2.0 * math.sqrt(area / math.pi)
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray | None:
+    labels, count = ndimage.label(mask)
+    if count == 0:
+        return None
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return np.asarray(labels == int(sizes.argmax()))
+
+
+def _axial_axis(affine: np.ndarray) -> int:
+    """The array axis that runs most nearly head to foot."""
+    codes = nib.orientations.aff2axcodes(affine)
+    return next(axis for axis, code in enumerate(codes) if code in ("S", "I"))
+
+
+def _filled_per_slice(mask: np.ndarray, axis: int) -> np.ndarray:
+    moved = np.moveaxis(mask, axis, 0)
+    filled = np.stack([ndimage.binary_fill_holes(plane) for plane in moved])
+    return np.moveaxis(filled, 0, axis)
