@@ -160,12 +160,19 @@ def test_a_profile_runs_with_its_own_confidence_fit(tmp_path: Path, small_phanto
 
     bundle = tmp_path / DEFAULT_BUNDLE.name
     shutil.copytree(DEFAULT_BUNDLE, bundle)
-    assert make_engine(bundle).predict(small_phantom.image, small_phantom.affine, Profile.FAST_DEBUG, 0.55).findings
+    # An adult's trunk (225 mm across) runs fast_debug's own network; small_phantom (105 mm) its
+    # setup for small patients, the bundle's network, which runs with the bundle's fit.
+    adult = generate_phantom(77, (96, 96, 40), (3.2, 3.2, 3.0), lesion_count=(2, 2), lesion_diameter_mm=(15.0, 25.0))
+    before = make_engine(bundle)
+    assert before.predict(adult.image, adult.affine, Profile.FAST_DEBUG, 0.55).findings
+    child = before.predict(small_phantom.image, small_phantom.affine, Profile.FAST_DEBUG, 0.55).findings
+    assert child
     # A fit under which no finding reaches fast_debug's floor; production keeps the bundle's own.
     write_profile(bundle, "fast_debug", {"a": 1.0, "b": 0.0, "c": -50.0, "d": 0.0}, 0.5)
     engine = make_engine(bundle)
-    fast = engine.predict(small_phantom.image, small_phantom.affine, Profile.FAST_DEBUG, 0.55)
+    fast = engine.predict(adult.image, adult.affine, Profile.FAST_DEBUG, 0.55)
     assert fast.findings == [] and not fast.labels.any()
+    assert engine.predict(small_phantom.image, small_phantom.affine, Profile.FAST_DEBUG, 0.55).findings == child
     assert len(engine.predict(small_phantom.image, small_phantom.affine, Profile.PRODUCTION, 0.55).findings) == 2
 
 
@@ -676,6 +683,60 @@ def test_a_profile_runs_the_network_of_its_own_weights(tmp_path: Path) -> None:
     # Its own export: the cache key covers its weights.
     assert engine.spec.network_key("fast_debug") != engine.spec.network_key()
     assert engine.spec.network_key("production") == engine.spec.network_key()
+
+
+def _body(diameter_mm: float, spacing: float = 2.0, shape: tuple[int, int, int] = (48, 44, 12)) -> np.ndarray:
+    """A disc of 200 (the intensity bundle's label 1) `diameter_mm` across in every slice, in 20."""
+    x, y = (np.arange(n) * spacing - n * spacing / 2 for n in shape[:2])
+    disc = x[:, None] ** 2 + y[None, :] ** 2 <= (diameter_mm / 2) ** 2
+    return np.where(disc[..., None], 200.0, 20.0).astype(np.float32) * np.ones(shape, np.float32)
+
+
+def test_a_profile_runs_its_setup_for_small_patients_below_the_size_it_names(tmp_path: Path) -> None:
+    """fast_debug with a network of its own and a setup for small patients: a body narrower than
+    below_mm runs that setup (the bundle's network, its own overrides, nothing of fast_debug's),
+    a wider one fast_debug's own network; the prediction says which weights ran."""
+    swapped = {name: -value for name, value in intensity_weights().items()}
+    path = _with_own_fast_debug(tmp_path, swapped)
+    small = {"below_mm": 60, "body_above": 100.0, "min_volume_mm3": 7.0}
+    profiles = {"fast_debug": {"weights": "models/fast.pt", "min_volume_mm3": 3.0, "small_patients": small}}
+    (path / "configs" / "profiles.json").write_text(json.dumps(profiles))
+    engine = make_engine(path)
+    assert engine.spec.setups == ["fast_debug", "production", "research", "fast_debug@small"]
+    own, bundle = engine.spec.profile_weights["fast_debug"].sha256, engine.spec.weights.sha256
+    for diameter, ran, min_volume in ((40.0, bundle, 7.0), (52.0, bundle, 7.0), (68.0, own, 3.0), (90.0, own, 3.0)):
+        volume = _body(diameter)
+        fast = engine.predict(volume, flipped_affine(), Profile.FAST_DEBUG, 0.5)
+        assert (fast.ran.weights_sha256, fast.min_volume_mm3) == (ran, min_volume), diameter
+        assert np.array_equal(fast.labels, expected_labels(volume)) == (ran == bundle)
+    # Other profiles have no rule: production runs the bundle's network whatever the size.
+    assert engine.predict(_body(90.0), flipped_affine(), Profile.PRODUCTION, 0.5).ran.weights_sha256 == bundle
+    assert card(engine).profile_networks == {"fast_debug": engine.own_networks()["fast_debug"]}
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"below_mm": 150}, "must be an object with numbers below_mm and body_above"),
+        ({"below_mm": "150", "body_above": -350}, "must be an object with numbers below_mm and body_above"),
+        ({"below_mm": -1, "body_above": -350}, "below_mm must be above 0 mm"),
+        ([150, -350], "must be an object with numbers below_mm and body_above"),
+    ],
+)
+def test_a_setup_for_small_patients_that_does_not_say_its_size_is_refused(
+    tmp_path: Path, entry: object, message: str
+) -> None:
+    path = write_intensity_bundle(tmp_path, "broken")
+    (path / "configs" / "profiles.json").write_text(json.dumps({"fast_debug": {"small_patients": entry}}))
+    with pytest.raises(
+        BundleError, match=f"bundle broken: configs/profiles.json: fast_debug's small_patients.*{message}"
+    ):
+        BundleSpec.load(path)
+    # A config id the setup overrides is checked where every profile's is: its pipeline at load.
+    below = {"below_mm": 150, "body_above": -350, "inferer": {"_target_": "NoSuchInferer"}}
+    (path / "configs" / "profiles.json").write_text(json.dumps({"fast_debug": {"small_patients": below}}))
+    with pytest.raises(BundleError, match=r"bundle broken: fast_debug@small: .*NoSuchInferer"):
+        make_engine(path)
 
 
 def test_a_profile_naming_missing_weights_or_no_profile_fails_at_load(tmp_path: Path) -> None:

@@ -213,10 +213,12 @@ def test_a_profile_fit_goes_into_profiles_json_and_a_reset_removes_it_only(tmp_p
 
 
 def _shared_network_configs(bundle: Path) -> Path:
-    """The default bundle's configs with every profile on the bundle's network (no "weights")."""
+    """The default bundle's configs with every profile on the bundle's network (no "weights"), and
+    so with production's fit (none of a profile's own: that belonged to its own network)."""
     shutil.copytree(DEFAULT_BUNDLE / "configs", bundle / "configs")
     profiles = json.loads((bundle / "configs" / "profiles.json").read_text())
-    shared = {name: {k: v for k, v in o.items() if k != "weights"} for name, o in profiles.items()}
+    own = {"weights", "calibration", "min_confidence"}
+    shared = {name: {k: v for k, v in o.items() if k not in own} for name, o in profiles.items()}
     (bundle / "configs" / "profiles.json").write_text(json.dumps(shared))
     return bundle
 

@@ -101,9 +101,16 @@ async def test_kafka_job_completes_with_outputs(
     model = result["model"]
     assert model["name"] == final["model_name"] == "medical_segmentation_v1"
     assert len(model["weights_sha256"]) == 64 and final["model_sha256"] == model["weights_sha256"]
-    # The weights fast_debug runs: its own, where the bundle gives it a network for its grid.
-    assert model["weights_sha256"] == BundleSpec.load(DEFAULT_BUNDLE).weights_of("fast_debug").sha256
-    assert {e["model_sha256"] for e in job_events.by_job[job]} == {model["weights_sha256"]}  # from the first on
+    # The weights fast_debug runs for this scan: the phantom is a small patient (129 mm across), so
+    # its setup for small patients, which runs the bundle's network (adults get a network of its own).
+    spec = BundleSpec.load(DEFAULT_BUNDLE)
+    assert spec.size_rules["fast_debug"].below_mm > 129.0
+    assert model["weights_sha256"] == spec.weights_of("fast_debug@small").sha256 == spec.weights.sha256
+    # The setup is chosen once the scan is read: `accepted` names the profile's own network, every
+    # event from `running` on the weights that run.
+    accepted, *later = job_events.by_job[job]
+    assert accepted["model_sha256"] == spec.weights_of("fast_debug").sha256 != spec.weights.sha256
+    assert {e["model_sha256"] for e in later} == {model["weights_sha256"]}
     summary_rows = dict(r[:2] for r in book["Summary"].iter_rows(values_only=True))
     assert summary_rows["Model weights (sha256)"] == model["weights_sha256"]
     # The preview is a PNG beside the outputs, listed in the result and the event.
