@@ -17,13 +17,13 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import torch
 from isal import igzip
 from isal.igzip_lib import IsalError  # type: ignore[attr-defined]
 from nibabel.arrayproxy import ArrayProxy
 
 from consumer.errors import InputError, UnsupportedInput
 from consumer.imaging.limits import check_voxels
+from models.layout import c_order_copy
 from schemas.errors import ErrorCode
 
 HEADER_BYTES = 540  # enough for a NIfTI-2 header (NIfTI-1 needs 348)
@@ -178,14 +178,8 @@ def _volume(
 
 
 def as_float32_c(stored: np.ndarray) -> np.ndarray:
-    """A float32 copy in C order, cast and transposed in one pass on every torch thread (numpy's
-    copy, for a dtype or byte order torch does not take, runs on one)."""
-    data = np.empty(stored.shape, dtype=np.float32)
-    try:
-        torch.from_numpy(data).copy_(torch.from_numpy(stored))
-    except (TypeError, ValueError, RuntimeError):
-        np.copyto(data, stored, casting="unsafe")
-    return data
+    """A float32 copy in C order, cast and transposed in one pass (models.layout)."""
+    return c_order_copy(stored, np.float32)
 
 
 def volume_shape(shape: tuple[int, ...]) -> tuple[int, int, int]:
