@@ -253,6 +253,12 @@ def _read_profiles(name: str, path: Path) -> dict[str, dict[str, Any]]:
     for profile, overrides in profiles.items():
         if not isinstance(overrides, dict):
             raise BundleError(name, f"configs/profiles.json: '{profile}' must map config ids to values")
+        if SMALL_SETUP[0] in profile:
+            raise BundleError(
+                name,
+                f"configs/profiles.json: '{profile}': '{SMALL_SETUP[0]}' names a profile's setup; a setup for small "
+                f"patients goes inside the profile's entry, under '{SMALL_PATIENTS}'",
+            )
     return profiles
 
 

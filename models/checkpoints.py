@@ -98,10 +98,13 @@ def compare(
         for candidate, name in zip(candidates, names, strict=True):
             engine = loaded_engine(candidate_bundle(candidate, bundle, Path(scratch), own), runtime)
             for profile in profiles:
-                labels = engine.predict(test_phantom.image, test_phantom.affine, profile, THRESHOLD).labels
+                # The candidate weights are the profile's own network: every scan runs it, whatever
+                # the profile's setup for small patients would take.
+                setup = profile.value if own == profile.value else None
+                labels = engine.predict(test_phantom.image, test_phantom.affine, profile, THRESHOLD, setup=setup).labels
                 test_dice = dice(labels > 0, test_phantom.lesion_mask)
                 for family, members in phantoms.items():
-                    row = row_of([run_scan(engine, phantom, profile) for phantom in members], test_dice)
+                    row = row_of([run_scan(engine, phantom, profile, setup) for phantom in members], test_dice)
                     rows.setdefault(f"{name} ({family})", {})[profile.value] = row
                     print(f"  {name} {profile.value} {family}: {row}", flush=True)
     return rows

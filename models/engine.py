@@ -338,7 +338,7 @@ class InferenceEngine:
         timings: dict[str, float] = {}
         with self._lock, torch.inference_mode():
             try:
-                setup = setup or self.setup_for(profile, volume, affine)
+                setup = self._checked_setup(profile, setup) if setup else self.setup_for(profile, volume, affine)
                 return self._predict(volume, affine, header, setup, threshold, progress, timings)
             except StageError as error:
                 raise InferenceFailed(f"bundle {self.spec.name}: {error}") from error
@@ -386,14 +386,21 @@ class InferenceEngine:
             ran=runner.ran,
         )
 
+    def _checked_setup(self, profile: Profile, setup: str) -> str:
+        if profile_of(setup) != profile.value or setup not in self._runners:
+            raise InferenceFailed(f"bundle {self.spec.name}: {setup} is not a setup of {profile.value}")
+        return setup
+
     def setup_for(self, profile: Profile, volume: np.ndarray, affine: np.ndarray) -> str:
         """The profile's own setup, or its setup for small patients where the body is narrower
-        than its rule says (a few tens of milliseconds on a coarse copy of the scan)."""
+        than its rule says (a few tens of milliseconds on a coarse copy of the scan). A scan with
+        no body at all in the rule's units (an MR under a CT rule, a phantom of air) is not a
+        small patient: it runs the profile's own setup."""
         rule = self.spec.size_rules.get(profile.value)
         if rule is None:
             return profile.value
         diameter = effective_diameter_mm(volume, affine, rule.body_above)
-        setup = rule.setup if diameter < rule.below_mm else profile.value
+        setup = rule.setup if 0.0 < diameter < rule.below_mm else profile.value
         log.info(
             "%s: the body is %.0f mm across (effective diameter), %s %.0f mm: %s runs",
             profile.value,

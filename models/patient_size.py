@@ -4,8 +4,9 @@ A profile may run another setup for small patients (configs/profiles.json, `smal
 network trained on a coarse grid for adults loses a child's organs and lesions, where a finer
 grid costs little because the scan is small. The measure is the effective diameter of AAPM
 report 204 (the diameter of a circle with the body's cross-sectional area), the median over the
-axial slices that hold body: the table and blankets are left out as smaller components, and
-lungs and bowel gas count as body (holes are filled slice by slice).
+axial slices that hold body: the table and blankets are left out as smaller components (an
+opening in the axial plane first parts a thin table the body lies on), and lungs and bowel gas
+count as body (holes are filled slice by slice).
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ def effective_diameter_mm(volume: np.ndarray, affine: np.ndarray, body_above: fl
     spacing = voxel_spacing(affine)
     steps = tuple(max(1, int(_STEP_MM // s)) for s in spacing)
     coarse = np.asarray(volume[tuple(slice(None, None, k) for k in steps)]) > body_above
-    body = _largest_component(coarse)
+    axial = _axial_axis(affine)
+    body = _largest_component(ndimage.binary_opening(coarse, structure=_in_plane_cross(axial)))
     if body is None:
         return 0.0
-    axial = _axial_axis(affine)
     body = _filled_per_slice(body, axial)
     pixel_mm2 = math.prod(spacing[a] * steps[a] for a in range(3) if a != axial)
     areas = body.sum(axis=tuple(a for a in range(3) if a != axial)) * pixel_mm2
@@ -46,6 +47,12 @@ def _largest_component(mask: np.ndarray) -> np.ndarray | None:
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
     return np.asarray(labels == int(sizes.argmax()))
+
+
+def _in_plane_cross(axial: int) -> np.ndarray:
+    """A 3x3 cross in the axial plane: an opening with it removes what is one coarse voxel thin."""
+    cross = ndimage.generate_binary_structure(2, 1)
+    return np.expand_dims(cross, axis=axial)
 
 
 def _axial_axis(affine: np.ndarray) -> int:

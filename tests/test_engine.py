@@ -712,6 +712,40 @@ def test_a_profile_runs_its_setup_for_small_patients_below_the_size_it_names(tmp
     # Other profiles have no rule: production runs the bundle's network whatever the size.
     assert engine.predict(_body(90.0), flipped_affine(), Profile.PRODUCTION, 0.5).ran.weights_sha256 == bundle
     assert card(engine).profile_networks == {"fast_debug": engine.own_networks()["fast_debug"]}
+    # No body in the rule's units at all (an MR under a CT rule, a scan of air) is no small patient.
+    air = np.full((48, 44, 12), 20.0, np.float32)
+    assert engine.setup_for(Profile.FAST_DEBUG, air, flipped_affine()) == "fast_debug"
+    # A setup the caller chose (the job runner, once the scan is read) runs as asked, and only
+    # a setup of the profile it names.
+    chosen = engine.predict(_body(90.0), flipped_affine(), Profile.FAST_DEBUG, 0.5, setup="fast_debug@small")
+    assert chosen.ran.weights_sha256 == bundle
+    for wrong in ("production", "fast_debug@large"):
+        with pytest.raises(InferenceFailed, match=f"{wrong} is not a setup of fast_debug"):
+            engine.predict(_body(90.0), flipped_affine(), Profile.FAST_DEBUG, 0.5, setup=wrong)
+
+
+def test_a_setup_for_small_patients_may_run_weights_of_its_own(tmp_path: Path) -> None:
+    """Both setups with networks of their own: each is built, checked and named by its weights,
+    and the result cache tells a job by both."""
+    from consumer.jobs.cache import _own
+
+    swapped = {name: -value for name, value in intensity_weights().items()}
+    path = _with_own_fast_debug(tmp_path, swapped)
+    torch.save(intensity_weights(), path / "models" / "small.pt")
+    small = {"below_mm": 60, "body_above": 100.0, "weights": "models/small.pt"}
+    profiles = {"fast_debug": {"weights": "models/fast.pt", "small_patients": small}}
+    (path / "configs" / "profiles.json").write_text(json.dumps(profiles))
+    engine = make_engine(path)
+    assert set(engine.own_networks()) == {"fast_debug", "fast_debug@small"}
+    child = engine.predict(_body(40.0), flipped_affine(), Profile.FAST_DEBUG, 0.5)
+    assert child.ran.weights_sha256 == engine.spec.profile_weights["fast_debug@small"].sha256
+    assert np.array_equal(child.labels, expected_labels(_body(40.0)))  # its weights: the bundle's values
+    key = _own(engine.own_networks(), Profile.FAST_DEBUG)
+    assert key.count("+fast_debug") == 2 and _own(engine.own_networks(), Profile.PRODUCTION) == ""
+    # Named at the top level, a setup is refused: it belongs inside its profile's entry.
+    (path / "configs" / "profiles.json").write_text(json.dumps({"fast_debug@small": {"weights": "models/small.pt"}}))
+    with pytest.raises(BundleError, match="goes inside the profile's entry, under 'small_patients'"):
+        BundleSpec.load(path)
 
 
 @pytest.mark.parametrize(

@@ -11,14 +11,22 @@ from models.patient_size import effective_diameter_mm
 AIR, SOFT, LUNG = -1000.0, 40.0, -850.0
 
 
-def _trunk(semi_axes_mm: tuple[float, float], spacing: tuple[float, float, float], shape: tuple[int, int, int]):  # type: ignore[no-untyped-def]
+def _trunk(  # type: ignore[no-untyped-def]
+    semi_axes_mm: tuple[float, float],
+    spacing: tuple[float, float, float],
+    shape: tuple[int, int, int],
+    table: tuple[float, float] = (10.0, 15.0),
+):
     """An elliptic trunk in RAS (x: right, y: anterior, z: slices), with lungs as two holes, and
-    a table below it: the CT a size is measured on, and its affine."""
+    a table below it (thickness, and air between it and the back, in mm): the CT a size is
+    measured on, and its affine."""
     x, y = (((np.arange(n) - (n - 1) / 2) * s)[:, None] for n, s in zip(shape[:2], spacing[:2], strict=True))
     a, b = semi_axes_mm
     trunk = (x / a) ** 2 + (y.T / b) ** 2 <= 1
     lungs = ((np.abs(x) - a / 2) / (a / 4)) ** 2 + (y.T / (b / 2)) ** 2 <= 1
-    table = (np.abs(x) <= 220) & (np.abs(y.T + b + 20) <= 5)  # 10 mm thick, 15 mm of air under the back
+    thick, gap = table
+    below = -(y.T + b + gap)  # mm under the back, less the gap
+    table = (np.abs(x) <= 220) & (below >= -1.0) & (below <= thick)
     plane = np.where(trunk, np.where(lungs, LUNG, SOFT), np.where(table, 300.0, AIR))
     volume = np.repeat(plane[..., None], shape[2], axis=2).astype(np.float32)
     affine = np.diag([*spacing, 1.0])
@@ -26,10 +34,11 @@ def _trunk(semi_axes_mm: tuple[float, float], spacing: tuple[float, float, float
 
 
 @pytest.mark.parametrize("semi_axes", [(160.0, 115.0), (90.0, 70.0)])
+@pytest.mark.parametrize("table", [(10.0, 15.0), (6.0, 0.0)], ids=["table apart", "lying on a thin table"])
 def test_the_effective_diameter_is_that_of_the_trunk_with_its_lungs_without_the_table(
-    semi_axes: tuple[float, float],
+    semi_axes: tuple[float, float], table: tuple[float, float]
 ) -> None:
-    volume, affine = _trunk(semi_axes, (0.8, 0.8, 5.0), (512, 512, 30))
+    volume, affine = _trunk(semi_axes, (0.8, 0.8, 5.0), (512, 512, 30), table)
     expected = 2 * np.sqrt(semi_axes[0] * semi_axes[1])  # a circle of the ellipse's area
     assert effective_diameter_mm(volume, affine, -350.0) == pytest.approx(expected, rel=0.03)
 

@@ -187,7 +187,8 @@ class JobRunner:
         request, limits = ctx.request, self.read_limits
         scan = await self._step(ctx, "read", steps.read(path, tmp, limits, request.series_uid))
         card = await steps.resolve_model(self.models, request.model, scan)
-        setup = await steps.choose_setup(self.models, card.name, scan, ctx.profile)
+        ctx.model = model_info(card, ctx.profile.value)  # what a failure from here on names
+        setup = await self._step(ctx, "setup", steps.choose_setup(self.models, card.name, scan, ctx.profile))
         ctx.model = model_info(card, setup)
         await self.publisher.publish(job_event(ctx, JobStatus.RUNNING, step="infer", progress=0.2))
         async with ProgressReporter(self.publisher.publish, ctx) as progress:

@@ -77,9 +77,9 @@ async def choose_setup(models: ModelRegistry, name: str, scan: Scan, profile: Pr
     try:
         engine = await asyncio.to_thread(models.engine, name)  # loads it again if it was unloaded
         return await asyncio.to_thread(engine.setup_for, profile, scan.data, scan.affine)
-    except (RuntimeError, ValueError) as error:
+    except (RuntimeError, ValueError) as error:  # a model that failed to load again, a scan it cannot measure
         log.exception("choosing the setup failed")
-        raise InferenceError(f"model {name}: choosing the setup of {profile.value} failed: {error}") from error
+        raise InferenceError(f"model {name}: {error}") from error
 
 
 async def infer(
