@@ -18,6 +18,7 @@ import numpy as np
 from scipy import ndimage
 
 from models.geometry import voxel_spacing
+from models.transforms import fill_holes_per_slice
 
 # The body is found on a grid of about this many mm: fine enough for a child's trunk, and a
 # 512x512x300 scan becomes ~1e6 voxels (tens of milliseconds).
@@ -33,7 +34,7 @@ def effective_diameter_mm(volume: np.ndarray, affine: np.ndarray, body_above: fl
     body = _largest_component(ndimage.binary_opening(coarse, structure=_in_plane_cross(axial)))
     if body is None:
         return 0.0
-    body = _filled_per_slice(body, axial)
+    body = np.moveaxis(fill_holes_per_slice(np.moveaxis(body, axial, 2)), 2, axial)
     pixel_mm2 = math.prod(spacing[a] * steps[a] for a in range(3) if a != axial)
     areas = body.sum(axis=tuple(a for a in range(3) if a != axial)) * pixel_mm2
     area = float(np.median(areas[areas > 0]))
@@ -59,9 +60,3 @@ def _axial_axis(affine: np.ndarray) -> int:
     """The array axis that runs most nearly head to foot."""
     codes = nib.orientations.aff2axcodes(affine)
     return next(axis for axis, code in enumerate(codes) if code in ("S", "I"))
-
-
-def _filled_per_slice(mask: np.ndarray, axis: int) -> np.ndarray:
-    moved = np.moveaxis(mask, axis, 0)
-    filled = np.stack([ndimage.binary_fill_holes(plane) for plane in moved])
-    return np.moveaxis(filled, 0, axis)
