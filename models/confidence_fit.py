@@ -6,7 +6,9 @@ configs/profiles.json (the same ids, overridden for that profile): a coarser gri
 finding otherwise, so one fit does not suit every profile. A fit belongs to the weights it was
 made on: training the bundle's network resets its fits to the identity (raw mean probabilities, no
 floor), training a profile's own network (configs/profiles.json names its "weights") that
-profile's alone, and `models.evaluate --calibrate` fits and writes what runs raw again.
+profile's alone, and `models.evaluate --calibrate` fits and writes what runs raw again. A
+profile's setup for small patients ("<profile>@small", its entry's `small_patients`) is an entry
+of its own here: a fit written there by hand belongs to the network that setup runs.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from models.bundle import PROFILE_WEIGHTS
+from models.bundle import PROFILE_WEIGHTS, SMALL_PATIENTS, SMALL_SETUP, profile_of
 from models.transforms import Calibration
 
 IDENTITY = dataclasses.asdict(Calibration())  # the raw mean probability
@@ -39,16 +41,28 @@ def _profiles(bundle: Path) -> dict[str, Any]:
 
 
 def shipped(bundle: Path, profile: str | None = None) -> dict[str, Any]:
-    """The calibration and confidence floor the bundle runs with (in `profile`, where given): its
-    config's, under profiles.json's "all" (which the bundle loader applies to every profile), under
-    the profile's own."""
+    """The calibration and confidence floor the bundle runs with (in `profile`, a profile or a
+    setup, where given): its config's, under profiles.json's "all" (which the bundle loader applies
+    to every profile), under the profile's own (a setup for small patients: its own entry's)."""
     config = json.loads(_config_file(bundle).read_text())
     own = {"calibration": config.get("calibration"), "min_confidence": config.get("min_confidence", 0.0)}
     profiles = _profiles(bundle)
     for layer in ["all"] + ([profile] if profile is not None else []):
-        overrides = profiles.get(layer, {})
+        overrides = _entry(profiles, layer)
         own |= {key: overrides[key] for key in FIT_KEYS if key in overrides}
     return own
+
+
+def _entry(profiles: dict[str, Any], setup: str) -> dict[str, Any]:
+    if setup.endswith(SMALL_SETUP):
+        inner: dict[str, Any] = profiles.get(profile_of(setup), {}).get(SMALL_PATIENTS, {})
+        return inner
+    outer: dict[str, Any] = profiles.get(setup, {})
+    return outer
+
+
+def _without_fit(entry: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in entry.items() if k not in FIT_KEYS}
 
 
 def own_networks(bundle: Path) -> set[str]:
@@ -57,8 +71,10 @@ def own_networks(bundle: Path) -> set[str]:
 
 
 def profile_fits(bundle: Path) -> list[str]:
-    """The profiles with a fit of their own ("all" counts: it is one for every profile)."""
-    return [name for name, overrides in _profiles(bundle).items() if any(key in overrides for key in FIT_KEYS)]
+    """The profiles and setups with a fit of their own ("all" counts: it is one for every profile)."""
+    profiles = _profiles(bundle)
+    names = [*profiles, *(name + SMALL_SETUP for name, o in profiles.items() if SMALL_PATIENTS in o)]
+    return [name for name in names if any(key in _entry(profiles, name) for key in FIT_KEYS)]
 
 
 def runs_raw(bundle: Path, profile: str | None = None) -> bool:
@@ -136,7 +152,14 @@ def reset(bundle: Path) -> None:
     if profile_fits(bundle):
         own = own_networks(bundle)
         unfitted = {
-            name: o if name in own else {k: v for k, v in o.items() if k not in FIT_KEYS}
-            for name, o in _profiles(bundle).items()
+            name: _small_unfitted(o if name in own else _without_fit(o)) for name, o in _profiles(bundle).items()
         }
         _write_profiles(bundle, {name: overrides for name, overrides in unfitted.items() if overrides})
+
+
+def _small_unfitted(entry: dict[str, Any]) -> dict[str, Any]:
+    """The entry with its setup for small patients unfitted where that setup runs the bundle's network."""
+    inner = entry.get(SMALL_PATIENTS)
+    if not isinstance(inner, dict) or PROFILE_WEIGHTS in inner:
+        return entry
+    return entry | {SMALL_PATIENTS: _without_fit(inner)}

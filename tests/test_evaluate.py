@@ -429,3 +429,27 @@ def test_the_calibration_reads_each_finding_as_the_engine_measured_it_on_the_mod
     assert all(f.engine is None for f in again.findings)
     x, _ = features([f for f in again.findings if f.true])
     assert x[0, 0] == pytest.approx(np.log(0.8123 / 0.1877), abs=1e-4) and x[0, 1] == pytest.approx(np.log(27.0))
+
+
+def test_a_fit_in_a_setup_for_small_patients_belongs_to_the_network_that_setup_runs(tmp_path: Path) -> None:
+    """fast_debug runs a network of its own for adults and the bundle's for small patients, each
+    with a fit: new weights of the bundle's network reset the small setup's fit, not fast_debug's."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(DEFAULT_BUNDLE / "configs", bundle / "configs")
+    adults, children = {"a": 0.8, "b": 0.1, "c": -0.3, "d": -1.0}, {"a": 1.2, "b": 0.0, "c": -0.5, "d": 0.0}
+    small = {"below_mm": 200, "body_above": -350.0, "calibration": children, "min_confidence": 0.2}
+    entry = {"weights": "models/fast_debug.pt", "calibration": adults, "min_confidence": 0.1, "small_patients": small}
+    (bundle / "configs" / "profiles.json").write_text(json.dumps({"fast_debug": entry}))
+    assert profile_fits(bundle) == ["fast_debug", "fast_debug@small"] and not is_raw(bundle)
+    assert shipped(bundle, "fast_debug@small") == {"calibration": children, "min_confidence": 0.2}
+    assert shipped(bundle, "fast_debug")["calibration"] == adults
+    reset(bundle)
+    assert shipped(bundle, "fast_debug") == {"calibration": adults, "min_confidence": 0.1}
+    assert shipped(bundle, "fast_debug@small") == shipped(bundle) == {"calibration": IDENTITY, "min_confidence": 0.0}
+    after = json.loads((bundle / "configs" / "profiles.json").read_text())["fast_debug"]
+    assert after["small_patients"] == {"below_mm": 200, "body_above": -350.0}
+    # A small setup with weights of its own keeps its fit.
+    entry["small_patients"] = small | {"weights": "models/small.pt"}
+    (bundle / "configs" / "profiles.json").write_text(json.dumps({"fast_debug": entry}))
+    reset(bundle)
+    assert shipped(bundle, "fast_debug@small") == {"calibration": children, "min_confidence": 0.2}
