@@ -19,3 +19,29 @@ def test_without_glibc_both_are_no_ops(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(memory, "_libc", [None])
     assert memory.keep_large_blocks_mapped() is False
     memory.release()
+
+
+def test_the_trim_between_jobs_frees_what_a_job_left_in_reference_cycles() -> None:
+    """A job's frames caught in a cycle (an exception's traceback, a callback holding its owner)
+    keep scan-sized arrays alive until the collector's oldest generation runs."""
+    import gc
+    import weakref
+
+    import numpy as np
+
+    from consumer.observability import memory as between_jobs
+
+    class Frame:
+        pass
+
+    gc.disable()  # the collector of this process must not get there first
+    try:
+        frame = Frame()
+        frame.self, frame.scan = frame, np.ones((64, 64, 64), np.float32)  # type: ignore[attr-defined]
+        alive = weakref.ref(frame)
+        del frame
+        assert alive() is not None  # the cycle keeps it
+        between_jobs.trim()
+        assert alive() is None
+    finally:
+        gc.enable()
