@@ -30,6 +30,7 @@ from consumer.jobs.callback import BackendNotifier
 from consumer.jobs.runner import JobRunner
 from consumer.jobs.slots import JobSlots
 from consumer.jobs.workspace import Workspace
+from consumer.observability import memory
 from consumer.observability.metrics import ServiceMetrics
 from consumer.settings import Settings
 from consumer.storage import ObjectStore
@@ -134,6 +135,7 @@ class Service:
         finally:
             if not loading.done():  # the clients failed: let the load end before stop() runs
                 await asyncio.gather(loading, return_exceptions=True)
+        await asyncio.to_thread(memory.settle)
         models_loaded.set()
         self.metrics.model_loaded.set(1)
         self._lag_task = asyncio.create_task(self.lag_monitor.run(), name="lag-monitor")

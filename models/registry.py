@@ -7,6 +7,7 @@ loaded again when a job asks for it.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 from collections import OrderedDict
@@ -136,6 +137,9 @@ class ModelRegistry:
     def _unload(self, name: str) -> None:
         self._engines[name].unload()
         self._loaded.pop(name, None)
+        # A service freezes what start-up made out of the collector's sight (gc.freeze): what
+        # this model leaves in reference cycles must become collectable again.
+        gc.unfreeze()
         log.info("unloaded model %s (ML_MAX_LOADED_MODELS=%d)", name, self.max_loaded)
 
 

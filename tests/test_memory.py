@@ -45,3 +45,15 @@ def test_the_trim_between_jobs_frees_what_a_job_left_in_reference_cycles() -> No
         assert alive() is None
     finally:
         gc.enable()
+
+
+def test_settling_after_the_load_keeps_start_up_objects_out_of_every_collection() -> None:
+    import gc
+
+    from consumer.observability import memory as between_jobs
+
+    try:
+        between_jobs.settle()
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
