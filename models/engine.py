@@ -165,6 +165,7 @@ class InferenceEngine:
                 for setup in self.spec.setups:
                     self._pipeline(setup, None)
                 self._runners = self._ready(networks)
+                self._release_runtimes()  # the trial runs' buffers
             except BaseException:
                 self._unload()  # half-loaded is not loaded: the registry loads it again, or /health says so
                 raise
@@ -274,6 +275,13 @@ class InferenceEngine:
             input_shape=self._window(setup),
         )
 
+    def _release_runtimes(self) -> None:
+        """Between predictions only the weights stay: each runtime's working buffers and the
+        scan-sized blocks of the job go back to the system."""
+        for runner in {id(r): r for r in self._runners.values()}.values():
+            runner.choice.release()
+        memory.release()
+
     def unload(self) -> None:
         with self._lock:
             self._unload()
@@ -343,7 +351,7 @@ class InferenceEngine:
             except StageError as error:
                 raise InferenceFailed(f"bundle {self.spec.name}: {error}") from error
             finally:
-                memory.release()
+                self._release_runtimes()
 
     def _predict(
         self,
