@@ -18,7 +18,7 @@ import numpy as np
 from scipy import ndimage
 
 from models.geometry import voxel_spacing
-from models.transforms import fill_holes_per_slice
+from models.transforms import fill_holes_per_slice, largest_component
 
 # The body is found on a grid of about this many mm: fine enough for a child's trunk, and a
 # 512x512x300 scan becomes ~1e6 voxels (tens of milliseconds).
@@ -31,7 +31,7 @@ def effective_diameter_mm(volume: np.ndarray, affine: np.ndarray, body_above: fl
     steps = tuple(max(1, int(_STEP_MM // s)) for s in spacing)
     coarse = np.asarray(volume[tuple(slice(None, None, k) for k in steps)]) > body_above
     axial = _axial_axis(affine)
-    body = _largest_component(ndimage.binary_opening(coarse, structure=_in_plane_cross(axial)))
+    body = largest_component(ndimage.binary_opening(coarse, structure=_in_plane_cross(axial)))
     if body is None:
         return 0.0
     body = np.moveaxis(fill_holes_per_slice(np.moveaxis(body, axial, 2)), 2, axial)
@@ -39,15 +39,6 @@ def effective_diameter_mm(volume: np.ndarray, affine: np.ndarray, body_above: fl
     areas = body.sum(axis=tuple(a for a in range(3) if a != axial)) * pixel_mm2
     area = float(np.median(areas[areas > 0]))
     return 2.0 * math.sqrt(area / math.pi)
-
-
-def _largest_component(mask: np.ndarray) -> np.ndarray | None:
-    labels, count = ndimage.label(mask)
-    if count == 0:
-        return None
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return np.asarray(labels == int(sizes.argmax()))
 
 
 def _in_plane_cross(axial: int) -> np.ndarray:

@@ -515,12 +515,20 @@ def coarse_body(hu: np.ndarray, spacing: tuple[float, float, float], body_hu: fl
     dense = (_coarse_max(hu, factors) > body_hu).numpy()
     # A thin opening breaks one-voxel bridges (a blanket touching the skin).
     dense = ndimage.binary_opening(dense, iterations=1)
-    components = cc3d.connected_components(dense, connectivity=6)
-    if components.max() == 0:
+    body = largest_component(dense)
+    if body is None:
         return CoarseMask(np.zeros_like(dense), factors, hu.shape)
+    return CoarseMask(fill_holes_per_slice(body), factors, hu.shape)
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray | None:
+    """The largest face-connected component of a 3-D mask; None when the mask is empty."""
+    components = cc3d.connected_components(mask, connectivity=6)
+    if components.max() == 0:
+        return None
     counts = np.bincount(components.ravel())
     counts[0] = 0
-    return CoarseMask(fill_holes_per_slice(components == int(counts.argmax())), factors, hu.shape)
+    return np.asarray(components == int(counts.argmax()))
 
 
 def coarse_bone(hu: np.ndarray, spacing: tuple[float, float, float], cortex_hu: float, voxel_mm: float) -> CoarseMask:
