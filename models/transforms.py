@@ -505,6 +505,14 @@ class CoarseMask:
         return self[tuple(slice(None) for _ in self.shape)]
 
 
+def above_or_all(image: Any, level: float) -> torch.Tensor:
+    """A `select_fn` for CropForegroundd: the voxels above `level` (in CT, the patient and what
+    lies with them), or every voxel where none is (air, an MR under a CT rule), so that the crop
+    never empties a scan; what it leaves out is what the findings may never be in anyway."""
+    selected = torch.as_tensor(image) > level
+    return selected if bool(selected.any()) else torch.ones_like(selected)
+
+
 def coarse_body(hu: np.ndarray, spacing: tuple[float, float, float], body_hu: float, voxel_mm: float) -> CoarseMask:
     """The patient: the largest 3-D component above body_hu on a coarse grid, holes filled per slice.
 

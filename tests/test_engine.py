@@ -22,6 +22,7 @@ from models.engine import EngineOptions, InferenceEngine, InferenceFailed
 from models.evaluate import DEFAULT_BUNDLE
 from models.network import unwrap_state
 from models.phantom import generate_phantom
+from models.pipeline import Pipeline, scan_image
 from models.registry import ModelNotFound, ModelRegistry, card
 from models.runtime import RuntimeRequest, check_input, choose_runtime, cpu_signature
 from schemas.jobs import Profile
@@ -128,6 +129,37 @@ def test_prediction_follows_the_anatomy_not_the_array_layout(engine: InferenceEn
     assert base is not None and other is not None
     back = np.swapaxes(np.flip(other, axis=0), 0, 1)
     assert np.abs(back - base).max() < 1e-3
+
+
+def test_the_default_bundle_runs_on_the_body_not_on_the_air_around_it(engine: InferenceEngine, small_phantom) -> None:  # type: ignore[no-untyped-def]
+    """Its preprocessing crops the scan to the box of what is above body_hu (with a margin): a
+    wider field of view of air gives the network the same grid and the same findings, placed in
+    the input's own grid."""
+    scans = []
+    for before, after in ((12, 12), (40, 70)):  # the first leaves room for the crop's margin
+        image = np.pad(small_phantom.image, ((before, after), (before, after), (0, 0)), constant_values=-1000.0)
+        affine = small_phantom.affine.copy()
+        affine[:3, 3] -= affine[:3, :3] @ np.array([before, before, 0.0])
+        scans.append((image, affine, before))
+    pipeline = Pipeline.build(engine.spec.parser())
+    grids = [pipeline.preprocess(scan_image(i, a, None), "scan.nii.gz")["image"].shape for i, a, _ in scans]
+    assert grids[0] == grids[1]
+    (near, near_affine, _), (wide, wide_affine, _) = scans
+    base = engine.predict(near, near_affine, Profile.PRODUCTION, 0.55).labels
+    other = engine.predict(wide, wide_affine, Profile.PRODUCTION, 0.55).labels
+    assert other.shape == wide.shape and base.any()
+    inner = (slice(28, 28 + near.shape[0]), slice(28, 28 + near.shape[1]))  # 40 - 12 voxels more air before
+    assert np.array_equal(other[inner], base)
+    other[inner] = 0
+    assert not other.any()
+
+
+def test_a_scan_of_air_has_no_findings_and_no_error(engine: InferenceEngine) -> None:
+    """Nothing above body_hu: the crop keeps the whole scan instead of emptying it."""
+    air = np.random.default_rng(0).normal(-1000.0, 10.0, (40, 36, 12)).astype(np.float32)
+    for profile in (Profile.PRODUCTION, Profile.FAST_DEBUG):
+        prediction = engine.predict(air, flipped_affine(), profile, 0.55)
+        assert prediction.labels.shape == air.shape and not prediction.labels.any() and not prediction.findings
 
 
 def test_the_memory_order_of_a_scan_does_not_change_the_answer(engine: InferenceEngine, small_phantom) -> None:  # type: ignore[no-untyped-def]

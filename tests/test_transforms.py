@@ -21,6 +21,7 @@ from models.transforms import (
     InvertToInputd,
     LesionFindingsd,
     PaintFindingsd,
+    above_or_all,
     coarse_body,
     elongation,
 )
@@ -172,6 +173,13 @@ def test_findings_below_the_confidence_floor_are_dropped_and_capped_below_thresh
     assert [f["type"] for f in out["findings"]] == ["hyperdense lesion"]
     assert labels[lobe].max() == 0 and prob[lobe].max() < 0.5
     assert set(np.unique(labels[spots["hyper"]])) == {HYPERDENSE}
+
+
+def test_the_crop_selects_what_is_above_the_level_or_else_everything() -> None:
+    image = torch.full((1, 6, 5, 4), -1000.0)
+    image[0, 2:4, 1:3, 1] = 40.0
+    assert torch.equal(above_or_all(image, -350.0), image > -350.0)
+    assert bool(above_or_all(torch.full((1, 3, 3, 3), -1000.0), -350.0).all())
 
 
 def test_body_mask_keeps_lungs_and_drops_the_table() -> None:
