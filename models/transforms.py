@@ -49,10 +49,12 @@ class InvertToInputd(MapTransform):
     Invertd's grid took ~1.9 s of a 12 s scan. Oblique inputs fall back to MONAI's resampling.
 
     `linear_within`: the key of a model-grid map (the findings' numbers); linear channels are
-    interpolated only where the input samples its non-zero box, and nearest elsewhere. Linear
-    values are what outlines are drawn from, and only near findings; everywhere else they cost
-    the most of the inversion (1.5-2.5 s of a 512 x 512 x 300 scan) for a map capped below the
-    threshold either way. Axis-aligned grids only (an oblique input is linear everywhere).
+    interpolated only where the input samples the box of one of its numbers (each finding's
+    own), and nearest elsewhere. Linear values are what outlines are drawn from, and only near
+    findings; everywhere else they cost the most of the inversion (1.5-2.5 s of a 512 x 512 x 300
+    scan; the one box around all findings, a few of them far apart, took most of the scan) for
+    a map capped below the threshold either way. Axis-aligned grids only (an oblique input is
+    linear everywhere).
     """
 
     def __init__(
@@ -93,7 +95,7 @@ def to_input_grid(
     linear_within: torch.Tensor | None = None,
 ) -> MetaTensor:
     """(C, *model grid) -> (C, *input_shape); channels in `linear` interpolated (where the input
-    samples the non-zero box of `linear_within`, when given: nearest elsewhere), the others nearest."""
+    samples the box of a number of `linear_within`, when given: nearest elsewhere), the others nearest."""
     tensor = torch.as_tensor(image)
     mapping = np.linalg.solve(model_affine, input_affine)  # input index -> model index
     matrix = mapping[:3, :3]
@@ -119,36 +121,61 @@ def to_input_grid(
         return MetaTensor(out, affine=torch.as_tensor(input_affine))
     plain = tensor.as_tensor() if isinstance(tensor, MetaTensor) else tensor
     dtype = torch.promote_types(plain.dtype, torch.float32) if linear else plain.dtype
-    result = torch.zeros((plain.shape[0], *input_shape), dtype=dtype)
+    # Linear channels are written everywhere (nearest where not linear): only the others need zeros.
+    result = torch.empty((plain.shape[0], *input_shape), dtype=dtype)
+    for c in range(plain.shape[0]):
+        if c not in linear:
+            result[c].zero_()
     everywhere = [(0, n) for n in input_shape]
     # Where linear channels are interpolated; nearest first wherever that is not everywhere.
-    near = everywhere if linear_within is None else _spans_of_nonzero(linear_within, matrix, mapping, axes, input_shape)
+    regions = (
+        [everywhere] if linear_within is None else _spans_of_numbers(linear_within, matrix, mapping, axes, input_shape)
+    )
     for c in range(plain.shape[0]):
         channel = plain[c : c + 1]
         if c in linear:
-            if near != everywhere:
+            if regions != [everywhere]:
                 _fill(result[c], channel, matrix, mapping, axes, everywhere, False)
-            if near is not None:
-                _fill(result[c], channel, matrix, mapping, axes, near, True)
+            for spans in regions:
+                _fill(result[c], channel, matrix, mapping, axes, spans, True)
         # A nearest channel that is zero outside a box (findings' numbers) is only gathered where
         # input voxels take their value from inside it.
-        elif (spans := _spans_of_nonzero(plain[c], matrix, mapping, axes, input_shape)) is not None:
+        elif (
+            spans := _spans_of_box(
+                nonzero_box(plain[c].numpy()), tuple(plain[c].shape), matrix, mapping, axes, input_shape
+            )
+        ) is not None:
             _fill(result[c], channel, matrix, mapping, axes, spans, False)
     return MetaTensor(result, affine=torch.as_tensor(input_affine))
 
 
-def _spans_of_nonzero(
-    channel: torch.Tensor, matrix: np.ndarray, mapping: np.ndarray, axes: np.ndarray, input_shape: tuple[int, int, int]
+def _spans_of_numbers(
+    numbers: torch.Tensor, matrix: np.ndarray, mapping: np.ndarray, axes: np.ndarray, input_shape: tuple[int, int, int]
+) -> list[list[tuple[int, int]]]:
+    """The input spans of each number's own box in a map of non-negative integers (findings); a
+    map of another type is one box, that of its non-zero voxels."""
+    array = numbers.numpy()
+    boxes = ndimage.find_objects(array) if array.dtype.kind in "iu" else [nonzero_box(array)]
+    spans = (_spans_of_box(box, tuple(numbers.shape), matrix, mapping, axes, input_shape) for box in boxes if box)
+    return [s for s in spans if s is not None]
+
+
+def _spans_of_box(
+    box: tuple[slice, ...] | None,
+    model_shape: tuple[int, ...],
+    matrix: np.ndarray,
+    mapping: np.ndarray,
+    axes: np.ndarray,
+    input_shape: tuple[int, int, int],
 ) -> list[tuple[int, int]] | None:
-    """Per input axis, the span of input indices whose nearest model voxel lies in the channel's
-    non-zero box; None when the channel is zero wherever the input samples it."""
-    box = nonzero_box(channel.numpy())
+    """Per input axis, the span of input indices whose nearest model voxel lies in `box` (of a
+    model grid of `model_shape`); None when there is no box or the input samples none of it."""
     if box is None:
         return None
     spans = []
     for k, n in enumerate(input_shape):
         j = int(axes[k])
-        nearest = _nearest(matrix[j, k] * np.arange(n) + mapping[j, 3], channel.shape[j])
+        nearest = _nearest(matrix[j, k] * np.arange(n) + mapping[j, 3], model_shape[j])
         hit = np.flatnonzero((nearest >= box[j].start) & (nearest < box[j].stop))
         if len(hit) == 0:
             return None

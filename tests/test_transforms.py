@@ -310,6 +310,20 @@ def test_inversion_to_the_input_grid_matches_monai_invertd_for_any_axis_order() 
         outside = torch.ones_like(near)
         outside[box] = False
         assert torch.equal(boxed[outside], nearest[outside]) and not torch.equal(a[outside], nearest[outside])
+        # Findings' numbers (integers): each finding's own box is linear, not the one box around
+        # them all, so what lies between two findings far apart is nearest.
+        apart = torch.zeros_like(data["image"], dtype=torch.uint8)
+        apart[0, 1:3, 1:3, 1:3], apart[0, -3:-1, -3:-1, -3:-1] = 1, 2
+        data["numbers"] = apart
+        boxed = torch.as_tensor(within(dict(data))["pred"])[0]
+        found = torch.as_tensor(InvertToInputd(keys="numbers", orig_key="image")(dict(data))["numbers"])[0] > 0
+        assert torch.equal(boxed[found], a[found])
+        between = torch.zeros_like(found)
+        between[nonzero_box(found.numpy())] = True
+        for number in (1, 2):
+            own = torch.as_tensor(InvertToInputd(keys="numbers", orig_key="image")(dict(data))["numbers"])[0] == number
+            between[nonzero_box(own.numpy())] = False
+        assert between.any() and torch.equal(boxed[between], nearest[between])
 
 
 def test_oblique_inputs_fall_back_to_resampling() -> None:
