@@ -65,7 +65,7 @@ SIZE_WEIGHTINGS = {"diameter": (1.0, SMALL_WEIGHT_MAX), "volume": (3.0, 30.0)}  
 SIZE_WEIGHTING = "diameter"
 # Where patches are centred: on a lesion, in the body, on a look-alike (bone, contrast, gas and
 # their edges: what false findings sat on), anywhere (air included: sliding windows cover the
-# whole volume).
+# patient's box and the air in it, and a scan of air whole).
 PATCH_SHARES = (0.45, 0.2, 0.25, 0.1)
 AIR_HU = -1000.0
 SOFT_TISSUE_HU = -70.0  # what counts as body when patches are centred "in the body"

@@ -141,11 +141,11 @@ def to_input_grid(
         # A nearest channel that is zero outside a box (findings' numbers) is only gathered where
         # input voxels take their value from inside it.
         elif (
-            spans := _spans_of_box(
+            box_spans := _spans_of_box(
                 nonzero_box(plain[c].numpy()), tuple(plain[c].shape), matrix, mapping, axes, input_shape
             )
         ) is not None:
-            _fill(result[c], channel, matrix, mapping, axes, spans, False)
+            _fill(result[c], channel, matrix, mapping, axes, box_spans, False)
     return MetaTensor(result, affine=torch.as_tensor(input_affine))
 
 
@@ -175,7 +175,7 @@ def _spans_of_box(
     spans = []
     for k, n in enumerate(input_shape):
         j = int(axes[k])
-        nearest = _nearest(matrix[j, k] * np.arange(n) + mapping[j, 3], model_shape[j])
+        nearest = _sampled(matrix[j, k] * np.arange(n) + mapping[j, 3], model_shape[j])
         hit = np.flatnonzero((nearest >= box[j].start) & (nearest < box[j].stop))
         if len(hit) == 0:
             return None
@@ -206,6 +206,14 @@ def _fill(
             out = _gather(out, 1 + j, matrix[j, k] * index + mapping[j, 3], source.shape[1 + j], interpolate)
         # Dimension j now runs over input axis k where j = axes[k]: put input axes in order.
         target[x0:x1, y0:y1, start:stop] = out[0].permute(*(int(a) for a in axes))
+
+
+def _sampled(coordinate: np.ndarray, size: int) -> np.ndarray:
+    """`_nearest`, but -1 where the input lies more than a voxel past the model grid: outside the
+    bundle's crop (CropForegroundd), which an edge finding must not be stretched into. Within a
+    voxel of the edge it repeats the edge, as MONAI's resampling does (the grid's own rim)."""
+    rounded = np.rint(coordinate)
+    return np.where((rounded >= -1) & (rounded <= size), np.clip(rounded, 0, size - 1), -1).astype(np.int64)
 
 
 def _nearest(coordinate: np.ndarray, size: int) -> np.ndarray:
@@ -534,8 +542,9 @@ class CoarseMask:
 
 def above_or_all(image: Any, level: float) -> torch.Tensor:
     """A `select_fn` for CropForegroundd: the voxels above `level` (in CT, the patient and what
-    lies with them), or every voxel where none is (air, an MR under a CT rule), so that the crop
-    never empties a scan; what it leaves out is what the findings may never be in anyway."""
+    lies with them), or every voxel where none is (a scan of air), so that the crop never empties
+    a scan; what it leaves out is what the findings may never be in anyway. (An MR under a CT
+    rule is above -350 everywhere: it is not cropped.)"""
     selected = torch.as_tensor(image) > level
     return selected if bool(selected.any()) else torch.ones_like(selected)
 

@@ -324,6 +324,30 @@ def test_inversion_to_the_input_grid_matches_monai_invertd_for_any_axis_order() 
             own = torch.as_tensor(InvertToInputd(keys="numbers", orig_key="image")(dict(data))["numbers"])[0] == number
             between[nonzero_box(own.numpy())] = False
         assert between.any() and torch.equal(boxed[between], nearest[between])
+        assert not torch.equal(a[between], nearest[between])
+
+
+def test_a_finding_at_the_edge_of_a_cropped_grid_is_not_stretched_to_the_scan_border() -> None:
+    """The model grid covers only the crop's box: input voxels far past it sample no finding."""
+    from monai.transforms import Compose, CropForegroundd, EnsureChannelFirstd
+
+    volume = np.full((60, 50, 20), -1000.0, dtype=np.float32)
+    volume[20:40, 15:35, 5:15] = 40.0
+    preprocessing = Compose(
+        [
+            EnsureChannelFirstd(keys="image", channel_dim="no_channel"),
+            CropForegroundd(keys="image", source_key="image", select_fn=lambda x: x > -350, allow_smaller=True),
+            Orientationd(keys="image", axcodes="RAS"),
+            Spacingd(keys="image", pixdim=(1.0, 1.0, 1.0)),
+        ]
+    )
+    data = preprocessing({"image": as_loaded(volume, np.eye(4))})
+    numbers = torch.zeros_like(data["image"], dtype=torch.uint8)
+    numbers[0, -2:, 5:8, 3:6] = 1  # touches the grid's last plane along the first axis
+    data["numbers"] = numbers
+    out = torch.as_tensor(InvertToInputd(keys="numbers", orig_key="image")(dict(data))["numbers"])[0]
+    assert out.shape == (60, 50, 20) and out.any()
+    assert not out[41:].any()  # one voxel of the grid's rim at most, never to the border
 
 
 def test_oblique_inputs_fall_back_to_resampling() -> None:
