@@ -152,6 +152,12 @@ def test_the_default_bundle_runs_on_the_body_not_on_the_air_around_it(engine: In
     assert np.array_equal(other[inner], base)
     other[inner] = 0
     assert not other.any()
+    # Research's uncertainty goes back through MONAI's Invertd, which pads the crop with zeros.
+    spreads = [engine.predict(i, a, Profile.RESEARCH, 0.55).uncertainty for i, a, _ in scans]
+    assert spreads[0] is not None and spreads[1] is not None and spreads[0].max() > 0
+    assert np.allclose(spreads[1][inner], spreads[0], atol=1e-6)
+    spreads[1][inner] = 0
+    assert not spreads[1].any()
 
 
 def test_a_scan_of_air_has_no_findings_and_no_error(engine: InferenceEngine) -> None:

@@ -327,6 +327,22 @@ def test_inversion_to_the_input_grid_matches_monai_invertd_for_any_axis_order() 
         assert not torch.equal(a[between], nearest[between])
 
 
+def test_a_probability_without_findings_is_inverted_nearest_everywhere() -> None:
+    """No finding to interpolate around: every voxel of the (unzeroed) output is written, nearest."""
+    from monai.transforms import Compose, EnsureChannelFirstd
+
+    preprocessing = Compose(
+        [EnsureChannelFirstd(keys="image", channel_dim="no_channel"), Spacingd(keys="image", pixdim=(2.0, 2.0, 2.0))]
+    )
+    volume = np.random.default_rng(1).random((30, 26, 20)).astype(np.float32) + 1.0
+    data = preprocessing({"image": as_loaded(volume, np.diag([0.9, 1.1, 2.5, 1.0]))})
+    data["pred"], data["numbers"] = data["image"].clone(), torch.zeros_like(data["image"], dtype=torch.uint8)
+    within = InvertToInputd(keys="pred", orig_key="image", linear_channels=[0], linear_within="numbers")
+    nearest = InvertToInputd(keys="pred", orig_key="image")
+    got, expected = (torch.as_tensor(t(dict(data))["pred"]) for t in (within, nearest))
+    assert bool((got >= 1.0).all()) and torch.equal(got, expected)
+
+
 def test_a_finding_at_the_edge_of_a_cropped_grid_is_not_stretched_to_the_scan_border() -> None:
     """The model grid covers only the crop's box: input voxels far past it sample no finding."""
     from monai.transforms import Compose, CropForegroundd, EnsureChannelFirstd
