@@ -97,76 +97,109 @@ def to_input_grid(
     """(C, *model grid) -> (C, *input_shape); channels in `linear` interpolated (where the input
     samples the box of a number of `linear_within`, when given: nearest elsewhere), the others nearest."""
     tensor = torch.as_tensor(image)
-    mapping = np.linalg.solve(model_affine, input_affine)  # input index -> model index
-    matrix = mapping[:3, :3]
-    axes = np.abs(matrix).argmax(axis=0)  # model axis of each input axis
-    aligned = sorted(axes.tolist()) == [0, 1, 2] and np.allclose(
-        np.abs(matrix), np.abs(matrix) * (np.arange(3)[:, None] == axes[None, :]), atol=1e-6
-    )
-    if not aligned:
-        from monai.transforms import SpatialResample
-
-        plain_source = tensor.as_tensor() if isinstance(tensor, MetaTensor) else tensor
-        source = MetaTensor(plain_source, affine=torch.as_tensor(model_affine))
-        out = torch.cat(
-            [
-                torch.as_tensor(
-                    SpatialResample(mode="bilinear" if c in linear else "nearest")(
-                        source[c : c + 1], dst_affine=torch.as_tensor(input_affine), spatial_size=input_shape
-                    )
-                )
-                for c in range(tensor.shape[0])
-            ]
-        )
-        return MetaTensor(out, affine=torch.as_tensor(input_affine))
     plain = tensor.as_tensor() if isinstance(tensor, MetaTensor) else tensor
+    grid = _AxisMap.of(model_affine, input_affine)
+    if grid is None:
+        out = _resampled(plain, model_affine, input_affine, input_shape, linear)
+    else:
+        out = _gathered(plain, grid, input_shape, linear, linear_within)
+    return MetaTensor(out, affine=torch.as_tensor(input_affine))
+
+
+@dataclass(frozen=True)
+class _AxisMap:
+    """An input grid axis-aligned with the model grid: input axis k reads model axis `axes[k]` at
+    coordinate `scale[k] * i + offset[k]` (always so after Orientationd, unless the input is oblique)."""
+
+    axes: np.ndarray
+    scale: np.ndarray
+    offset: np.ndarray
+
+    @classmethod
+    def of(cls, model_affine: np.ndarray, input_affine: np.ndarray) -> _AxisMap | None:
+        """The map, or None when the grids are not axis-aligned."""
+        mapping = np.linalg.solve(model_affine, input_affine)  # input index -> model index
+        matrix = mapping[:3, :3]
+        axes = np.abs(matrix).argmax(axis=0)  # model axis of each input axis
+        aligned = sorted(axes.tolist()) == [0, 1, 2] and np.allclose(
+            np.abs(matrix), np.abs(matrix) * (np.arange(3)[:, None] == axes[None, :]), atol=1e-6
+        )
+        if not aligned:
+            return None
+        return cls(axes, matrix[axes, np.arange(3)], mapping[axes, 3])
+
+    def coordinate(self, k: int, index: np.ndarray) -> np.ndarray:
+        """Model coordinates (along model axis `axes[k]`) of input indices along input axis k."""
+        return self.scale[k] * index + self.offset[k]
+
+
+def _resampled(
+    plain: torch.Tensor,
+    model_affine: np.ndarray,
+    input_affine: np.ndarray,
+    input_shape: tuple[int, int, int],
+    linear: Sequence[int],
+) -> torch.Tensor:
+    """An oblique input: MONAI's resampling, channel by channel."""
+    from monai.transforms import SpatialResample
+
+    source = MetaTensor(plain, affine=torch.as_tensor(model_affine))
+    return torch.cat(
+        [
+            torch.as_tensor(
+                SpatialResample(mode="bilinear" if c in linear else "nearest")(
+                    source[c : c + 1], dst_affine=torch.as_tensor(input_affine), spatial_size=input_shape
+                )
+            )
+            for c in range(plain.shape[0])
+        ]
+    )
+
+
+def _gathered(
+    plain: torch.Tensor,
+    grid: _AxisMap,
+    input_shape: tuple[int, int, int],
+    linear: Sequence[int],
+    linear_within: torch.Tensor | None,
+) -> torch.Tensor:
+    """An axis-aligned input: index gathers, in the regions each channel needs."""
     dtype = torch.promote_types(plain.dtype, torch.float32) if linear else plain.dtype
     # Linear channels are written everywhere (nearest where not linear): only the others need zeros.
     result = torch.empty((plain.shape[0], *input_shape), dtype=dtype)
-    for c in range(plain.shape[0]):
-        if c not in linear:
-            result[c].zero_()
     everywhere = [(0, n) for n in input_shape]
     # Where linear channels are interpolated; nearest first wherever that is not everywhere.
-    regions = (
-        [everywhere] if linear_within is None else _spans_of_numbers(linear_within, matrix, mapping, axes, input_shape)
-    )
+    regions = [everywhere] if linear_within is None else _spans_of_numbers(linear_within, grid, input_shape)
     for c in range(plain.shape[0]):
         channel = plain[c : c + 1]
         if c in linear:
             if regions != [everywhere]:
-                _fill(result[c], channel, matrix, mapping, axes, everywhere, False)
+                _fill(result[c], channel, grid, everywhere, False)
             for spans in regions:
-                _fill(result[c], channel, matrix, mapping, axes, spans, True)
+                _fill(result[c], channel, grid, spans, True)
+            continue
         # A nearest channel that is zero outside a box (findings' numbers) is only gathered where
         # input voxels take their value from inside it.
-        elif (
-            box_spans := _spans_of_box(
-                nonzero_box(plain[c].numpy()), tuple(plain[c].shape), matrix, mapping, axes, input_shape
-            )
-        ) is not None:
-            _fill(result[c], channel, matrix, mapping, axes, box_spans, False)
-    return MetaTensor(result, affine=torch.as_tensor(input_affine))
+        result[c].zero_()
+        box = nonzero_box(plain[c].numpy())
+        if (spans_of_box := _spans_of_box(box, tuple(plain[c].shape), grid, input_shape)) is not None:
+            _fill(result[c], channel, grid, spans_of_box, False)
+    return result
 
 
 def _spans_of_numbers(
-    numbers: torch.Tensor, matrix: np.ndarray, mapping: np.ndarray, axes: np.ndarray, input_shape: tuple[int, int, int]
+    numbers: torch.Tensor, grid: _AxisMap, input_shape: tuple[int, int, int]
 ) -> list[list[tuple[int, int]]]:
     """The input spans of each number's own box in a map of non-negative integers (findings); a
     map of another type is one box, that of its non-zero voxels."""
     array = numbers.numpy()
     boxes = ndimage.find_objects(array) if array.dtype.kind in "iu" else [nonzero_box(array)]
-    spans = (_spans_of_box(box, tuple(numbers.shape), matrix, mapping, axes, input_shape) for box in boxes if box)
+    spans = (_spans_of_box(box, tuple(numbers.shape), grid, input_shape) for box in boxes if box)
     return [s for s in spans if s is not None]
 
 
 def _spans_of_box(
-    box: tuple[slice, ...] | None,
-    model_shape: tuple[int, ...],
-    matrix: np.ndarray,
-    mapping: np.ndarray,
-    axes: np.ndarray,
-    input_shape: tuple[int, int, int],
+    box: tuple[slice, ...] | None, model_shape: tuple[int, ...], grid: _AxisMap, input_shape: tuple[int, int, int]
 ) -> list[tuple[int, int]] | None:
     """Per input axis, the span of input indices whose nearest model voxel lies in `box` (of a
     model grid of `model_shape`); None when there is no box or the input samples none of it."""
@@ -174,8 +207,8 @@ def _spans_of_box(
         return None
     spans = []
     for k, n in enumerate(input_shape):
-        j = int(axes[k])
-        nearest = _sampled(matrix[j, k] * np.arange(n) + mapping[j, 3], model_shape[j])
+        j = int(grid.axes[k])
+        nearest = _sampled(grid.coordinate(k, np.arange(n)), model_shape[j])
         hit = np.flatnonzero((nearest >= box[j].start) & (nearest < box[j].stop))
         if len(hit) == 0:
             return None
@@ -184,28 +217,22 @@ def _spans_of_box(
 
 
 def _fill(
-    target: torch.Tensor,
-    source: torch.Tensor,
-    matrix: np.ndarray,
-    mapping: np.ndarray,
-    axes: np.ndarray,
-    spans: list[tuple[int, int]],
-    interpolate: bool,
+    target: torch.Tensor, source: torch.Tensor, grid: _AxisMap, spans: list[tuple[int, int]], interpolate: bool
 ) -> None:
     """One channel, `spans` of the input grid, in slabs of the last input axis: a scan-sized map
     is 315 MB at 512 x 512 x 300 in float32, so no copy of a whole channel is ever made. The
     slab's own axis is gathered first, so that each slab only reads the model-grid rows it needs."""
-    order = [2, *(k for k in np.argsort(axes) if k != 2)]
+    order = [2, *(k for k in np.argsort(grid.axes) if k != 2)]
     (x0, x1), (y0, y1), (z0, z1) = spans
     for start in range(z0, z1, _SLAB):
         stop = min(start + _SLAB, z1)
         out = source
         for k in order:
-            j = int(axes[k])  # model coordinate = scale * i + offset along model axis j
+            j = int(grid.axes[k])
             index = np.arange(start, stop) if k == 2 else np.arange(*spans[k])
-            out = _gather(out, 1 + j, matrix[j, k] * index + mapping[j, 3], source.shape[1 + j], interpolate)
+            out = _gather(out, 1 + j, grid.coordinate(k, index), source.shape[1 + j], interpolate)
         # Dimension j now runs over input axis k where j = axes[k]: put input axes in order.
-        target[x0:x1, y0:y1, start:stop] = out[0].permute(*(int(a) for a in axes))
+        target[x0:x1, y0:y1, start:stop] = out[0].permute(*(int(a) for a in grid.axes))
 
 
 def _sampled(coordinate: np.ndarray, size: int) -> np.ndarray:
