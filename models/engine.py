@@ -95,6 +95,9 @@ class Prediction:
     # The bundle's own record of each finding, when its post-processing leaves one under
     # `findings` (the default bundle: model-grid volume, elongation, mean probability, confidence).
     findings: list[dict[str, Any]] = field(default_factory=list)
+    # What it judged and did not keep, where it records that under `dropped` (the default bundle:
+    # why, volume and a few voxels in RAS mm): for validation, not for a job's result.
+    dropped: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -391,6 +394,7 @@ class InferenceEngine:
             min_volume_mm3=self.min_volume_mm3(setup),
             timings=timings,
             findings=_records(data.get("findings")),
+            dropped=_records(data.get("dropped")),
             ran=runner.ran,
         )
 
@@ -518,7 +522,8 @@ def _metadata_input(metadata: dict[str, Any]) -> tuple[tuple[int, ...] | None, s
 
 
 def _records(findings: Any) -> list[dict[str, Any]]:
-    """The bundle's per-finding records; nothing when it leaves something else under that key."""
+    """The bundle's per-finding (or per-dropped-candidate) records; nothing when it leaves
+    something else under that key."""
     if not isinstance(findings, list) or not all(isinstance(f, dict) for f in findings):
         return []
     return findings

@@ -54,7 +54,7 @@ from models.phantom import job_phantom
 from models.phantoms import Phantom, generate_phantom
 from models.runtime import RUNTIMES
 from models.train import as_spacing
-from models.transforms import Calibration, elongation
+from models.transforms import DROP_REASONS, Calibration, elongation
 from schemas.jobs import Profile
 
 DEFAULT_BUNDLE = Path(__file__).parent / "medical_segmentation_v1"
@@ -93,6 +93,9 @@ class ScanResult:
     typed_right: tuple[int, int]  # (right type, found lesions); (0, 0) for an untyped bundle
     seconds: float
     findings: list[Finding] = field(default_factory=list)
+    # size bin -> why its lesions were missed -> how many: "unseen" (the network's probability
+    # crossed the threshold nowhere on it) or the reason a candidate on it was dropped
+    missed: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def engine_record(records: list[dict[str, Any]], painted: float) -> tuple[float, float, float] | None:
@@ -124,6 +127,26 @@ def score_findings(
     return findings
 
 
+def dropped_on(phantom: Phantom, truth: np.ndarray, dropped: list[dict[str, Any]]) -> dict[int, str]:
+    """Lesion number -> why the candidate with most recorded voxels on it was dropped (the bundle's
+    records of dropped candidates: a reason and some of their voxels in RAS mm)."""
+    inverse = np.linalg.inv(phantom.affine)
+    votes: dict[int, dict[str, int]] = {}
+    for record in dropped:
+        points = np.asarray(record.get("points_mm", []), dtype=float).reshape(-1, 3)
+        index = np.rint(points @ inverse[:3, :3].T + inverse[:3, 3]).astype(int)
+        index = index[np.all((index >= 0) & (index < truth.shape), axis=1)]
+        for number in truth[tuple(index.T)]:
+            if number > 0:
+                tally = votes.setdefault(int(number), {})
+                tally[record["reason"]] = tally.get(record["reason"], 0) + 1
+    return {number: max(tally, key=tally.__getitem__) for number, tally in votes.items()}
+
+
+def size_bin(diameter_mm: float) -> str:
+    return next(name for name, (lo, hi) in SIZE_BINS.items() if lo <= diameter_mm < hi)
+
+
 def score(
     phantom: Phantom,
     labels: np.ndarray,
@@ -131,19 +154,23 @@ def score(
     prob: np.ndarray | None,
     seconds: float,
     records: list[dict[str, Any]] | None = None,
+    dropped: list[dict[str, Any]] | None = None,
 ) -> ScanResult:
     truth = phantom.lesion_instances if phantom.lesion_instances is not None else phantom.lesion_mask
     findings = score_findings(phantom, labels, prob, records)
+    lost = dropped_on(phantom, truth, dropped or [])
+    missed: dict[str, dict[str, int]] = {}
     found = {name: [0, 0] for name in SIZE_BINS}
     typed = set(names.values()) & set(EXPECTED_TYPE.values())
     right, detected = 0, 0
     for number, lesion in enumerate(phantom.lesions, start=1):
         overlap = labels[truth == number]
         hit = bool(np.any(overlap > 0))
-        for name, (lo, hi) in SIZE_BINS.items():
-            if lo <= lesion.diameter_mm < hi:
-                found[name][0] += hit
-                found[name][1] += 1
+        found[size_bin(lesion.diameter_mm)][0] += hit
+        found[size_bin(lesion.diameter_mm)][1] += 1
+        if not hit:
+            why = missed.setdefault(size_bin(lesion.diameter_mm), {})
+            why[lost.get(number, "unseen")] = why.get(lost.get(number, "unseen"), 0) + 1
         if hit and typed:
             detected += 1
             value = int(np.bincount(overlap[overlap > 0]).argmax())
@@ -155,6 +182,7 @@ def score(
         (right, detected),
         seconds,
         findings,
+        missed,
     )
 
 
@@ -164,7 +192,13 @@ def run_scan(engine: InferenceEngine, phantom: Phantom, profile: Profile, setup:
     prediction = engine.predict(phantom.image, phantom.affine, profile, THRESHOLD, setup=setup)
     seconds = time.perf_counter() - started
     return score(
-        phantom, prediction.labels, prediction.label_names, prediction.probability, seconds, prediction.findings
+        phantom,
+        prediction.labels,
+        prediction.label_names,
+        prediction.probability,
+        seconds,
+        prediction.findings,
+        prediction.dropped,
     )
 
 
@@ -184,6 +218,9 @@ def summarise(results: list[ScanResult]) -> dict[str, float | int | None]:
         total = sum(r.found[name][1] for r in lesion_scans)
         row[name] = round(found / total, 4) if total else None
         row[name.replace("found", "lesions")] = total
+        # Found, or crossed the threshold and dropped after: what the network itself saw.
+        unseen = sum(r.missed.get(name, {}).get("unseen", 0) for r in lesion_scans)
+        row[name.replace("found", "seen")] = round(1.0 - unseen / total, 4) if total else None
     row["false_positives_per_scan"] = _mean([r.false_positives for r in lesion_scans], 3)
     row["false_findings_per_normal_scan"] = _mean([r.false_positives for r in normal_scans], 3)
     right = sum(r.typed_right[0] for r in lesion_scans)
@@ -351,6 +388,33 @@ def calibration_findings(engine: InferenceEngine, count: int, profiles: list[Pro
                 continue
             findings[profile.value] += run_scan(engine, phantom, profile, setup).findings
     return findings
+
+
+def missed_lesions(results: list[ScanResult]) -> dict[str, dict[str, int]]:
+    """Size bin -> why lesions of that size were missed -> how many, over all scans."""
+    total: dict[str, dict[str, int]] = {}
+    for result in results:
+        for name, reasons in result.missed.items():
+            for reason, count in reasons.items():
+                total.setdefault(name, {})[reason] = total.setdefault(name, {}).get(reason, 0) + count
+    return total
+
+
+MISSED_COLUMNS = ("unseen", *DROP_REASONS)
+
+
+def missed_table(missed: dict[str, dict[str, dict[str, int]]]) -> str:
+    """Where the missed lesions were lost, per model and profile (`missed_lesions`): never above
+    the threshold (unseen), or dropped by a rule or the confidence floor (faint)."""
+    head = "| model | profile | size | " + " | ".join(MISSED_COLUMNS) + " |"
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    for key, by_bin in missed.items():
+        model, profile = key.rsplit(" / ", 1)
+        for name in SIZE_BINS:
+            counts = by_bin.get(name, {})
+            cells = " | ".join(str(counts.get(column, 0)) for column in MISSED_COLUMNS)
+            lines.append(f"| {model} | `{profile}` | {name.removeprefix('found_')} | {cells} |")
+    return "\n".join(lines)
 
 
 def table(rows: dict[str, dict[str, dict[str, Any]]]) -> str:
@@ -533,11 +597,12 @@ def refit(
     calibration: dict[str, Any],
     by_profile: dict[str, dict[str, Any]],
     engines: dict[str, InferenceEngine],
+    results: dict[str, dict[str, list[ScanResult]]],
     rows: dict[str, dict[str, dict[str, Any]]],
 ) -> InferenceEngine:
     """--calibrate: write each fit that helps (production's into inference.json, another profile's
     into profiles.json), then measure what ships (the same scans again, through the bundle with
-    its fits and floors) in place of the raw rows; -> the current engine."""
+    its fits and floors) in place of the raw results and rows; -> the current engine."""
     if not write_fits(args.bundle, calibration, by_profile):
         print("--calibrate: no fit lowers the ECE on the measured findings; the bundle is left as it is")
         return engines["current"]
@@ -546,6 +611,7 @@ def refit(
     current = engines["current"] = loaded_engine(args.bundle, args.runtime)
     profiles = [Profile(p) for p in args.profiles]
     again = evaluate({"current": current}, scan_seeds(args.phantoms, args.normals), profiles)["current"]
+    results["current"] = again
     rows["current"] = {p: summarise(r) for p, r in again.items()}
     return current
 
@@ -604,7 +670,7 @@ def main() -> None:
     rows = {model: {p: summarise(r) for p, r in by_profile.items()} for model, by_profile in results.items()}
     calibration, calibrations = fit_confidences(args, current, results["current"], profiles)
     if args.calibrate:
-        current = refit(args, calibration, calibrations, engines, rows)
+        current = refit(args, calibration, calibrations, engines, results, rows)
     report: dict[str, Any] = {
         "family": "validation (models.phantoms, never trained on)",
         "scans_with_lesions": args.phantoms,
@@ -618,6 +684,7 @@ def main() -> None:
         "precision": current.precision,
         "runtime": runtime_line(current),
         "profiles": rows["current"],
+        "missed_lesions": {p: missed_lesions(r) for p, r in results["current"].items()},
         "shipped_calibration": confidence_fit.shipped(args.bundle),
         "calibration": calibration,
         "shipped_profile_calibration": {name: confidence_fit.shipped(args.bundle, name) for name in calibrations},
@@ -628,6 +695,9 @@ def main() -> None:
     simple = simple_phantom_dice(engines, profiles)
     names = {model: f"{model} ({engine.spec.version})" for model, engine in engines.items()}
     print(table({names[m]: r for m, r in rows.items()}))
+    missed = {f"{names[m]} / {p}": missed_lesions(r) for m, by in results.items() for p, r in by.items()}
+    print("lesions missed, and where:")
+    print(missed_table(missed))
     print(f"simple phantoms (Dice per phantom): {json.dumps(simple)}")
     for name, fit in {Profile.PRODUCTION.value: calibration, **calibrations}.items():
         print(f"confidence ({name}): {json.dumps({k: v for k, v in fit.items() if k != 'rows_uncalibrated'})}")

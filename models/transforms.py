@@ -353,6 +353,9 @@ class LesionFindingsd(MapTransform):
     calibrated confidence and everything else capped below the threshold, so any mean or max of
     `prob` over a finding reads its confidence; `findings_key` = a list of per-finding dicts.
     With `index_key` they travel to the input grid as the findings' numbers (see `PaintFindingsd`).
+    `dropped_key` = a record of each candidate not kept: why (`DROP_REASONS`), its volume, and up
+    to `DROPPED_POINTS` of its voxels in RAS mm, so that a validation can tell a lesion the network
+    never saw from one a rule or the confidence floor dropped (`models.evaluate`).
 
     Confidence: see `Calibration`, fitted on the validation family (models.evaluate). A candidate
     whose confidence is below `min_confidence` is dropped as the tissue rules drop one: most false
@@ -372,10 +375,12 @@ class LesionFindingsd(MapTransform):
         rules: Mapping[str, float] | None = None,
         body_voxel_mm: float = 4.0,
         index_key: str | None = None,
+        dropped_key: str | None = "dropped",
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
         self.hu_key, self.prob_key, self.findings_key = hu_key, prob_key, findings_key
+        self.dropped_key = dropped_key
         self.index_key = index_key
         self.threshold = float(threshold)
         self.min_volume_mm3 = float(min_volume_mm3)
@@ -394,8 +399,10 @@ class LesionFindingsd(MapTransform):
         hu_t = d[self.hu_key]
         hu = torch.as_tensor(hu_t, dtype=torch.float32).detach().cpu().numpy()[0]
         # The HU image carries the model grid's affine for sure; pred may have lost its meta.
-        spacing = _spacing(hu_t if isinstance(hu_t, MetaTensor) else prob_t)
-        numbers, painted, findings = self.findings(prob, hu, spacing)
+        grid = hu_t if isinstance(hu_t, MetaTensor) else prob_t
+        spacing = _spacing(grid)
+        dropped: list[dict[str, Any]] = []
+        numbers, painted, findings = self.findings(prob, hu, spacing, dropped, _affine(grid))
         if self.index_key is not None:
             # For the input grid (`PaintFindingsd`): the probability of kept findings (to be
             # interpolated and thresholded there for sub-voxel outlines) and the findings'
@@ -409,14 +416,21 @@ class LesionFindingsd(MapTransform):
             d[key] = _like(prob_t, labels[None])
             d[self.prob_key] = _like(prob_t, painted[None])
         d[self.findings_key] = findings
+        if self.dropped_key is not None:
+            d[self.dropped_key] = dropped
         return d
 
     def findings(
-        self, prob: np.ndarray, hu: np.ndarray, spacing: tuple[float, float, float]
+        self,
+        prob: np.ndarray,
+        hu: np.ndarray,
+        spacing: tuple[float, float, float],
+        dropped: list[dict[str, Any]] | None = None,
+        affine: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
         """-> each kept finding's number (1, 2, ... in the order of the list), the probability
         with findings painted at their confidence and the rest capped below the threshold, and
-        the findings."""
+        the findings; each candidate not kept is recorded in `dropped` where given."""
         voxel_mm3 = float(np.prod(spacing))
         above = prob >= self.threshold
         components, candidates = cc3d.connected_components(
@@ -432,12 +446,13 @@ class LesionFindingsd(MapTransform):
         bone = functools.cache(lambda: coarse_bone(hu, spacing, self.rules.cortex_hu, self.body_voxel_mm / 2.0))
         for index in range(1, candidates + 1):
             count = int(stats["voxel_counts"][index])
-            if count * voxel_mm3 < self.min_volume_mm3:
-                continue
             box = _grow(stats["bounding_boxes"][index], prob.shape, margin=3)
+            small = count * voxel_mm3 < self.min_volume_mm3
             inside = components[box] == index
-            finding = self.judge(inside, prob[box], hu[box], bone()[box], spacing)
-            if finding is None:
+            finding = "small" if small else self.judge(inside, prob[box], hu[box], bone()[box], spacing)
+            if isinstance(finding, str):
+                if dropped is not None:
+                    dropped.append(_dropped(finding, count * voxel_mm3, box, inside, affine))
                 continue
             findings.append(finding)
             numbers[box][inside] = len(findings)
@@ -461,31 +476,31 @@ class LesionFindingsd(MapTransform):
         hu: np.ndarray,
         bone: np.ndarray,
         spacing: tuple[float, float, float],
-    ) -> dict[str, Any] | None:
-        """A candidate in its box -> the finding, or None when it is bone, a tube, air or dense."""
+    ) -> dict[str, Any] | str:
+        """A candidate in its box -> the finding, or why it is none (one of `DROP_REASONS`)."""
         if float(bone[inside].mean()) > self.rules.bone_fraction:
-            return None
+            return "bone"
         length = elongation(inside, spacing)
         if length > self.rules.max_elongation:
-            return None
+            return "elongated"
         finding = self.describe(inside, prob, hu, float(inside.sum()) * float(np.prod(spacing)), length)
-        if finding is None or finding["confidence"] < self.min_confidence:
-            return None
+        if isinstance(finding, dict) and finding["confidence"] < self.min_confidence:
+            return "faint"
         return finding
 
     def describe(
         self, inside: np.ndarray, prob: np.ndarray, hu: np.ndarray, volume_mm3: float, length: float
-    ) -> dict[str, Any] | None:
-        """Type a candidate from its HU and its surroundings; None when it is air or dense."""
+    ) -> dict[str, Any] | str:
+        """Type a candidate from its HU and its surroundings; why it is none when it is air, dense or gas."""
         rules = self.rules
         mean_hu = float(hu[inside].mean())
         if mean_hu < rules.air_hu or mean_hu > rules.bone_hu:
-            return None
+            return "air" if mean_hu < rules.air_hu else "dense"
         shell = ndimage.binary_dilation(inside, iterations=2) & ~inside
         around = hu[shell] if shell.any() else hu[inside]
         surround = float(np.median(around))
         if surround >= rules.lung_hu and mean_hu < rules.gas_hu:
-            return None
+            return "gas"
         label = LUNG_NODULE if surround < rules.lung_hu else HYPODENSE if mean_hu < surround else HYPERDENSE
         mean_p = float(prob[inside].mean())
         return {
@@ -498,6 +513,25 @@ class LesionFindingsd(MapTransform):
             "mean_probability": round(mean_p, 4),
             "confidence": round(self.calibration.confidence(mean_p, volume_mm3, length), 4),
         }
+
+
+# Why a candidate is not a finding: below the minimum volume, mostly bone, a tube or a sheet, air,
+# denser than any lesion (bone, contrast, metal), gas or fat outside lung, below the confidence floor.
+DROP_REASONS = ("small", "bone", "elongated", "air", "dense", "gas", "faint")
+DROPPED_POINTS = 64  # voxels of a dropped candidate recorded (evenly spaced through it)
+
+
+def _dropped(
+    reason: str, volume_mm3: float, box: tuple[slice, ...], inside: np.ndarray, affine: np.ndarray | None
+) -> dict[str, Any]:
+    """A dropped candidate's record: why, how big, and where (RAS mm) a few of its voxels lie."""
+    record: dict[str, Any] = {"reason": reason, "volume_mm3": round(volume_mm3, 2)}
+    if affine is not None:
+        voxels = np.argwhere(inside)
+        voxels = voxels[:: max(1, len(voxels) // DROPPED_POINTS)][:DROPPED_POINTS]
+        voxels = voxels + np.array([s.start for s in box])
+        record["points_mm"] = np.round(voxels @ affine[:3, :3].T + affine[:3, 3], 1).tolist()
+    return record
 
 
 def elongation(inside: np.ndarray, spacing: tuple[float, float, float]) -> float:
@@ -637,6 +671,10 @@ def _coarse_max(hu: np.ndarray, factors: tuple[int, ...]) -> torch.Tensor:
 
 def _grow(box: tuple[slice, ...], shape: tuple[int, ...], margin: int) -> tuple[slice, ...]:
     return tuple(slice(max(0, s.start - margin), min(n, s.stop + margin)) for s, n in zip(box, shape, strict=True))
+
+
+def _affine(image: Any) -> np.ndarray | None:
+    return image.affine.detach().cpu().numpy().astype(np.float64) if isinstance(image, MetaTensor) else None
 
 
 def _spacing(image: Any) -> tuple[float, float, float]:

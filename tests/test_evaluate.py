@@ -38,7 +38,9 @@ from models.evaluate import (
     kept_fit,
     kept_profile_fits,
     merged_simple,
+    missed_lesions,
     score,
+    summarise,
     write_fits,
 )
 from models.phantoms import Lesion, Phantom
@@ -73,6 +75,23 @@ def test_a_scan_is_scored_lesion_by_lesion() -> None:
     assert result.false_positives == 1 and result.typed_right == (1, 1)
     assert result.dice == pytest.approx(2 * 27 / (27 + 8 + 64 + 512))
     assert sorted(f.true for f in result.findings) == [False, True]
+
+
+def test_a_missed_lesion_is_told_unseen_or_dropped_by_the_candidate_on_it() -> None:
+    phantom = _phantom()
+    phantom.affine = np.diag([2.0, 2.0, 2.0, 1.0])  # the records are in mm, the truth in voxels
+    labels = np.zeros(phantom.image.shape, dtype=np.uint8)
+    on_lesion_2 = [[44.0, 44.0, 44.0], [46.0, 48.0, 50.0]]  # voxels (22, 22, 22) and (23, 24, 25)
+    dropped = [
+        {"reason": "faint", "points_mm": on_lesion_2},
+        {"reason": "small", "points_mm": on_lesion_2[:1]},  # fewer of its voxels on it: not the reason
+        {"reason": "bone", "points_mm": [[0.0, 60.0, 0.0]]},  # on no lesion
+    ]
+    result = score(phantom, labels, {}, None, 1.0, None, dropped)
+    assert result.missed == {"found_5to10mm": {"unseen": 1}, "found_ge10mm": {"faint": 1}}
+    row = summarise([result, result])
+    assert row["seen_ge10mm"] == 1.0 and row["seen_5to10mm"] == 0.0 and row["found_ge10mm"] == 0.0
+    assert missed_lesions([result, result])["found_ge10mm"] == {"faint": 2}
 
 
 def test_the_calibration_error_is_zero_for_honest_confidences_and_large_for_overconfident_ones() -> None:

@@ -101,6 +101,18 @@ def test_findings_are_typed_and_gated_by_tissue() -> None:
     assert len(out["findings"]) == 3
 
 
+def test_each_dropped_candidate_is_recorded_with_why_and_where() -> None:
+    hu, spots = scene()
+    reasons = {}
+    for record in run(hu, spots)["dropped"]:
+        voxels = np.rint(np.asarray(record["points_mm"]) / np.asarray(SPACING)).astype(int)
+        on = [name for name, mask in spots.items() if mask[tuple(voxels.T)].all()]
+        assert len(on) == 1, record
+        reasons[on[0]] = record["reason"]
+    # The table and the air outside are no candidates at all: the body gates them first.
+    assert reasons == {"marrow": "bone", "speck": "small", "gas": "gas"}
+
+
 def test_tubes_are_not_focal_lesions() -> None:
     # An unenhanced vein in the liver has a hypodense lesion's HU: its shape tells it apart.
     hu, _ = scene()
