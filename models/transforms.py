@@ -401,7 +401,7 @@ class LesionFindingsd(MapTransform):
         # The HU image carries the model grid's affine for sure; pred may have lost its meta.
         grid = hu_t if isinstance(hu_t, MetaTensor) else prob_t
         spacing = _spacing(grid)
-        dropped: list[dict[str, Any]] = []
+        dropped: list[dict[str, Any]] | None = [] if self.dropped_key is not None else None
         numbers, painted, findings = self.findings(prob, hu, spacing, dropped, _affine(grid))
         if self.index_key is not None:
             # For the input grid (`PaintFindingsd`): the probability of kept findings (to be
@@ -446,8 +446,10 @@ class LesionFindingsd(MapTransform):
         bone = functools.cache(lambda: coarse_bone(hu, spacing, self.rules.cortex_hu, self.body_voxel_mm / 2.0))
         for index in range(1, candidates + 1):
             count = int(stats["voxel_counts"][index])
-            box = _grow(stats["bounding_boxes"][index], prob.shape, margin=3)
             small = count * voxel_mm3 < self.min_volume_mm3
+            if small and dropped is None:
+                continue
+            box = _grow(stats["bounding_boxes"][index], prob.shape, margin=3)
             inside = components[box] == index
             finding = "small" if small else self.judge(inside, prob[box], hu[box], bone()[box], spacing)
             if isinstance(finding, str):
