@@ -93,8 +93,10 @@ class ScanResult:
     typed_right: tuple[int, int]  # (right type, found lesions); (0, 0) for an untyped bundle
     seconds: float
     findings: list[Finding] = field(default_factory=list)
-    # size bin -> why its lesions were missed -> how many: "unseen" (the network's probability
-    # crossed the threshold nowhere on it) or the reason a candidate on it was dropped
+    # size bin -> why its lesions were missed -> how many: "unseen" (no recorded voxel of a dropped
+    # candidate lies on it: the network stayed under the threshold there, or the candidate was
+    # outside the body) or the reason the candidate with most recorded voxels on it was dropped.
+    # A bundle that records no dropped candidates counts every miss as unseen.
     missed: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
@@ -139,12 +141,17 @@ def dropped_on(phantom: Phantom, truth: np.ndarray, dropped: list[dict[str, Any]
         for number in truth[tuple(index.T)]:
             if number > 0:
                 tally = votes.setdefault(int(number), {})
-                tally[record["reason"]] = tally.get(record["reason"], 0) + 1
+                reason = record.get("reason")
+                reason = reason if reason in DROP_REASONS else "other"
+                tally[reason] = tally.get(reason, 0) + 1
     return {number: max(tally, key=tally.__getitem__) for number, tally in votes.items()}
 
 
 def size_bin(diameter_mm: float) -> str:
-    return next(name for name, (lo, hi) in SIZE_BINS.items() if lo <= diameter_mm < hi)
+    for name, (lo, hi) in SIZE_BINS.items():
+        if lo <= diameter_mm < hi:
+            return name
+    raise ValueError(f"a lesion of {diameter_mm} mm fits no size bin")
 
 
 def score(
@@ -400,7 +407,7 @@ def missed_lesions(results: list[ScanResult]) -> dict[str, dict[str, int]]:
     return total
 
 
-MISSED_COLUMNS = ("unseen", *DROP_REASONS)
+MISSED_COLUMNS = ("unseen", *DROP_REASONS, "other")  # other: a reason another bundle records
 
 
 def missed_table(missed: dict[str, dict[str, dict[str, int]]]) -> str:

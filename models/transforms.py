@@ -530,7 +530,7 @@ def _dropped(
     record: dict[str, Any] = {"reason": reason, "volume_mm3": round(volume_mm3, 2)}
     if affine is not None:
         voxels = np.argwhere(inside)
-        voxels = voxels[:: max(1, len(voxels) // DROPPED_POINTS)][:DROPPED_POINTS]
+        voxels = voxels[np.linspace(0, len(voxels) - 1, min(len(voxels), DROPPED_POINTS)).round().astype(int)]
         voxels = voxels + np.array([s.start for s in box])
         record["points_mm"] = np.round(voxels @ affine[:3, :3].T + affine[:3, 3], 1).tolist()
     return record

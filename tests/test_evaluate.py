@@ -79,13 +79,14 @@ def test_a_scan_is_scored_lesion_by_lesion() -> None:
 
 def test_a_missed_lesion_is_told_unseen_or_dropped_by_the_candidate_on_it() -> None:
     phantom = _phantom()
-    phantom.affine = np.diag([2.0, 2.0, 2.0, 1.0])  # the records are in mm, the truth in voxels
+    # The records are in mm, the truth in voxels: a flipped first axis and an origin of its own.
+    phantom.affine = np.array([[-2.0, 0, 0, 100.0], [0, 2.0, 0, -10.0], [0, 0, 2.0, 5.0], [0, 0, 0, 1.0]])
     labels = np.zeros(phantom.image.shape, dtype=np.uint8)
-    on_lesion_2 = [[44.0, 44.0, 44.0], [46.0, 48.0, 50.0]]  # voxels (22, 22, 22) and (23, 24, 25)
+    on_lesion_2 = [[56.0, 34.0, 49.0], [54.0, 38.0, 55.0]]  # voxels (22, 22, 22) and (23, 24, 25)
     dropped = [
         {"reason": "faint", "points_mm": on_lesion_2},
         {"reason": "small", "points_mm": on_lesion_2[:1]},  # fewer of its voxels on it: not the reason
-        {"reason": "bone", "points_mm": [[0.0, 60.0, 0.0]]},  # on no lesion
+        {"reason": "bone", "points_mm": [[100.0, 50.0, 5.0]]},  # voxel (0, 30, 0): on no lesion
     ]
     result = score(phantom, labels, {}, None, 1.0, None, dropped)
     assert result.missed == {"found_5to10mm": {"unseen": 1}, "found_ge10mm": {"faint": 1}}

@@ -113,6 +113,31 @@ def test_each_dropped_candidate_is_recorded_with_why_and_where() -> None:
     assert reasons == {"marrow": "bone", "speck": "small", "gas": "gas"}
 
 
+def test_dropped_voxels_are_placed_by_the_grid_s_affine_and_nothing_is_recorded_without_a_key() -> None:
+    hu, spots = scene()
+    prob = np.where(spots["marrow"] | spots["speck"], 0.9, 0.02).astype(np.float32)
+    affine = np.array([[0.0, -1.5, 0.0, 40.0], [1.5, 0.0, 0.0, -20.0], [0.0, 0.0, 2.0, 7.0], [0.0, 0.0, 0.0, 1.0]])
+
+    def data() -> dict:  # type: ignore[type-arg]
+        tensor = torch.from_numpy(affine)
+        return {
+            "pred": MetaTensor(torch.from_numpy(prob)[None], affine=tensor),
+            "hu": MetaTensor(torch.from_numpy(hu)[None], affine=tensor),
+        }
+
+    records = LesionFindingsd(keys="pred", threshold=0.5, min_volume_mm3=10.0)(data())["dropped"]
+    inverse = np.linalg.inv(affine)
+    for record in records:
+        points = np.asarray(record["points_mm"])
+        voxels = np.rint(points @ inverse[:3, :3].T + inverse[:3, 3]).astype(int)
+        name = "marrow" if record["reason"] == "bone" else "speck"
+        assert spots[name][tuple(voxels.T)].all() and len(points) == min(64, int(spots[name].sum()))
+        # Spread through the whole candidate, its last voxel too: not the first 64 of a stride.
+        assert voxels[:, 0].max() == np.argwhere(spots[name])[:, 0].max()
+    assert sorted(r["reason"] for r in records) == ["bone", "small"]
+    assert "dropped" not in LesionFindingsd(keys="pred", threshold=0.5, dropped_key=None)(data())
+
+
 def test_tubes_are_not_focal_lesions() -> None:
     # An unenhanced vein in the liver has a hypodense lesion's HU: its shape tells it apart.
     hu, _ = scene()
