@@ -170,11 +170,23 @@ class EventLog:
     async def start(self) -> None:
         self._consumer = make_consumer(self.settings, None)
         await self._consumer.start()
-        partitions = self._consumer.partitions_for_topic(self.topic) or set()
+        partitions = await self._partitions_of_topic()
         self._partitions = [TopicPartition(self.topic, p) for p in sorted(partitions)]
         self._consumer.assign(self._partitions)
         await self._consumer.seek_to_beginning(*self._partitions)
         self._task = asyncio.create_task(self._run())
+
+    async def _partitions_of_topic(self, within_s: float = 15.0) -> set[int]:
+        """The topic's partitions once the consumer's metadata knows them: a topic created just
+        before may not be in the metadata its start fetched (seen in CI: nothing assigned)."""
+        assert self._consumer is not None
+        deadline = time.monotonic() + within_s
+        while not (partitions := self._consumer.partitions_for_topic(self.topic)):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"topic {self.topic} has no partitions after {within_s:.0f} s")
+            await self._consumer.topics()  # a metadata request: the new topic's partitions with it
+            await asyncio.sleep(0.1)
+        return partitions
 
     async def _run(self) -> None:
         assert self._consumer is not None
