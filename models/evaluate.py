@@ -35,6 +35,7 @@ import argparse
 import json
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,18 +134,17 @@ def dropped_on(phantom: Phantom, truth: np.ndarray, dropped: list[dict[str, Any]
     """Lesion number -> why the candidate with most recorded voxels on it was dropped (the bundle's
     records of dropped candidates: a reason and some of their voxels in RAS mm)."""
     inverse = np.linalg.inv(phantom.affine)
-    votes: dict[int, dict[str, int]] = {}
+    votes: dict[int, Counter[str]] = {}
     for record in dropped:
+        reason = str(record.get("reason"))
+        reason = reason if reason in DROP_REASONS else "other"
         points = np.asarray(record.get("points_mm", []), dtype=float).reshape(-1, 3)
         index = np.rint(points @ inverse[:3, :3].T + inverse[:3, 3]).astype(int)
         index = index[np.all((index >= 0) & (index < truth.shape), axis=1)]
         for number in truth[tuple(index.T)]:
             if number > 0:
-                tally = votes.setdefault(int(number), {})
-                reason = record.get("reason")
-                reason = reason if reason in DROP_REASONS else "other"
-                tally[reason] = tally.get(reason, 0) + 1
-    return {number: max(tally, key=tally.__getitem__) for number, tally in votes.items()}
+                votes.setdefault(int(number), Counter())[reason] += 1
+    return {number: tally.most_common(1)[0][0] for number, tally in votes.items()}
 
 
 def size_bin(diameter_mm: float) -> str:
@@ -166,18 +166,18 @@ def score(
     truth = phantom.lesion_instances if phantom.lesion_instances is not None else phantom.lesion_mask
     findings = score_findings(phantom, labels, prob, records)
     lost = dropped_on(phantom, truth, dropped or [])
-    missed: dict[str, dict[str, int]] = {}
+    missed: dict[str, Counter[str]] = {}
     found = {name: [0, 0] for name in SIZE_BINS}
     typed = set(names.values()) & set(EXPECTED_TYPE.values())
     right, detected = 0, 0
     for number, lesion in enumerate(phantom.lesions, start=1):
         overlap = labels[truth == number]
         hit = bool(np.any(overlap > 0))
-        found[size_bin(lesion.diameter_mm)][0] += hit
-        found[size_bin(lesion.diameter_mm)][1] += 1
+        size = size_bin(lesion.diameter_mm)
+        found[size][0] += hit
+        found[size][1] += 1
         if not hit:
-            why = missed.setdefault(size_bin(lesion.diameter_mm), {})
-            why[lost.get(number, "unseen")] = why.get(lost.get(number, "unseen"), 0) + 1
+            missed.setdefault(size, Counter())[lost.get(number, "unseen")] += 1
         if hit and typed:
             detected += 1
             value = int(np.bincount(overlap[overlap > 0]).argmax())
@@ -189,7 +189,7 @@ def score(
         (right, detected),
         seconds,
         findings,
-        missed,
+        {size: dict(reasons) for size, reasons in missed.items()},
     )
 
 
@@ -399,24 +399,22 @@ def calibration_findings(engine: InferenceEngine, count: int, profiles: list[Pro
 
 def missed_lesions(results: list[ScanResult]) -> dict[str, dict[str, int]]:
     """Size bin -> why lesions of that size were missed -> how many, over all scans."""
-    total: dict[str, dict[str, int]] = {}
+    total: dict[str, Counter[str]] = {}
     for result in results:
         for name, reasons in result.missed.items():
-            for reason, count in reasons.items():
-                total.setdefault(name, {})[reason] = total.setdefault(name, {}).get(reason, 0) + count
-    return total
+            total.setdefault(name, Counter()).update(reasons)
+    return {name: dict(reasons) for name, reasons in total.items()}
 
 
 MISSED_COLUMNS = ("unseen", *DROP_REASONS, "other")  # other: a reason another bundle records
 
 
-def missed_table(missed: dict[str, dict[str, dict[str, int]]]) -> str:
+def missed_table(missed: dict[tuple[str, str], dict[str, dict[str, int]]]) -> str:
     """Where the missed lesions were lost, per model and profile (`missed_lesions`): never above
     the threshold (unseen), or dropped by a rule or the confidence floor (faint)."""
     head = "| model | profile | size | " + " | ".join(MISSED_COLUMNS) + " |"
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
-    for key, by_bin in missed.items():
-        model, profile = key.rsplit(" / ", 1)
+    for (model, profile), by_bin in missed.items():
         for name in SIZE_BINS:
             counts = by_bin.get(name, {})
             cells = " | ".join(str(counts.get(column, 0)) for column in MISSED_COLUMNS)
@@ -678,6 +676,7 @@ def main() -> None:
     calibration, calibrations = fit_confidences(args, current, results["current"], profiles)
     if args.calibrate:
         current = refit(args, calibration, calibrations, engines, results, rows)
+    missed = {model: {p: missed_lesions(r) for p, r in by.items()} for model, by in results.items()}
     report: dict[str, Any] = {
         "family": "validation (models.phantoms, never trained on)",
         "scans_with_lesions": args.phantoms,
@@ -691,7 +690,7 @@ def main() -> None:
         "precision": current.precision,
         "runtime": runtime_line(current),
         "profiles": rows["current"],
-        "missed_lesions": {p: missed_lesions(r) for p, r in results["current"].items()},
+        "missed_lesions": missed["current"],
         "shipped_calibration": confidence_fit.shipped(args.bundle),
         "calibration": calibration,
         "shipped_profile_calibration": {name: confidence_fit.shipped(args.bundle, name) for name in calibrations},
@@ -702,9 +701,8 @@ def main() -> None:
     simple = simple_phantom_dice(engines, profiles)
     names = {model: f"{model} ({engine.spec.version})" for model, engine in engines.items()}
     print(table({names[m]: r for m, r in rows.items()}))
-    missed = {f"{names[m]} / {p}": missed_lesions(r) for m, by in results.items() for p, r in by.items()}
     print("lesions missed, and where:")
-    print(missed_table(missed))
+    print(missed_table({(names[m], p): by_bin for m, by in missed.items() for p, by_bin in by.items()}))
     print(f"simple phantoms (Dice per phantom): {json.dumps(simple)}")
     for name, fit in {Profile.PRODUCTION.value: calibration, **calibrations}.items():
         print(f"confidence ({name}): {json.dumps({k: v for k, v in fit.items() if k != 'rows_uncalibrated'})}")

@@ -680,10 +680,10 @@ def _affine(image: Any) -> np.ndarray | None:
 
 
 def _spacing(image: Any) -> tuple[float, float, float]:
-    if isinstance(image, MetaTensor):
-        affine = image.affine.detach().cpu().numpy()
-        return tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))  # type: ignore[return-value]
-    return (1.0, 1.0, 1.0)
+    affine = _affine(image)
+    if affine is None:
+        return (1.0, 1.0, 1.0)
+    return tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))  # type: ignore[return-value]
 
 
 def _plain(tensor: Any) -> torch.Tensor:
