@@ -26,6 +26,7 @@ from typing import Any
 
 from monai.bundle import ConfigParser
 
+from models.windows import FIT_WINDOWS, WindowFit
 from schemas.jobs import Profile
 
 CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
@@ -44,7 +45,7 @@ OWN_NETWORK_PROFILES = (Profile.FAST_DEBUG.value,)
 SMALL_PATIENTS = "small_patients"
 SMALL_SETUP = "@small"
 # Keys of configs/profiles.json that the engine reads itself instead of passing to the config.
-ENGINE_KEYS = frozenset({"tta", PROFILE_WEIGHTS, SMALL_PATIENTS})
+ENGINE_KEYS = frozenset({"tta", PROFILE_WEIGHTS, SMALL_PATIENTS, FIT_WINDOWS})
 _SIZE_KEYS = ("below_mm", "body_above")
 
 
@@ -93,6 +94,7 @@ class BundleSpec:
     profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
     profile_weights: dict[str, Weights] = field(default_factory=dict)  # setups with a network of their own
     size_rules: dict[str, SizeRule] = field(default_factory=dict)  # profile -> its setup for small patients
+    window_fits: dict[str, WindowFit] = field(default_factory=dict)  # setups whose windows fit each scan
 
     @classmethod
     def load(cls, path: Path, name: str | None = None) -> BundleSpec:
@@ -122,6 +124,7 @@ class BundleSpec:
             profiles=profiles,
             profile_weights=_profile_weights(name, path, profiles),
             size_rules=size_rules,
+            window_fits=_window_fits(name, profiles),
         )
 
     @property
@@ -211,6 +214,17 @@ def _small_patient_setups(name: str, profiles: dict[str, dict[str, Any]]) -> dic
         profiles[setup] = {k: v for k, v in inner.items() if k not in _SIZE_KEYS}
         rules[profile] = SizeRule(float(inner["below_mm"]), float(inner["body_above"]), setup)
     return rules
+
+
+def _window_fits(name: str, profiles: dict[str, dict[str, Any]]) -> dict[str, WindowFit]:
+    fits: dict[str, WindowFit] = {}
+    for setup, entry in profiles.items():
+        if FIT_WINDOWS in entry:
+            try:
+                fits[setup] = WindowFit.parse(entry[FIT_WINDOWS])
+            except (TypeError, ValueError) as error:
+                raise BundleError(name, f"configs/profiles.json: {setup}: {error}") from error
+    return fits
 
 
 def _is_number(value: Any) -> bool:

@@ -17,7 +17,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from models.passes import FLIPS, NetworkOutput, ProgressFn, run_passes
 from models.patient_size import effective_diameter_mm
 from models.pipeline import Data, Pipeline, StageError, scan_image
 from models.runtime import RuntimeChoice, RuntimeRequest, choose_runtime
+from models.windows import can_fit, fitted_inferer
 from schemas.jobs import Profile
 
 log = logging.getLogger(__name__)
@@ -216,14 +217,15 @@ class InferenceEngine:
 
     def _ready(self, networks: dict[str | None, torch.nn.Module]) -> dict[str, Runner]:
         """A runtime chosen, and a trial run, for each network and window a setup runs: an
-        export takes one window shape, so a setup whose window differs from production's gets
-        an export of its own even on the bundle's network."""
-        ready: dict[tuple[str | None, tuple[int, ...] | None], Runner] = {}
+        export takes one window shape (or any, for a setup that fits its windows to the scan),
+        so a setup whose window differs from production's gets an export of its own even on the
+        bundle's network."""
+        ready: dict[tuple[str | None, tuple[int, ...] | None, bool], Runner] = {}
         runners: dict[str, Runner] = {}
         production = Profile.PRODUCTION.value
         for setup in (production, *(s for s in self.spec.setups if s != production)):
             own = setup if setup in networks else None
-            key = (own, self._window(setup))
+            key = (own, self._window(setup), self._fits_windows(setup))
             if key not in ready:
                 choice = choose_runtime(networks[own], self._runtime_request(setup, own))
                 ready[key] = Runner(choice, self.spec.weights_of(own), self._trial_run(choice, setup))
@@ -237,6 +239,26 @@ class InferenceEngine:
             return None
         roi = ensure_tuple_rep(inferer.roi_size, SPATIAL_DIMS)  # one number: every axis of the scan
         return (1, *(int(r) for r in roi)) if all(int(r) > 0 for r in roi) else None
+
+    def _fits_windows(self, setup: str) -> bool:
+        """Whether the setup's windows are fitted to each scan (its export then takes any size)."""
+        if setup not in self.spec.window_fits:
+            return False
+        inferer = self._pipeline(setup, None).inferer
+        where = f"configs/profiles.json: {setup}: fit_windows"
+        if not (isinstance(inferer, SlidingWindowInferer) and can_fit(inferer)):
+            raise BundleError(
+                self.spec.name,
+                f"{where} needs a sliding window without overlap, "
+                f"and its inferer is {type(inferer).__name__} with overlap {getattr(inferer, 'overlap', None)}",
+            )
+        fit, own = self.spec.window_fits[setup], ensure_tuple_rep(inferer.roi_size, SPATIAL_DIMS)
+        if fit.max_voxels < (least := fit.least_voxels(own)):
+            raise BundleError(
+                self.spec.name,
+                f"{where}: max_voxels {fit.max_voxels} holds no window of the bundle's own ({least} voxels)",
+            )
+        return True
 
     def _trial_run(self, choice: RuntimeChoice, setup: str) -> str:
         """One input through the chosen runtime, so that a network that cannot run (an import in its
@@ -276,6 +298,7 @@ class InferenceEngine:
             cache_dir=self.options.export_cache,
             network_key=self.spec.network_key(own),
             input_shape=self._window(setup),
+            any_size=self._fits_windows(setup),
         )
 
     def _release_runtimes(self) -> None:
@@ -371,6 +394,9 @@ class InferenceEngine:
         with _timer(timings, "preprocess"):
             batch = pipeline.batch(pipeline.preprocess(scan_image(volume, affine, header), "scan.nii.gz"))
             inputs = batch[pipeline.image_key].to(self.device)
+        fit = self.spec.window_fits.get(setup)
+        if fit is not None:  # a copy: the cached pipeline keeps the bundle's window
+            pipeline = replace(pipeline, inferer=fitted_inferer(pipeline.inferer, inputs.shape[2:], fit))
         with _timer(timings, "network"):
             _add_output(batch, run_passes(pipeline, runner.choice.predictor, inputs, run.flips, progress))
             del inputs  # on a GPU, its copy there

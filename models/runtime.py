@@ -43,7 +43,9 @@ class Exporter(Protocol):
 
     def version(self) -> str: ...
 
-    def build(self, network: torch.nn.Module, example: torch.Tensor, cache: Path, precision: str) -> Predictor: ...
+    def build(
+        self, network: torch.nn.Module, example: torch.Tensor, cache: Path, precision: str, any_size: bool
+    ) -> Predictor: ...
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ class RuntimeRequest:
     cache_dir: Path
     network_key: str  # weights and network definition (BundleSpec.network_key)
     input_shape: tuple[int, ...] | None  # (channels, *roi) of one window; None: no fixed window
+    any_size: bool = False  # the export takes windows of any size (models.windows), checked at input_shape
 
 
 def cpu_signature() -> str:
@@ -137,14 +140,14 @@ def _try(
     # Exported from one input and checked on another: a trace that froze data-dependent
     # behaviour into constants shows up as disagreement.
     example, check = check_input(request.input_shape, seed=1), check_input(request.input_shape, seed=0)
-    window = "x".join(str(v) for v in request.input_shape)
+    window = "x".join(str(v) for v in request.input_shape) + ("-any" if request.any_size else "")
     cache = request.cache_dir / f"{request.network_key[:16]}-{window}-{name}-{exporter.version()}-{cpu_signature()}"
     try:
         with warnings.catch_warnings():
             # Exporters trace the network and warn about what tracing cannot see (and that
             # tracing itself is deprecated); the agreement check below is what decides.
             warnings.simplefilter("ignore")
-            predictor = exporter.build(network, example, cache, request.precision)
+            predictor = exporter.build(network, example, cache, request.precision, request.any_size)
     except Exception as error:  # noqa: BLE001 - exporters raise many types; torch stays the answer
         log.warning("runtime %s: the network does not export (%s); running torch", name, first_line(error))
         return None
@@ -258,13 +261,18 @@ class OpenVinoExporter:
     def version(self) -> str:
         return str(self.ov.__version__).split("-")[0]
 
-    def build(self, network: torch.nn.Module, example: torch.Tensor, cache: Path, precision: str) -> Predictor:
+    def build(
+        self, network: torch.nn.Module, example: torch.Tensor, cache: Path, precision: str, any_size: bool
+    ) -> Predictor:
         xml = beside(cache, "-f32.xml")
         core = self.ov.Core()
         if xml.is_file():
             model = core.read_model(str(xml))
         else:
-            shape = self.ov.PartialShape([-1, *example.shape[1:]])  # any number of windows a call
+            # Any number of windows a call; of any size too where the windows are fitted to the
+            # scan (as fast at a given size as a static shape: 130 ms for 112^3 both, bf16 here).
+            window = [-1] * (example.dim() - 2) if any_size else list(example.shape[2:])
+            shape = self.ov.PartialShape([-1, example.shape[1], *window])
             model = self.ov.convert_model(network.cpu(), example_input=example, input=[shape])
             self._save(model, xml)
         compiled = core.compile_model(
@@ -301,8 +309,11 @@ class OnnxRuntimeExporter:
     def version(self) -> str:
         return str(self.ort.__version__)
 
-    def build(self, network: torch.nn.Module, example: torch.Tensor, cache: Path, precision: str) -> Predictor:
+    def build(
+        self, network: torch.nn.Module, example: torch.Tensor, cache: Path, precision: str, any_size: bool
+    ) -> Predictor:
         path = beside(cache, ".onnx")
+        spatial = {axis: f"side{axis}" for axis in range(2, example.dim())} if any_size else {}
         if not path.is_file():
             # Written beside the export and renamed into place: an export that fails half-way
             # leaves no file that the next load would take for a finished one.
@@ -316,7 +327,7 @@ class OnnxRuntimeExporter:
                 dynamo=False,
                 input_names=["input"],
                 output_names=["output"],
-                dynamic_axes={"input": {0: "windows"}, "output": {0: "windows"}},
+                dynamic_axes={"input": {0: "windows", **spatial}, "output": {0: "windows", **spatial}},
             )
             partial.replace(path)
         options = self.ort.SessionOptions()

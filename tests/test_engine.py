@@ -7,6 +7,7 @@ import hashlib
 import json
 import shutil
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import cc3d
@@ -852,3 +853,48 @@ def test_a_profile_with_a_window_of_its_own_runs_an_export_of_its_own(tmp_path: 
         assert prediction.ran is not None and prediction.ran.runtime == "openvino"
     shapes = sorted(p.name.split("-")[1] for p in (tmp_path / "x").glob("*.xml"))
     assert shapes == ["1x16x16x16", "1x32x32x32"]
+
+
+def test_fast_debug_may_fit_its_windows_to_the_scan(tmp_path: Path) -> None:
+    """A setup naming fit_windows runs, per scan, the window that covers it with the fewest
+    voxels (fewer network calls here), through an export that takes any window, with the same
+    answer; a setup whose windows overlap cannot name it."""
+    path = write_intensity_bundle(tmp_path, "fitted")
+    fit = {"multiple": 8, "max_voxels": 40 * 40 * 24}
+    (path / "configs" / "profiles.json").write_text(json.dumps({"fast_debug": {"fit_windows": fit}}))
+    options = EngineOptions(device="cpu", precision="fp32", threads=2, runtime="openvino", export_cache=tmp_path)
+    engine = InferenceEngine(BundleSpec.load(path), options)
+    engine.load()
+    volume = intensity_volume()  # 40 x 36 x 24 at 2 mm, the bundle's grid
+    calls = {profile: 0 for profile in (Profile.FAST_DEBUG, Profile.PRODUCTION)}
+    for profile in calls:
+
+        def count(share: float, profile: Profile = profile) -> None:
+            calls[profile] += 1
+
+        prediction = engine.predict(volume, flipped_affine(), profile, 0.5, progress=count)
+        assert np.array_equal(prediction.labels, expected_labels(volume)), profile
+        assert prediction.ran.runtime == "openvino"
+    # One window of 40 x 40 x 24 (one call), where the bundle's 32^3 window takes 2 x 2 x 1 (2 calls).
+    assert calls == {Profile.FAST_DEBUG: 1, Profile.PRODUCTION: 2}
+    assert len(list(tmp_path.glob("*-any-openvino-*.xml"))) == 1  # fast_debug's export takes any size
+    (path / "configs" / "profiles.json").write_text(json.dumps({"production": {"fit_windows": fit}}))
+    with pytest.raises(BundleError, match="production: fit_windows needs a sliding window without overlap"):
+        make_engine(path)
+    small = {"multiple": 8, "max_voxels": 16**3}
+    (path / "configs" / "profiles.json").write_text(json.dumps({"fast_debug": {"fit_windows": small}}))
+    with pytest.raises(BundleError, match="fast_debug: fit_windows: max_voxels 4096 holds no window of the bundle's"):
+        make_engine(path)
+
+
+@pytest.mark.parametrize("requested", ["openvino", "onnxruntime"])
+def test_an_export_for_fitted_windows_takes_any_window(tmp_path: Path, requested: str) -> None:
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(4, 2, 1))
+    request = replace(_runtime_request(tmp_path, requested, network), any_size=True)
+    choice = choose_runtime(network, request)
+    assert choice.name == requested
+    for shape in ((1, 1, 48, 24, 16), (2, 1, 16, 40, 32)):
+        x = torch.rand(*shape)
+        with torch.inference_mode():
+            assert torch.allclose(choice.predictor(x), network(x), atol=1e-5), shape
