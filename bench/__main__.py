@@ -1,4 +1,4 @@
-"""python -m bench [--quick] [--sizes ...] [--profiles ...] [--repeat N] [--burst N] [--json PATH]
+"""python -m bench [--quick] [--sizes ...] [--profiles ...] [--repeat N] [--burst N] [--burst-profiles ...] [--json PATH]
 
 `make bench`: the service's whole job against the plain MONAI script per size and profile,
 bursts, memory and cold start, in one go (see bench.suite); prints Markdown tables and writes
@@ -18,7 +18,12 @@ from bench import report
 from bench.suite import SIZES, Plan, Results, run
 from schemas.jobs import Profile
 
-QUICK = Plan(sizes=("256x256x128",), profiles=(Profile.FAST_DEBUG, Profile.PRODUCTION), burst_jobs=8)
+QUICK = Plan(
+    sizes=("256x256x128",),
+    profiles=(Profile.FAST_DEBUG, Profile.PRODUCTION),
+    burst_jobs=8,
+    burst_profiles=(Profile.FAST_DEBUG,),
+)
 FULL = Plan(sizes=tuple(SIZES), profiles=(Profile.FAST_DEBUG, Profile.PRODUCTION), burst_jobs=20)
 
 
@@ -29,6 +34,7 @@ def _plan(args: argparse.Namespace) -> Plan:
         profiles=tuple(Profile(p) for p in args.profiles) if args.profiles else base.profiles,
         repeat=args.repeat,
         burst_jobs=args.burst or base.burst_jobs,
+        burst_profiles=tuple(Profile(p) for p in args.burst_profiles) if args.burst_profiles else base.burst_profiles,
     )
 
 
@@ -67,6 +73,12 @@ def main() -> None:
     parser.add_argument("--profiles", nargs="+", choices=[p.value for p in Profile])
     parser.add_argument("--repeat", type=int, default=1, help="jobs (and plain runs) per size and profile")
     parser.add_argument("--burst", type=int, help="jobs in the burst (default 20, 8 with --quick)")
+    parser.add_argument(
+        "--burst-profiles",
+        nargs="+",
+        choices=[p.value for p in Profile],
+        help="a burst of each (default fast_debug and production; fast_debug with --quick)",
+    )
     parser.add_argument("--json", type=Path, default=Path("bench-results.json"))
     args = parser.parse_args()
     plan = _plan(args)

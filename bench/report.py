@@ -60,6 +60,7 @@ class ColdStart:
 @dataclass
 class Burst:
     replica: str
+    profile: str
     jobs: int
     partitions: int
     slots: int
@@ -202,7 +203,8 @@ def cold_start_table(starts: Sequence[ColdStart]) -> str:
 
 
 def burst_table(bursts: Sequence[Burst]) -> str:
-    headers = ["replica", "jobs", "partitions", "slots", "elapsed s", "jobs/min", "infer alone s", "60 / infer"]
+    headers = ["replica", "profile", "jobs", "partitions", "slots", "elapsed s", "jobs/min", "infer alone s"]
+    headers += ["60 / infer"]
     headers += ["ratio", "engine per job s", "engine busy"]
     rows = [_burst_row(b) for b in bursts]
     return markdown(headers, rows)
@@ -210,7 +212,7 @@ def burst_table(bursts: Sequence[Burst]) -> str:
 
 def _burst_row(b: Burst) -> list[object]:
     alone_rate = 60.0 / b.infer_alone
-    return [b.replica, b.jobs, b.partitions, b.slots, b.elapsed, b.per_minute, b.infer_alone, alone_rate, b.ratio,
+    return [b.replica, b.profile, b.jobs, b.partitions, b.slots, b.elapsed, b.per_minute, b.infer_alone, alone_rate, b.ratio,
             median(b.engine_in_burst), f"{100 * b.engine_busy:.0f} %"]  # fmt: skip
 
 

@@ -65,7 +65,9 @@ def test_the_profile_table_gives_fast_debugs_speed_up_over_production() -> None:
 
 
 def test_a_burst_is_measured_against_the_inference_time_of_one_job() -> None:
-    burst = Burst("auto", jobs=20, partitions=4, slots=2, elapsed=100.0, infer_alone=4.5, engine_in_burst=[4.6] * 20)
+    burst = Burst(
+        "auto", "fast_debug", jobs=20, partitions=4, slots=2, elapsed=100.0, infer_alone=4.5, engine_in_burst=[4.6] * 20
+    )
     assert burst.per_minute == pytest.approx(12.0)
     assert burst.ratio == pytest.approx(12.0 / (60.0 / 4.5))
     assert burst.engine_busy == pytest.approx(0.92)
