@@ -4,7 +4,8 @@
                                 [--threshold 0.55] [--json times.json]
 
 Same weights and same settings as the service: the config overrides are the ones the service's
-engine applies for the profile (`InferenceEngine.profile_run`), test-time flips included, in the
+engine applies for the profile (`InferenceEngine.profile_run`), test-time flips included, and the
+window the setup fits to the scan where it fits its windows (`fit_windows`), in the
 setup the service picks for the scan (a profile's setup for small patients, where the bundle has
 one: the pick is made before the clock starts, as it costs the service tens of milliseconds). What
 differs is everything around the network: the bundle's LoadImaged reads the NIfTI from disk, the
@@ -37,8 +38,9 @@ from models.bundle import BundleSpec
 from models.engine import EngineOptions, InferenceEngine
 from models.evaluate import DEFAULT_BUNDLE
 from models.network import build_network, bundle_imports
-from models.passes import FLIPS
+from models.passes import FLIPS, shifted, unshifted
 from models.pipeline import is_writer
+from models.windows import WindowFit, fitted_inferer
 from schemas.jobs import Profile
 
 STAGES = ("read", "preprocess", "network", "postprocess", "write")
@@ -53,6 +55,8 @@ class PlainRun:
     inferer: Any
     postprocessing: list[Any]
     flips: tuple[tuple[int, ...], ...]
+    shifts: tuple[tuple[int, ...], ...]
+    fit: WindowFit | None = None  # the setup's window is fitted to each scan (models.windows)
     times: dict[str, float] = field(default_factory=dict)
 
 
@@ -62,6 +66,12 @@ def plain_overrides(bundle: Path, setup: str, threshold: float, output_dir: Path
     engine = InferenceEngine(BundleSpec.load(bundle), EngineOptions(device="cpu", precision="fp32"))
     run = engine.profile_run(setup, threshold)
     return {**run.overrides, "output_dir": str(output_dir)}, len(run.flips) > 1
+
+
+def plain_shifts(bundle: Path, setup: str) -> tuple[tuple[int, ...], ...]:
+    """The passes over the scan shifted that the service runs for this setup (the scan as it is first)."""
+    engine = InferenceEngine(BundleSpec.load(bundle), EngineOptions(device="cpu", precision="fp32"))
+    return engine.profile_run(setup, None).shifts
 
 
 def service_setup(bundle: Path, profile: Profile, scan: Path) -> str:
@@ -86,6 +96,8 @@ def setup(bundle: Path, name: str, threshold: float, output_dir: Path) -> PlainR
             inferer=parser.get_parsed_content("inferer"),
             postprocessing=_transforms(parser, "postprocessing"),
             flips=FLIPS if tta else ((),),
+            shifts=plain_shifts(bundle, name),
+            fit=spec.window_fits.get(name),
         )
     _warm_up(run)
     run.times["setup"] = time.perf_counter() - started
@@ -125,14 +137,17 @@ def process(run: PlainRun, scan: Path) -> dict[str, float]:
 
 
 def _infer(run: PlainRun, image: torch.Tensor) -> torch.Tensor:
-    """The inferer in fp32; with flips, the mean of the logits over the flipped passes."""
+    """The inferer in fp32; with flips (and shifts), the mean of the logits over the passes."""
     total: torch.Tensor | None = None
-    for dims in run.flips:
-        out = run.inferer(torch.flip(image, dims) if dims else image, run.network)
-        out = torch.flip(out, dims) if dims else out
-        total = out if total is None else total + out
+    for shift in run.shifts:
+        moved = shifted(image, shift, float(getattr(run.inferer, "cval", 0.0)))
+        inferer: Any = run.inferer if run.fit is None else fitted_inferer(run.inferer, moved.shape[2:], run.fit)
+        for dims in run.flips:
+            out = inferer(torch.flip(moved, dims) if dims else moved, run.network)
+            out = unshifted(torch.flip(out, dims) if dims else out, shift)
+            total = out if total is None else total + out
     assert total is not None
-    return total / len(run.flips)
+    return total / (len(run.flips) * len(run.shifts))
 
 
 @contextlib.contextmanager

@@ -45,7 +45,9 @@ OWN_NETWORK_PROFILES = (Profile.FAST_DEBUG.value,)
 SMALL_PATIENTS = "small_patients"
 SMALL_SETUP = "@small"
 # Keys of configs/profiles.json that the engine reads itself instead of passing to the config.
-ENGINE_KEYS = frozenset({"tta", PROFILE_WEIGHTS, SMALL_PATIENTS, FIT_WINDOWS})
+# `shifts`: test-time passes over the scan moved by these voxels of the model grid (models.passes).
+SHIFTS = "shifts"
+ENGINE_KEYS = frozenset({"tta", PROFILE_WEIGHTS, SMALL_PATIENTS, FIT_WINDOWS, SHIFTS})
 _SIZE_KEYS = ("below_mm", "body_above")
 
 
@@ -95,6 +97,7 @@ class BundleSpec:
     profile_weights: dict[str, Weights] = field(default_factory=dict)  # setups with a network of their own
     size_rules: dict[str, SizeRule] = field(default_factory=dict)  # profile -> its setup for small patients
     window_fits: dict[str, WindowFit] = field(default_factory=dict)  # setups whose windows fit each scan
+    shifts: dict[str, tuple[tuple[int, ...], ...]] = field(default_factory=dict)  # setups' test-time shifts
 
     @classmethod
     def load(cls, path: Path, name: str | None = None) -> BundleSpec:
@@ -125,6 +128,7 @@ class BundleSpec:
             profile_weights=_profile_weights(name, path, profiles),
             size_rules=size_rules,
             window_fits=_window_fits(name, profiles),
+            shifts={setup: _shifts(name, setup, entry[SHIFTS]) for setup, entry in profiles.items() if SHIFTS in entry},
         )
 
     @property
@@ -225,6 +229,25 @@ def _window_fits(name: str, profiles: dict[str, dict[str, Any]]) -> dict[str, Wi
             except (TypeError, ValueError) as error:
                 raise BundleError(name, f"configs/profiles.json: {setup}: {error}") from error
     return fits
+
+
+def _shifts(name: str, setup: str, value: Any) -> tuple[tuple[int, ...], ...]:
+    """A setup's test-time shifts: voxels before each of the three axes, none all zero (the scan
+    as it is always runs first)."""
+    shifts: list[Any] = value if isinstance(value, list) else [None]
+    if not shifts or not all(
+        isinstance(s, list)
+        and len(s) == 3
+        and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 64 for v in s)
+        and any(s)
+        for s in shifts
+    ):
+        raise BundleError(
+            name,
+            f"configs/profiles.json: {setup}: {SHIFTS} must be a list of [x, y, z] voxel shifts (0-64, not all 0), "
+            f"not {value!r}",
+        )
+    return tuple(tuple(s) for s in shifts)
 
 
 def _is_number(value: Any) -> bool:

@@ -17,7 +17,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +35,11 @@ from models.bundle import BundleError, BundleSpec, Weights, first_line, profile_
 from models.device import choose_device, choose_precision
 from models.labels import is_discrete, to_label_maps
 from models.network import build_network, bundle_imports
-from models.passes import FLIPS, NetworkOutput, ProgressFn, run_passes
+from models.passes import FLIPS, NO_SHIFT, NetworkOutput, ProgressFn, run_passes
 from models.patient_size import effective_diameter_mm
 from models.pipeline import Data, Pipeline, StageError, scan_image
 from models.runtime import RuntimeChoice, RuntimeRequest, choose_runtime
-from models.windows import can_fit, fitted_inferer
+from models.windows import can_fit
 from schemas.jobs import Profile
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class Runner:
 class Prediction:
     labels: np.ndarray  # uint8/uint16 label map on the input grid
     probability: np.ndarray | None  # float32: of each voxel's label (foreground for background voxels)
-    uncertainty: np.ndarray | None  # float32 variance across test-time flips (research)
+    uncertainty: np.ndarray | None  # float32 variance across test-time flips and shifts (research)
     label_names: dict[int, str]
     min_volume_mm3: float
     ran: Ran  # which network ran it: a profile may have one of its own
@@ -103,10 +103,11 @@ class Prediction:
 
 @dataclass(frozen=True)
 class ProfileRun:
-    """How one profile runs one bundle: config overrides and test-time flips."""
+    """How one profile runs one bundle: config overrides, test-time flips and shifts."""
 
     overrides: dict[str, Any]
     flips: tuple[tuple[int, ...], ...]
+    shifts: tuple[tuple[int, ...], ...] = (NO_SHIFT,)  # the scan as it is first
 
 
 @dataclass(frozen=True)
@@ -326,7 +327,7 @@ class InferenceEngine:
         if threshold is not None and self._uses_threshold:
             overrides["threshold"] = threshold
         tta = bool(self.spec.profiles.get(setup, {}).get("tta", profile in TTA_PROFILES))
-        return ProfileRun(overrides, FLIPS if tta else ((),))
+        return ProfileRun(overrides, FLIPS if tta else ((),), (NO_SHIFT, *self.spec.shifts.get(setup, ())))
 
     @property
     def _uses_threshold(self) -> bool:
@@ -394,11 +395,10 @@ class InferenceEngine:
         with _timer(timings, "preprocess"):
             batch = pipeline.batch(pipeline.preprocess(scan_image(volume, affine, header), "scan.nii.gz"))
             inputs = batch[pipeline.image_key].to(self.device)
-        fit = self.spec.window_fits.get(setup)
-        if fit is not None:  # a copy: the cached pipeline keeps the bundle's window
-            pipeline = replace(pipeline, inferer=fitted_inferer(pipeline.inferer, inputs.shape[2:], fit))
         with _timer(timings, "network"):
-            _add_output(batch, run_passes(pipeline, runner.choice.predictor, inputs, run.flips, progress))
+            fit = self.spec.window_fits.get(setup)
+            output = run_passes(pipeline, runner.choice.predictor, inputs, run.flips, progress, run.shifts, fit)
+            _add_output(batch, output)
             del inputs  # on a GPU, its copy there
         with _timer(timings, "postprocess"):
             data, watched = self._postprocess(pipeline, batch, volume.shape)

@@ -1,27 +1,35 @@
-"""Running the network over a scan: test-time flips, their spread as uncertainty, and progress.
+"""Running the network over a scan: test-time flips and shifts, their spread as uncertainty, and progress.
 
 Research runs the inferer on the scan and on its flips along each axis and averages the
 network outputs (logits, before the bundle's own activation), so the bundle's post-processing
-sees one output as usual. The spread of the activated outputs across the passes is the
-voxel-wise uncertainty (variance, summed over channels).
+sees one output as usual. A setup may also name shifts (`"shifts": [[4, 4, 4]]` in its
+configs/profiles.json entry): passes over the scan moved by that many voxels of the model grid
+(the inferer's padding value before it), each pass for every flip. A network that downsamples by
+strides answers otherwise for each position of the scan against its stride grid (aliasing);
+averaging positions smooths that out. The spread of the activated outputs across the passes is
+the voxel-wise uncertainty (variance, summed over channels).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import Activationsd
 from monai.utils import ensure_tuple_rep
 
 from models.pipeline import Pipeline
+from models.windows import WindowFit, fitted_inferer
 
 ProgressFn = Callable[[float], None]
 # Dims of a (batch, channel, x, y, z) tensor: no flip, then one flip per spatial axis.
 FLIPS: tuple[tuple[int, ...], ...] = ((), (2,), (3,), (4,))
+NO_SHIFT = (0, 0, 0)
+Shift = tuple[int, ...]  # voxels of padding before each spatial axis
 
 
 @dataclass
@@ -80,30 +88,55 @@ def run_passes(
     inputs: torch.Tensor,
     flips: Sequence[tuple[int, ...]],
     progress: ProgressFn | None,
+    shifts: Sequence[Shift] = (NO_SHIFT,),
+    fit: WindowFit | None = None,
 ) -> NetworkOutput:
-    calls = expected_calls(pipeline.inferer, inputs.shape[2:])
+    """The mean network output over every flip of every shift (the first pass is the scan as it
+    is), with the window fitted to each pass's input where the setup fits its windows."""
+    passes = [(dims, shift) for shift in shifts for dims in flips]
 
     def report_pass(index: int) -> ProgressFn | None:
         if progress is None:
             return None
-        return lambda share: progress((index + share) / len(flips))
+        return lambda share: progress((index + share) / len(passes))
 
     total: torch.Tensor | None = None
     moments: tuple[torch.Tensor, torch.Tensor] | None = None
-    for index, dims in enumerate(flips):
-        counter = _Counter(network, report_pass(index), calls)
-        out = pipeline.infer(torch.flip(inputs, dims) if dims else inputs, counter)
-        out = (torch.flip(out, dims) if dims else out).float()
+    for index, (dims, shift) in enumerate(passes):
+        moved = shifted(inputs, shift, float(getattr(pipeline.inferer, "cval", 0.0)))
+        run = (
+            pipeline
+            if fit is None
+            else replace(pipeline, inferer=fitted_inferer(pipeline.inferer, moved.shape[2:], fit))
+        )
+        counter = _Counter(network, report_pass(index), expected_calls(run.inferer, moved.shape[2:]))
+        out = run.infer(torch.flip(moved, dims) if dims else moved, counter)
+        out = unshifted((torch.flip(out, dims) if dims else out).float(), shift)
         total = out if total is None else total.add_(out)
-        if len(flips) > 1:
+        if len(passes) > 1:
             activated = activation(pipeline, out.shape[1])(out.as_tensor() if hasattr(out, "as_tensor") else out)
             moments = (
                 (activated, activated**2) if moments is None else (moments[0] + activated, moments[1] + activated**2)
             )
     assert total is not None
-    logits = total.div_(len(flips))
+    logits = total.div_(len(passes))
     if moments is None:
         return NetworkOutput(logits, None)
-    mean, mean_sq = moments[0] / len(flips), moments[1] / len(flips)
+    mean, mean_sq = moments[0] / len(passes), moments[1] / len(passes)
     variance = (mean_sq - mean**2).clamp_(min=0.0).sum(dim=1, keepdim=True)
     return NetworkOutput(logits, variance)
+
+
+def shifted(inputs: torch.Tensor, shift: Shift, value: float) -> torch.Tensor:
+    """The input with `shift` voxels of `value` before each spatial axis (the inferer's padding)."""
+    if not any(shift):
+        return inputs
+    plain = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
+    return torch.nn.functional.pad(plain, [p for s in reversed(shift) for p in (int(s), 0)], value=value)
+
+
+def unshifted(output: torch.Tensor, shift: Shift) -> torch.Tensor:
+    if not any(shift):
+        return output
+    starts = [int(s) for s in shift]
+    return output[..., starts[0] :, starts[1] :, starts[2] :]

@@ -38,6 +38,21 @@ def test_the_plain_script_runs_the_bundle_with_the_services_settings(tmp_path: P
     assert np.array_equal(mask.astype(np.uint8), expected_labels(volume))
 
 
+def test_the_plain_script_fits_windows_and_shifts_the_scan_as_the_service_does(tmp_path: Path) -> None:
+    bundle = write_intensity_bundle(tmp_path)
+    fit = {"multiple": 8, "max_voxels": 40 * 40 * 24}
+    profiles = {"fast_debug": {"fit_windows": fit, "shifts": [[3, 2, 1]]}}
+    (bundle / "configs" / "profiles.json").write_text(json.dumps(profiles))
+    volume = intensity_volume()
+    nib.save(nib.Nifti1Image(volume, flipped_affine()), tmp_path / "scan.nii.gz")
+    run = plain_monai.setup(bundle, Profile.FAST_DEBUG, 0.5, tmp_path / "out")
+    assert run.fit is not None and run.shifts == ((0, 0, 0), (3, 2, 1))
+    plain_monai.process(run, tmp_path / "scan.nii.gz")
+    written = next((tmp_path / "out").rglob("*_seg.nii.gz"))
+    mask = np.asarray(nib.load(written).dataobj).reshape(volume.shape)
+    assert np.array_equal(mask.astype(np.uint8), expected_labels(volume))
+
+
 def _job(replica: str, profile: str, wall: float, dice: float = 0.9) -> ServiceJob:
     steps = {"fetch": 0.1, "read": 0.2, "infer": wall - 1.0, "analyse": 0.3}
     engine = {"preprocess": 0.5, "network": wall - 2.0, "postprocess": 0.4}

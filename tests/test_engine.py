@@ -898,3 +898,31 @@ def test_an_export_for_fitted_windows_takes_any_window(tmp_path: Path, requested
         x = torch.rand(*shape)
         with torch.inference_mode():
             assert torch.allclose(choice.predictor(x), network(x), atol=1e-5), shape
+
+
+def test_a_setup_may_average_passes_over_the_scan_shifted(tmp_path: Path) -> None:
+    """`shifts` adds passes over the scan moved by that many voxels (air before it): the output is
+    put back where it belongs (a one-voxel slip would move every label), the passes are counted in
+    the progress and their spread is the uncertainty."""
+    path = write_intensity_bundle(tmp_path, "shifted")
+    profiles = {"production": {"shifts": [[3, 2, 1], [0, 5, 0]]}, "fast_debug": {"tta": True, "shifts": [[1, 1, 1]]}}
+    (path / "configs" / "profiles.json").write_text(json.dumps(profiles))
+    engine = make_engine(path)
+    assert engine.profile_run("production", None).shifts == ((0, 0, 0), (3, 2, 1), (0, 5, 0))
+    volume = intensity_volume()
+    shares: list[float] = []
+    production = engine.predict(volume, flipped_affine(), Profile.PRODUCTION, 0.5, progress=shares.append)
+    assert np.array_equal(production.labels, expected_labels(volume))
+    assert len(shares) > 3 and shares[-1] == pytest.approx(1.0) and shares == sorted(shares)
+    assert production.uncertainty is not None and float(production.uncertainty.max()) < 1e-6
+    fast = engine.predict(volume, flipped_affine(), Profile.FAST_DEBUG, 0.5)  # 4 flips x 2 shifts
+    assert np.array_equal(fast.labels, expected_labels(volume)) and fast.uncertainty is not None
+    assert engine.predict(volume, flipped_affine(), Profile.RESEARCH, 0.5).ran == production.ran
+
+
+@pytest.mark.parametrize("shifts", [[[0, 0, 0]], [[1, 2]], [[-1, 0, 0]], [[1.5, 0, 0]], [], "4"])
+def test_shifts_that_are_not_voxel_moves_fail_the_load(tmp_path: Path, shifts: object) -> None:
+    path = write_intensity_bundle(tmp_path, "broken")
+    (path / "configs" / "profiles.json").write_text(json.dumps({"production": {"shifts": shifts}}))
+    with pytest.raises(BundleError, match=r"production: shifts must be a list of \[x, y, z\] voxel shifts"):
+        BundleSpec.load(path)
