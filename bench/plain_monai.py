@@ -38,9 +38,9 @@ from models.bundle import BundleSpec
 from models.engine import EngineOptions, InferenceEngine
 from models.evaluate import DEFAULT_BUNDLE
 from models.network import build_network, bundle_imports
-from models.passes import FLIPS, shifted, unshifted
+from models.passes import FLIPS, Placement, padding_value, pass_inferer
 from models.pipeline import is_writer
-from models.windows import WindowFit, fitted_inferer
+from models.windows import WindowFit
 from schemas.jobs import Profile
 
 STAGES = ("read", "preprocess", "network", "postprocess", "write")
@@ -139,12 +139,15 @@ def process(run: PlainRun, scan: Path) -> dict[str, float]:
 def _infer(run: PlainRun, image: torch.Tensor) -> torch.Tensor:
     """The inferer in fp32; with flips (and shifts), the mean of the logits over the passes."""
     total: torch.Tensor | None = None
+    spatial = tuple(int(n) for n in image.shape[2:])
+    inferer = pass_inferer(run.inferer, spatial, run.shifts, run.fit)
     for shift in run.shifts:
-        moved = shifted(image, shift, float(getattr(run.inferer, "cval", 0.0)))
-        inferer: Any = run.inferer if run.fit is None else fitted_inferer(run.inferer, moved.shape[2:], run.fit)
+        placed = Placement.of(spatial, shift, inferer) if len(run.shifts) > 1 else None
+        moved = placed.pad(image, padding_value(inferer, image)) if placed else image
         for dims in run.flips:
             out = inferer(torch.flip(moved, dims) if dims else moved, run.network)
-            out = unshifted(torch.flip(out, dims) if dims else out, shift)
+            out = torch.flip(out, dims) if dims else out
+            out = placed.crop(out) if placed else out
             total = out if total is None else total + out
     assert total is not None
     return total / (len(run.flips) * len(run.shifts))

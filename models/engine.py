@@ -247,11 +247,13 @@ class InferenceEngine:
             return False
         inferer = self._pipeline(setup, None).inferer
         where = f"configs/profiles.json: {setup}: fit_windows"
-        if not (isinstance(inferer, SlidingWindowInferer) and can_fit(inferer)):
+        if not isinstance(inferer, SlidingWindowInferer):
+            raise BundleError(self.spec.name, f"{where} needs a sliding window, not {type(inferer).__name__}")
+        if not can_fit(inferer):
             raise BundleError(
                 self.spec.name,
-                f"{where} needs a sliding window without overlap, "
-                f"and its inferer is {type(inferer).__name__} with overlap {getattr(inferer, 'overlap', None)}",
+                f"{where} needs a sliding window without overlap and a window of fixed sides, not overlap "
+                f"{inferer.overlap} and roi_size {inferer.roi_size}",
             )
         fit, own = self.spec.window_fits[setup], ensure_tuple_rep(inferer.roi_size, SPATIAL_DIMS)
         if fit.max_voxels < (least := fit.least_voxels(own)):
@@ -300,7 +302,15 @@ class InferenceEngine:
             network_key=self.spec.network_key(own),
             input_shape=self._window(setup),
             any_size=self._fits_windows(setup),
+            other_shape=self._other_window(setup),
         )
+
+    def _other_window(self, setup: str) -> tuple[int, ...] | None:
+        """A window of another size than the bundle's, for a setup that fits its windows."""
+        window, fit = self._window(setup), self.spec.window_fits.get(setup)
+        if window is None or fit is None:
+            return None
+        return (window[0], window[1] + fit.multiple, *window[2:])
 
     def _release_runtimes(self) -> None:
         """Between predictions only the weights stay: each runtime's working buffers and the

@@ -4,7 +4,7 @@ Research runs the inferer on the scan and on its flips along each axis and avera
 network outputs (logits, before the bundle's own activation), so the bundle's post-processing
 sees one output as usual. A setup may also name shifts (`"shifts": [[4, 4, 4]]` in its
 configs/profiles.json entry): passes over the scan moved by that many voxels of the model grid
-(the inferer's padding value before it), each pass for every flip. A network that downsamples by
+against every window (`Placement`), each pass for every flip. A network that downsamples by
 strides answers otherwise for each position of the scan against its stride grid (aliasing);
 averaging positions smooths that out. The spread of the activated outputs across the passes is
 the voxel-wise uncertainty (variance, summed over channels).
@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from monai.data import MetaTensor
@@ -35,7 +36,7 @@ Shift = tuple[int, ...]  # voxels of padding before each spatial axis
 @dataclass
 class NetworkOutput:
     logits: torch.Tensor  # (1, C, ...) on the model grid, averaged over the passes
-    uncertainty: torch.Tensor | None  # (1, 1, ...) on the model grid, with flips only
+    uncertainty: torch.Tensor | None  # (1, 1, ...) on the model grid, with flips or shifts only
 
 
 class _Counter:
@@ -91,30 +92,28 @@ def run_passes(
     shifts: Sequence[Shift] = (NO_SHIFT,),
     fit: WindowFit | None = None,
 ) -> NetworkOutput:
-    """The mean network output over every flip of every shift (the first pass is the scan as it
-    is), with the window fitted to each pass's input where the setup fits its windows."""
+    """The mean network output over every flip of every shift, with the window fitted to the scan
+    where the setup fits its windows. With shifts, every pass (the unshifted one too) is placed on
+    a whole grid of windows (`Placement`), so that a shift moves the scan by exactly that much
+    against every window."""
+    spatial = tuple(int(n) for n in inputs.shape[2:])
+    inferer = pass_inferer(pipeline.inferer, spatial, shifts, fit)
+    run = pipeline if inferer is pipeline.inferer else replace(pipeline, inferer=inferer)
+    value = padding_value(run.inferer, inputs)
     passes = [(dims, shift) for shift in shifts for dims in flips]
-
-    def report_pass(index: int) -> ProgressFn | None:
-        if progress is None:
-            return None
-        return lambda share: progress((index + share) / len(passes))
-
     total: torch.Tensor | None = None
     moments: tuple[torch.Tensor, torch.Tensor] | None = None
     for index, (dims, shift) in enumerate(passes):
-        moved = shifted(inputs, shift, float(getattr(pipeline.inferer, "cval", 0.0)))
-        run = (
-            pipeline
-            if fit is None
-            else replace(pipeline, inferer=fitted_inferer(pipeline.inferer, moved.shape[2:], fit))
-        )
-        counter = _Counter(network, report_pass(index), expected_calls(run.inferer, moved.shape[2:]))
+        placed = Placement.of(spatial, shift, run.inferer) if len(shifts) > 1 else None
+        moved = placed.pad(inputs, value) if placed else inputs
+        report = None if progress is None else _share_of(progress, index, len(passes))
+        counter = _Counter(network, report, expected_calls(run.inferer, moved.shape[2:]))
         out = run.infer(torch.flip(moved, dims) if dims else moved, counter)
-        out = unshifted((torch.flip(out, dims) if dims else out).float(), shift)
-        total = out if total is None else total.add_(out)
+        out = (torch.flip(out, dims) if dims else out).float()
+        out = placed.crop(out) if placed else out
+        total = _with_meta_of(inputs, out) if total is None else total.add_(out)
         if len(passes) > 1:
-            activated = activation(pipeline, out.shape[1])(out.as_tensor() if hasattr(out, "as_tensor") else out)
+            activated = activation(pipeline, out.shape[1])(out.as_tensor() if isinstance(out, MetaTensor) else out)
             moments = (
                 (activated, activated**2) if moments is None else (moments[0] + activated, moments[1] + activated**2)
             )
@@ -127,16 +126,66 @@ def run_passes(
     return NetworkOutput(logits, variance)
 
 
-def shifted(inputs: torch.Tensor, shift: Shift, value: float) -> torch.Tensor:
-    """The input with `shift` voxels of `value` before each spatial axis (the inferer's padding)."""
-    if not any(shift):
-        return inputs
-    plain = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
-    return torch.nn.functional.pad(plain, [p for s in reversed(shift) for p in (int(s), 0)], value=value)
+def _share_of(progress: ProgressFn, index: int, passes: int) -> ProgressFn:
+    return lambda share: progress((index + share) / passes)
 
 
-def unshifted(output: torch.Tensor, shift: Shift) -> torch.Tensor:
-    if not any(shift):
-        return output
-    starts = [int(s) for s in shift]
-    return output[..., starts[0] :, starts[1] :, starts[2] :]
+def pass_inferer(inferer: Any, spatial: Shift, shifts: Sequence[Shift], fit: WindowFit | None) -> Any:
+    """The inferer every pass runs: the setup's, or its window fitted once to the scan and its
+    largest shift."""
+    if fit is None:
+        return inferer
+    largest = [n + max(int(s[k]) for s in shifts) for k, n in enumerate(spatial)]
+    return fitted_inferer(inferer, largest, fit)
+
+
+def padding_value(inferer: object, inputs: torch.Tensor) -> float:
+    """What a pass is padded with: the sliding window's own padding value, else the scan's lowest
+    value (its background: air in CT)."""
+    if isinstance(inferer, SlidingWindowInferer):
+        return float(inferer.cval)
+    return float(inputs.min())
+
+
+def _with_meta_of(inputs: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """A placed pass's output carries the scan's meta, as MONAI's inferer gives it (Invertd needs it)."""
+    if isinstance(inputs, MetaTensor) and not isinstance(out, MetaTensor):
+        return MetaTensor(out).copy_meta_from(inputs, copy_attr=False)
+    return out
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one pass puts the scan: `before` voxels of padding before each axis (its shift) and
+    `after` after it, so that the sliding window's windows fall on a whole grid from the padded
+    volume's origin. MONAI centres a scan smaller than its window and pins the last window of an
+    axis to the scan's end: padding before alone would move the scan by half the shift against a
+    window that spans the axis, and not at all against the last of several."""
+
+    before: Shift
+    after: Shift
+
+    @classmethod
+    def of(cls, spatial: Sequence[int], shift: Shift, inferer: object) -> Placement:
+        if not isinstance(inferer, SlidingWindowInferer):
+            return cls(tuple(int(s) for s in shift), (0,) * len(spatial))
+        rois = ensure_tuple_rep(inferer.roi_size, len(spatial))
+        overlaps = ensure_tuple_rep(inferer.overlap, len(spatial))
+        after = []
+        for n, s, roi, overlap in zip(spatial, shift, rois, overlaps, strict=True):
+            padded, r = int(n) + int(s), int(roi)
+            step = max(1, int(r * (1 - float(overlap))))
+            whole = r if padded <= r else r + step * math.ceil((padded - r) / step)
+            after.append(whole - padded if r > 0 else 0)  # a roi of 0 or less spans the axis
+        return cls(tuple(int(s) for s in shift), tuple(after))
+
+    def pad(self, inputs: torch.Tensor, value: float) -> torch.Tensor:
+        plain = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
+        sides = [p for b, a in zip(reversed(self.before), reversed(self.after), strict=True) for p in (b, a)]
+        return torch.nn.functional.pad(plain, sides, value=value)
+
+    def crop(self, output: torch.Tensor) -> torch.Tensor:
+        """The pass's output where the scan lies (flips already undone)."""
+        stops = [output.shape[2 + k] - a for k, a in enumerate(self.after)]
+        (x0, y0, z0), (x1, y1, z1) = self.before, stops
+        return output[..., x0:x1, y0:y1, z0:z1]

@@ -39,7 +39,7 @@ class WindowFit:
     @classmethod
     def parse(cls, value: Any) -> WindowFit:
         """From a profiles.json entry: an object with positive integers `multiple`, `max_voxels`."""
-        if not isinstance(value, dict) or set(value) - {"multiple", "max_voxels"}:
+        if not isinstance(value, dict) or set(value) != {"multiple", "max_voxels"}:
             raise ValueError(f"{FIT_WINDOWS} must be an object with 'multiple' and 'max_voxels', not {value!r}")
         fit = cls(**value)
         for name in ("multiple", "max_voxels"):
@@ -96,11 +96,14 @@ def fitted_inferer(inferer: Any, spatial: Sequence[int], fit: WindowFit) -> Slid
         raise ValueError(f"{FIT_WINDOWS} needs a sliding window without overlap, not {inferer!r}")
     fitted = copy.copy(inferer)
     fitted.roi_size = fitted_roi(spatial, fit, ensure_tuple_rep(inferer.roi_size, len(spatial)))
+    fitted.roi_weight_map = None  # a cached blending map of the bundle's window would not fit this one
     return fitted
 
 
 def can_fit(inferer: Any) -> bool:
-    """A sliding window whose windows do not overlap: where fitting changes only the tiling."""
+    """A sliding window of a fixed window whose windows do not overlap: where fitting changes only
+    the tiling (a side of 0 or less spans its axis: there is no window to fit)."""
     if not isinstance(inferer, SlidingWindowInferer):
         return False
-    return all(float(o) == 0.0 for o in ensure_tuple_rep(inferer.overlap, 3))
+    sides = ensure_tuple_rep(inferer.roi_size, 3)
+    return all(float(o) == 0.0 for o in ensure_tuple_rep(inferer.overlap, 3)) and all(int(r) > 0 for r in sides)

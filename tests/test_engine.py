@@ -920,7 +920,7 @@ def test_a_setup_may_average_passes_over_the_scan_shifted(tmp_path: Path) -> Non
     assert engine.predict(volume, flipped_affine(), Profile.RESEARCH, 0.5).ran == production.ran
 
 
-@pytest.mark.parametrize("shifts", [[[0, 0, 0]], [[1, 2]], [[-1, 0, 0]], [[1.5, 0, 0]], [], "4"])
+@pytest.mark.parametrize("shifts", [[[0, 0, 0]], [[1, 2]], [[-1, 0, 0]], [[1.5, 0, 0]], [[65, 0, 0]], [], "4"])
 def test_shifts_that_are_not_voxel_moves_fail_the_load(tmp_path: Path, shifts: object) -> None:
     path = write_intensity_bundle(tmp_path, "broken")
     (path / "configs" / "profiles.json").write_text(json.dumps({"production": {"shifts": shifts}}))

@@ -5,8 +5,11 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 from monai.inferers import SlidingWindowInferer
 
+from models.passes import Placement, run_passes
+from models.pipeline import Pipeline
 from models.windows import WindowFit, can_fit, fitted_inferer, fitted_roi
 
 
@@ -73,6 +76,7 @@ def test_a_scan_smaller_than_a_window_takes_one_window_of_its_size() -> None:
         ({"multiple": 16, "max_voxels": 2.5e6}, "max_voxels must be a positive integer"),
         ({"multiple": 16, "max_voxels": 1000}, "holds no window of 16"),
         ({"multiple": 16, "voxels": 1000}, "an object with 'multiple' and 'max_voxels'"),
+        ({"multiple": 16}, "an object with 'multiple' and 'max_voxels'"),
         (True, "an object with"),
     ],
 )
@@ -86,6 +90,51 @@ def test_only_windows_without_overlap_are_fitted() -> None:
     fitted = fitted_inferer(plain, (171, 123, 225), WindowFit())
     assert fitted.roi_size == (176, 128, 128) and plain.roi_size == (112, 112, 112)
     overlapping = SlidingWindowInferer(roi_size=(96, 96, 96), overlap=0.25)
-    assert can_fit(plain) and not can_fit(overlapping) and not can_fit(object())
+    spanning = SlidingWindowInferer(roi_size=(-1, 96, 96), overlap=0.0)
+    assert can_fit(plain) and not can_fit(overlapping) and not can_fit(spanning) and not can_fit(object())
     with pytest.raises(ValueError, match="without overlap"):
         fitted_inferer(overlapping, (171, 123, 225), WindowFit())
+
+
+def _stride_two(x: torch.Tensor) -> torch.Tensor:
+    """Answers per 2-voxel block of its window: a scan moved by an odd number of voxels against
+    the window reads otherwise, by an even number the same."""
+    return torch.nn.functional.interpolate(torch.nn.functional.avg_pool3d(x, 2), scale_factor=2.0, mode="nearest")
+
+
+def _pipeline(inferer: SlidingWindowInferer) -> Pipeline:
+    return Pipeline(image_key="image", loader=None, preprocessing=None, inferer=inferer, postprocessing=[])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("inferer", "fit"),
+    [
+        (SlidingWindowInferer(roi_size=(16, 16, 16), overlap=0.25, mode="constant", cval=-5.0), None),
+        (SlidingWindowInferer(roi_size=(16, 16, 16), overlap=0.0, mode="constant", cval=-5.0), WindowFit(8, 16**3)),
+    ],
+)
+def test_a_shift_moves_the_scan_by_exactly_that_much_against_every_window(
+    inferer: SlidingWindowInferer, fit: WindowFit | None
+) -> None:
+    # One axis shorter than a window (MONAI centres it), two covered by several (MONAI pins the last).
+    scan = torch.rand(1, 1, 20, 30, 10, generator=torch.Generator().manual_seed(0))
+    pipeline = _pipeline(inferer)
+
+    def mean_of(shifts: tuple[tuple[int, ...], ...]) -> torch.Tensor:
+        return run_passes(pipeline, _stride_two, scan, ((),), None, shifts, fit).logits
+
+    once = mean_of(((0, 0, 0), (0, 0, 0)))  # placed as shifted passes are, not moved
+    assert once.shape == scan.shape
+    assert torch.allclose(mean_of(((0, 0, 0), (2, 4, 2))), once, atol=1e-6)  # even moves: the same blocks
+    assert not torch.allclose(mean_of(((0, 0, 0), (1, 1, 1))), once, atol=1e-3)  # odd moves: other blocks
+    assert not torch.allclose(mean_of(((0, 0, 0), (0, 0, 1))), once, atol=1e-3)  # the axis a window spans
+
+
+def test_a_placement_puts_every_window_on_one_grid() -> None:
+    inferer = SlidingWindowInferer(roi_size=(96, 96, 96), overlap=0.25)
+    for n in (40, 96, 97, 171, 225):
+        for shift in (0, 3, 4):
+            placed = Placement.of((n, n, n), (shift,) * 3, inferer)
+            whole = n + shift + placed.after[0]
+            # A whole grid of windows from the origin, and no window more than the scan needs.
+            assert whole >= 96 and (whole - 96) % 72 == 0 and (whole == 96 or whole - 72 < n + shift)
