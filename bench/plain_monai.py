@@ -35,10 +35,10 @@ from monai.transforms import Compose
 from monai.utils import ensure_tuple
 
 from models.bundle import BundleSpec
-from models.engine import EngineOptions, InferenceEngine
+from models.engine import EngineOptions, InferenceEngine, ProfileRun
 from models.evaluate import DEFAULT_BUNDLE
 from models.network import build_network, bundle_imports
-from models.passes import FLIPS, Placement, padding_value, pass_inferer
+from models.passes import pass_inferer, pass_outputs
 from models.pipeline import is_writer
 from models.windows import WindowFit
 from schemas.jobs import Profile
@@ -60,18 +60,17 @@ class PlainRun:
     times: dict[str, float] = field(default_factory=dict)
 
 
+def service_run(bundle: Path, setup: str, threshold: float) -> ProfileRun:
+    """How the service runs this setup: config overrides, test-time flips and shifts."""
+    engine = InferenceEngine(BundleSpec.load(bundle), EngineOptions(device="cpu", precision="fp32"))
+    return engine.profile_run(setup, threshold)
+
+
 def plain_overrides(bundle: Path, setup: str, threshold: float, output_dir: Path) -> tuple[dict[str, Any], bool]:
     """The config overrides the service uses for this setup (and the output folder), and whether
     it runs test-time flips."""
-    engine = InferenceEngine(BundleSpec.load(bundle), EngineOptions(device="cpu", precision="fp32"))
-    run = engine.profile_run(setup, threshold)
+    run = service_run(bundle, setup, threshold)
     return {**run.overrides, "output_dir": str(output_dir)}, len(run.flips) > 1
-
-
-def plain_shifts(bundle: Path, setup: str) -> tuple[tuple[int, ...], ...]:
-    """The passes over the scan shifted that the service runs for this setup (the scan as it is first)."""
-    engine = InferenceEngine(BundleSpec.load(bundle), EngineOptions(device="cpu", precision="fp32"))
-    return engine.profile_run(setup, None).shifts
 
 
 def service_setup(bundle: Path, profile: Profile, scan: Path) -> str:
@@ -85,9 +84,9 @@ def service_setup(bundle: Path, profile: Profile, scan: Path) -> str:
 def setup(bundle: Path, name: str, threshold: float, output_dir: Path) -> PlainRun:
     """The bundle's parts for one setup (a profile's name, or its setup for small patients)."""
     started = time.perf_counter()
-    overrides, tta = plain_overrides(bundle, name, threshold, output_dir)
+    service = service_run(bundle, name, threshold)
     spec = BundleSpec.load(bundle)
-    parser = spec.parser(overrides)
+    parser = spec.parser({**service.overrides, "output_dir": str(output_dir)})
     with bundle_imports(spec.path):
         network = build_network(spec, parser, torch.device("cpu"), spec.weights_of(name))
         run = PlainRun(
@@ -95,8 +94,8 @@ def setup(bundle: Path, name: str, threshold: float, output_dir: Path) -> PlainR
             preprocessing=_transforms(parser, "preprocessing"),
             inferer=parser.get_parsed_content("inferer"),
             postprocessing=_transforms(parser, "postprocessing"),
-            flips=FLIPS if tta else ((),),
-            shifts=plain_shifts(bundle, name),
+            flips=service.flips,
+            shifts=service.shifts,
             fit=spec.window_fits.get(name),
         )
     _warm_up(run)
@@ -138,19 +137,9 @@ def process(run: PlainRun, scan: Path) -> dict[str, float]:
 
 def _infer(run: PlainRun, image: torch.Tensor) -> torch.Tensor:
     """The inferer in fp32; with flips (and shifts), the mean of the logits over the passes."""
-    total: torch.Tensor | None = None
-    spatial = tuple(int(n) for n in image.shape[2:])
-    inferer = pass_inferer(run.inferer, spatial, run.shifts, run.fit)
-    for shift in run.shifts:
-        placed = Placement.of(spatial, shift, inferer) if len(run.shifts) > 1 else None
-        moved = placed.pad(image, padding_value(inferer, image)) if placed else image
-        for dims in run.flips:
-            out = inferer(torch.flip(moved, dims) if dims else moved, run.network)
-            out = torch.flip(out, dims) if dims else out
-            out = placed.crop(out) if placed else out
-            total = out if total is None else total + out
-    assert total is not None
-    return total / (len(run.flips) * len(run.shifts))
+    inferer = pass_inferer(run.inferer, image.shape[2:], run.shifts, run.fit)
+    outputs = pass_outputs(image, run.flips, run.shifts, inferer, lambda _, x: inferer(x, run.network))
+    return sum(outputs) / (len(run.flips) * len(run.shifts))  # type: ignore[return-value]
 
 
 @contextlib.contextmanager

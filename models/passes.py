@@ -13,7 +13,7 @@ the voxel-wise uncertainty (variance, summed over channels).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -96,41 +96,58 @@ def run_passes(
     where the setup fits its windows. With shifts, every pass (the unshifted one too) is placed on
     a whole grid of windows (`Placement`), so that a shift moves the scan by exactly that much
     against every window."""
-    spatial = tuple(int(n) for n in inputs.shape[2:])
-    inferer = pass_inferer(pipeline.inferer, spatial, shifts, fit)
+    inferer = pass_inferer(pipeline.inferer, inputs.shape[2:], shifts, fit)
     run = pipeline if inferer is pipeline.inferer else replace(pipeline, inferer=inferer)
-    value = padding_value(run.inferer, inputs)
-    passes = [(dims, shift) for shift in shifts for dims in flips]
+    passes = len(flips) * len(shifts)
+
+    def infer(index: int, x: torch.Tensor) -> torch.Tensor:
+        report = None if progress is None else _share_of(progress, index, passes)
+        return run.infer(x, _Counter(network, report, expected_calls(run.inferer, x.shape[2:])))
+
     total: torch.Tensor | None = None
     moments: tuple[torch.Tensor, torch.Tensor] | None = None
-    for index, (dims, shift) in enumerate(passes):
-        placed = Placement.of(spatial, shift, run.inferer) if len(shifts) > 1 else None
-        moved = placed.pad(inputs, value) if placed else inputs
-        report = None if progress is None else _share_of(progress, index, len(passes))
-        counter = _Counter(network, report, expected_calls(run.inferer, moved.shape[2:]))
-        out = run.infer(torch.flip(moved, dims) if dims else moved, counter)
-        out = (torch.flip(out, dims) if dims else out).float()
-        out = placed.crop(out) if placed else out
+    for out in pass_outputs(inputs, flips, shifts, run.inferer, infer):
+        out = out.float()
         total = _with_meta_of(inputs, out) if total is None else total.add_(out)
-        if len(passes) > 1:
+        if passes > 1:
             activated = activation(pipeline, out.shape[1])(out.as_tensor() if isinstance(out, MetaTensor) else out)
             moments = (
                 (activated, activated**2) if moments is None else (moments[0] + activated, moments[1] + activated**2)
             )
     assert total is not None
-    logits = total.div_(len(passes))
+    logits = total.div_(passes)
     if moments is None:
         return NetworkOutput(logits, None)
-    mean, mean_sq = moments[0] / len(passes), moments[1] / len(passes)
+    mean, mean_sq = moments[0] / passes, moments[1] / passes
     variance = (mean_sq - mean**2).clamp_(min=0.0).sum(dim=1, keepdim=True)
     return NetworkOutput(logits, variance)
+
+
+def pass_outputs(
+    inputs: torch.Tensor,
+    flips: Sequence[tuple[int, ...]],
+    shifts: Sequence[Shift],
+    inferer: Any,
+    infer: Callable[[int, torch.Tensor], torch.Tensor],
+) -> Iterator[torch.Tensor]:
+    """Each pass's output on the scan's own grid: the scan moved (placed once per shift), flipped,
+    run by `infer(pass index, input)`, then unflipped and cropped back."""
+    spatial = tuple(int(n) for n in inputs.shape[2:])
+    value = padding_value(inferer, inputs)
+    for number, shift in enumerate(shifts):
+        placed = Placement.of(spatial, shift, inferer) if len(shifts) > 1 else None
+        moved = placed.pad(inputs, value) if placed else inputs
+        for index, dims in enumerate(flips, start=number * len(flips)):
+            out = infer(index, torch.flip(moved, dims) if dims else moved)
+            out = torch.flip(out, dims) if dims else out
+            yield placed.crop(out) if placed else out
 
 
 def _share_of(progress: ProgressFn, index: int, passes: int) -> ProgressFn:
     return lambda share: progress((index + share) / passes)
 
 
-def pass_inferer(inferer: Any, spatial: Shift, shifts: Sequence[Shift], fit: WindowFit | None) -> Any:
+def pass_inferer(inferer: Any, spatial: Sequence[int], shifts: Sequence[Shift], fit: WindowFit | None) -> Any:
     """The inferer every pass runs: the setup's, or its window fitted once to the scan and its
     largest shift."""
     if fit is None:
