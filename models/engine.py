@@ -35,7 +35,7 @@ from models.bundle import BundleError, BundleSpec, Weights, first_line, profile_
 from models.device import choose_device, choose_precision
 from models.labels import is_discrete, to_label_maps
 from models.network import build_network, bundle_imports
-from models.passes import FLIPS, NO_SHIFT, NetworkOutput, ProgressFn, run_passes
+from models.passes import FLIPS, NO_SHIFT, NetworkOutput, ProgressFn, Shift, run_moved
 from models.patient_size import effective_diameter_mm
 from models.pipeline import Data, Pipeline, StageError, scan_image
 from models.runtime import RuntimeChoice, RuntimeRequest, choose_runtime
@@ -379,16 +379,18 @@ class InferenceEngine:
         header: nib.Nifti1Header | None = None,
         progress: ProgressFn | None = None,
         setup: str | None = None,
+        move: Shift | None = None,
     ) -> Prediction:
         """Labels (and probabilities) for a 3-D volume in any orientation and spacing; in `setup`
-        where the caller chose it already (`setup_for`), else in the one the profile picks."""
+        where the caller chose it already (`setup_for`), else in the one the profile picks; with
+        the scan moved `move` voxels against the windows where given (`models.passes.run_moved`)."""
         if not self._runners:
             raise RuntimeError(f"model {self.spec.name} is not loaded")
         timings: dict[str, float] = {}
         with self._lock, torch.inference_mode():
             try:
                 setup = self._checked_setup(profile, setup) if setup else self.setup_for(profile, volume, affine)
-                return self._predict(volume, affine, header, setup, threshold, progress, timings)
+                return self._predict(volume, affine, header, setup, threshold, progress, timings, move)
             except StageError as error:
                 raise InferenceFailed(f"bundle {self.spec.name}: {error}") from error
             finally:
@@ -403,6 +405,7 @@ class InferenceEngine:
         threshold: float,
         progress: ProgressFn | None,
         timings: dict[str, float],
+        move: Shift | None = None,
     ) -> Prediction:
         runner, pipeline = self._runners[setup], self._pipeline(setup, threshold)
         run = self.profile_run(setup, threshold)
@@ -411,7 +414,8 @@ class InferenceEngine:
             inputs = batch[pipeline.image_key].to(self.device)
         with _timer(timings, "network"):
             fit = self.spec.window_fits.get(setup)
-            output = run_passes(pipeline, runner.choice.predictor, inputs, run.flips, progress, run.shifts, fit)
+            predictor = runner.choice.predictor
+            output = run_moved(move or NO_SHIFT, pipeline, predictor, inputs, run.flips, progress, run.shifts, fit)
             _add_output(batch, output)
             del inputs  # on a GPU, its copy there
         with _timer(timings, "postprocess"):

@@ -1,7 +1,7 @@
 """Validate a bundle on the held-out phantom family through the service's inference engine.
 
     python -m models.evaluate [--bundle DIR] [--previous DIR] [--phantoms 8] [--normals 4]
-        [--profiles production ...] [--runtime torch] [--calibrate] [--write-metadata]
+        [--profiles production ...] [--runtime torch] [--moves 0 2 4] [--calibrate] [--write-metadata]
 
 The validation family (`models.phantoms`, family="validation": other lesion outlines, noise
 model, grids and stored axis orders than the training family) is never trained on. Every scan
@@ -12,6 +12,10 @@ findings a lesion-free scan, finding-type agreement, seconds a scan. The previou
 (`--previous`, bundle 1.0 by default: the same weights without the tissue gating) runs on the
 same scans for a side-by-side table. Both also run on the simple phantoms of the service's tests
 (`models.phantom`), whose Dice must not regress; the report records what ran the networks.
+With --moves, the scans with lesions run again with the scan moved that many voxels on every axis
+against the network's windows (`positions`): a table per position and their mean, the measure of a
+change that moves where the windows fall (a tiling, a crop), which shuffles the lesions near the
+threshold at any one position.
 
 Confidence: a finding's confidence is the mean of `prob` over it. The expected calibration error
 (ECE) of the production findings is reported as shipped and after a fit of
@@ -193,10 +197,14 @@ def score(
     )
 
 
-def run_scan(engine: InferenceEngine, phantom: Phantom, profile: Profile, setup: str | None = None) -> ScanResult:
-    """The scan through the profile as a job runs it (or through one of its setups, where given)."""
+def run_scan(
+    engine: InferenceEngine, phantom: Phantom, profile: Profile, setup: str | None = None, move: int = 0
+) -> ScanResult:
+    """The scan through the profile as a job runs it (or through one of its setups, where given);
+    with `move`, every pass moved that many voxels on each axis against the windows."""
     started = time.perf_counter()
-    prediction = engine.predict(phantom.image, phantom.affine, profile, THRESHOLD, setup=setup)
+    moved = (move,) * 3 if move else None
+    prediction = engine.predict(phantom.image, phantom.affine, profile, THRESHOLD, setup=setup, move=moved)
     seconds = time.perf_counter() - started
     return score(
         phantom,
@@ -373,6 +381,50 @@ def evaluate(
     return results
 
 
+def positions(
+    engines: dict[str, InferenceEngine],
+    seeds: list[tuple[int, tuple[int, int]]],
+    profiles: list[Profile],
+    moves: list[int],
+    results: dict[str, dict[str, list[ScanResult]]],
+) -> dict[str, dict[str, dict[str, dict[str, float | int | None]]]]:
+    """model -> profile -> move -> the summary of the scans with lesions, each run with the scan
+    moved that many voxels on every axis against the windows (move 0: as it runs, the results
+    already measured). A network with stride-2 levels answers otherwise at each position of the
+    scan against its grid, and a lesion near the threshold is found at one and not another: the
+    mean over positions measures a change to a model or its tiling better than one position."""
+    rows: dict[str, dict[str, dict[str, dict[str, float | int | None]]]] = {}
+    moved: dict[tuple[str, str, int], list[ScanResult]] = {
+        (m, p.value, move): [] for m in engines for p in profiles for move in moves if move
+    }
+    for seed, lesions in seeds:
+        phantom = generate_phantom(seed, family="validation", lesion_count=lesions)
+        for model, profile, move in moved:
+            moved[(model, profile, move)].append(run_scan(engines[model], phantom, Profile(profile), move=move))
+        print(f"  positions: seed {seed} at moves {moves}", flush=True)
+    for model in engines:
+        for profile in profiles:
+            at_zero = [r for r in results[model][profile.value] if r.dice is not None]
+            by_move = {move: moved.get((model, profile.value, move), at_zero) for move in moves}
+            row = {str(move): summarise(runs) for move, runs in by_move.items()}
+            row["mean"] = summarise([r for runs in by_move.values() for r in runs])
+            rows.setdefault(model, {})[profile.value] = row
+    return rows
+
+
+def positions_table(rows: dict[str, dict[str, dict[str, dict[str, Any]]]]) -> str:
+    head = "| model | profile | move (voxels) | Dice | >=10 mm found | 5-10 mm found | FP / scan |"
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    for model, by_profile in rows.items():
+        for profile, by_move in by_profile.items():
+            for move, r in by_move.items():
+                cells = [r["dice"], r["found_ge10mm"], r["found_5to10mm"]]
+                shown = " | ".join("-" if v is None else f"{v:.3f}" for v in cells)
+                fp = r["false_positives_per_scan"]
+                lines.append(f"| {model} | `{profile}` | {move} | {shown} | {'-' if fp is None else f'{fp:.2f}'} |")
+    return "\n".join(lines)
+
+
 def fitted_profiles(profiles: list[Profile]) -> list[Profile]:
     """Production's fit is the bundle's own, which research (6x its time a scan) runs with too;
     every other profile evaluated gets one of its own: a coarser grid measures findings otherwise."""
@@ -511,9 +563,23 @@ def arguments() -> argparse.Namespace:
         action="store_true",
         help="write the fitted calibrations and floors into the bundle (production's: inference.json; others: profiles.json)",
     )
+    parser.add_argument(
+        "--moves",
+        nargs="+",
+        type=move_voxels,
+        default=[],
+        help="also run the scans with lesions moved this many voxels against the windows (e.g. 0 2 4): a table per position and their mean",
+    )
     parser.add_argument("--write-metadata", action="store_true", help="record the report in configs/metadata.json")
     add_runtime_argument(parser)
     return parser.parse_args()
+
+
+def move_voxels(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 32:
+        raise argparse.ArgumentTypeError(f"{text} is not a move of 0 to 32 voxels")
+    return value
 
 
 def share(text: str) -> float:
@@ -677,7 +743,38 @@ def main() -> None:
     if args.calibrate:
         current = refit(args, calibration, calibrations, engines, results, rows)
     missed = {model: {p: missed_lesions(r) for p, r in by.items()} for model, by in results.items()}
-    report: dict[str, Any] = {
+    report = base_report(args, current, rows["current"], missed["current"], calibration, calibrations)
+    if "previous" in rows:
+        report["previous_model"] = {"version": engines["previous"].spec.version, "profiles": rows["previous"]}
+    names = {model: f"{model} ({engine.spec.version})" for model, engine in engines.items()}
+    if args.moves:
+        moved = positions(engines, scan_seeds(args.phantoms, 0), profiles, args.moves, results)
+        report["positions"] = {"moves": args.moves, "rows": moved}
+    simple = simple_phantom_dice(engines, profiles)
+    print(table({names[m]: r for m, r in rows.items()}))
+    print("lesions missed, and where:")
+    print(missed_table({(names[m], p): by_bin for m, by in missed.items() for p, by_bin in by.items()}))
+    if args.moves:
+        print("at each position of the scans with lesions against the windows, and the mean over positions:")
+        print(positions_table({names[m]: by for m, by in moved.items()}))
+    print(f"simple phantoms (Dice per phantom): {json.dumps(simple)}")
+    for name, fit in {Profile.PRODUCTION.value: calibration, **calibrations}.items():
+        print(f"confidence ({name}): {json.dumps({k: v for k, v in fit.items() if k != 'rows_uncalibrated'})}")
+    print(f"{time.perf_counter() - started:.0f} s")
+    print(json.dumps(report, indent=2))
+    if args.write_metadata:
+        record_in_metadata(args.bundle, report, simple)
+
+
+def base_report(
+    args: argparse.Namespace,
+    current: InferenceEngine,
+    rows: dict[str, dict[str, Any]],
+    missed: dict[str, dict[str, dict[str, int]]],
+    calibration: dict[str, Any],
+    calibrations: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    return {
         "family": "validation (models.phantoms, never trained on)",
         "scans_with_lesions": args.phantoms,
         "scans_without_lesions": args.normals,
@@ -689,27 +786,13 @@ def main() -> None:
         "threshold": THRESHOLD,
         "precision": current.precision,
         "runtime": runtime_line(current),
-        "profiles": rows["current"],
-        "missed_lesions": missed["current"],
+        "profiles": rows,
+        "missed_lesions": missed,
         "shipped_calibration": confidence_fit.shipped(args.bundle),
         "calibration": calibration,
         "shipped_profile_calibration": {name: confidence_fit.shipped(args.bundle, name) for name in calibrations},
         "profile_calibration": calibrations,
     }
-    if "previous" in rows:
-        report["previous_model"] = {"version": engines["previous"].spec.version, "profiles": rows["previous"]}
-    simple = simple_phantom_dice(engines, profiles)
-    names = {model: f"{model} ({engine.spec.version})" for model, engine in engines.items()}
-    print(table({names[m]: r for m, r in rows.items()}))
-    print("lesions missed, and where:")
-    print(missed_table({(names[m], p): by_bin for m, by in missed.items() for p, by_bin in by.items()}))
-    print(f"simple phantoms (Dice per phantom): {json.dumps(simple)}")
-    for name, fit in {Profile.PRODUCTION.value: calibration, **calibrations}.items():
-        print(f"confidence ({name}): {json.dumps({k: v for k, v in fit.items() if k != 'rows_uncalibrated'})}")
-    print(f"{time.perf_counter() - started:.0f} s")
-    print(json.dumps(report, indent=2))
-    if args.write_metadata:
-        record_in_metadata(args.bundle, report, simple)
 
 
 if __name__ == "__main__":

@@ -123,6 +123,36 @@ def run_passes(
     return NetworkOutput(logits, variance)
 
 
+def run_moved(
+    move: Shift,
+    pipeline: Pipeline,
+    network: Callable[[torch.Tensor], torch.Tensor],
+    inputs: torch.Tensor,
+    flips: Sequence[tuple[int, ...]],
+    progress: ProgressFn | None,
+    shifts: Sequence[Shift] = (NO_SHIFT,),
+    fit: WindowFit | None = None,
+) -> NetworkOutput:
+    """`run_passes` over the scan without its first `move` voxels of each axis: the scan falls that
+    much earlier against every window, tiled as the inferer tiles any scan (nothing is padded, so
+    no window reads a slab the scan does not have). The planes left out repeat the output next to
+    them. For evaluation (`models.evaluate --moves`): how an answer depends on where the patient
+    lies against the network's windows; a bundle that crops to the patient with a margin of at
+    least `move` loses only margin."""
+    if tuple(move) == NO_SHIFT:
+        return run_passes(pipeline, network, inputs, flips, progress, shifts, fit)
+    plain = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
+    window = (slice(None), slice(None), *(slice(int(m), None) for m in move))
+    output = run_passes(pipeline, network, plain[window], flips, progress, shifts, fit)
+    sides = [p for m in reversed(move) for p in (int(m), 0)]
+
+    def back(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(t.as_tensor() if isinstance(t, MetaTensor) else t, sides, mode="replicate")
+
+    uncertainty = None if output.uncertainty is None else back(output.uncertainty)
+    return NetworkOutput(_with_meta_of(inputs, back(output.logits)), uncertainty)
+
+
 def pass_outputs(
     inputs: torch.Tensor,
     flips: Sequence[tuple[int, ...]],

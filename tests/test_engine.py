@@ -920,6 +920,11 @@ def test_a_setup_may_average_passes_over_the_scan_shifted(tmp_path: Path) -> Non
     fast = engine.predict(volume, flipped_affine(), Profile.FAST_DEBUG, 0.5)  # 4 flips x 2 shifts
     assert np.array_equal(fast.labels, expected_labels(volume)) and fast.uncertainty is not None
     assert engine.predict(volume, flipped_affine(), Profile.RESEARCH, 0.5).ran == production.ran
+    # Moved for an evaluation (models.evaluate --moves): the labels put back where they were.
+    inside = np.full_like(volume, 20.0)
+    inside[6:-6, 6:-6, 6:-6] = volume[6:-6, 6:-6, 6:-6]  # the planes a move leaves out hold nothing
+    moved = engine.predict(inside, flipped_affine(), Profile.PRODUCTION, 0.5, move=(5, 0, 2))
+    assert np.array_equal(moved.labels, expected_labels(inside)) and moved.labels.any()
 
 
 @pytest.mark.parametrize("shifts", [[[0, 0, 0]], [[1, 2]], [[-1, 0, 0]], [[1.5, 0, 0]], [[65, 0, 0]], [], "4"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -39,11 +40,14 @@ from models.evaluate import (
     kept_profile_fits,
     merged_simple,
     missed_lesions,
+    positions,
+    positions_table,
     score,
     summarise,
     write_fits,
 )
 from models.phantoms import Lesion, Phantom
+from schemas.jobs import Profile
 
 
 def _phantom() -> Phantom:
@@ -93,6 +97,41 @@ def test_a_missed_lesion_is_told_unseen_or_dropped_by_the_candidate_on_it() -> N
     row = summarise([result, result])
     assert row["seen_ge10mm"] == 1.0 and row["seen_5to10mm"] == 0.0 and row["found_ge10mm"] == 0.0
     assert missed_lesions([result, result])["found_ge10mm"] == {"faint": 2}
+
+
+class _MovedEngine:
+    """Finds the 6 mm lesion wherever the scan falls, the 12 mm one only with the scan moved by 2."""
+
+    def __init__(self) -> None:
+        self.moves: list[tuple[int, ...] | None] = []
+
+    def predict(self, image: np.ndarray, affine: np.ndarray, *args: Any, **kwargs: Any) -> SimpleNamespace:
+        move = kwargs.get("move")
+        self.moves.append(move)
+        labels = np.zeros(image.shape, dtype=np.uint8)
+        labels[2:6, 2:6, 2:6] = 1
+        if move == (2, 2, 2):
+            labels[20:28, 20:28, 20:28] = 1
+        else:
+            labels[12:14, 12:14, 12:14] = 1  # a false positive
+        names = {1: "hypodense lesion"}
+        return SimpleNamespace(labels=labels, label_names=names, probability=None, findings=None, dropped=None)
+
+
+def test_positions_rerun_the_lesion_scans_moved_and_average_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("models.evaluate.generate_phantom", lambda *args, **kwargs: _phantom())
+    engine = _MovedEngine()
+    as_run = score(_phantom(), engine.predict(_phantom().image, np.eye(4)).labels, {}, None, 1.0)
+    engine.moves.clear()
+    seeds = [(90000, (1, 5)), (90001, (1, 5))]
+    results = {"current": {"production": [as_run, as_run]}}
+    rows = positions({"current": engine}, seeds, [Profile.PRODUCTION], [0, 2], results)  # type: ignore[dict-item]
+    assert engine.moves == [(2, 2, 2), (2, 2, 2)]  # move 0 is the run already measured
+    at = rows["current"]["production"]
+    assert at["0"]["found_ge10mm"] == 0.0 and at["0"]["false_positives_per_scan"] == 1.0
+    assert at["2"]["found_ge10mm"] == 1.0 and at["2"]["false_positives_per_scan"] == 0.0
+    assert at["mean"]["found_ge10mm"] == 0.5 and at["mean"]["found_5to10mm"] == 1.0
+    assert "| current | `production` | mean | " in positions_table(rows)
 
 
 def test_the_calibration_error_is_zero_for_honest_confidences_and_large_for_overconfident_ones() -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from monai.inferers import SlidingWindowInferer
 
-from models.passes import Placement, run_passes
+from models.passes import Placement, run_moved, run_passes
 from models.pipeline import Pipeline
 from models.windows import WindowFit, can_fit, fitted_inferer, fitted_roi
 
@@ -128,6 +128,23 @@ def test_a_shift_moves_the_scan_by_exactly_that_much_against_every_window(
     assert torch.allclose(mean_of(((0, 0, 0), (2, 4, 2))), once, atol=1e-6)  # even moves: the same blocks
     assert not torch.allclose(mean_of(((0, 0, 0), (1, 1, 1))), once, atol=1e-3)  # odd moves: other blocks
     assert not torch.allclose(mean_of(((0, 0, 0), (0, 0, 1))), once, atol=1e-3)  # the axis a window spans
+
+
+def test_a_moved_run_reads_the_scan_later_against_its_windows_and_puts_the_output_back() -> None:
+    # One window spanning the scan: a move of 1 puts other voxels into each 2-voxel block.
+    scan = torch.rand(1, 1, 23, 33, 13, generator=torch.Generator().manual_seed(1))
+    pipeline = _pipeline(SlidingWindowInferer(roi_size=(-1, -1, -1), overlap=0.0, mode="constant"))
+
+    def run(x: torch.Tensor, move: tuple[int, ...]) -> torch.Tensor:
+        return run_moved(move, pipeline, _stride_two, x, ((),), None).logits
+
+    even = scan[..., :-1, :-1, :-1]
+    assert torch.equal(run(even, (0, 0, 0)), _stride_two(even))
+    moved = run(scan, (1, 1, 1))
+    assert moved.shape == scan.shape
+    assert torch.allclose(moved[..., 1:, 1:, 1:], _stride_two(scan[..., 1:, 1:, 1:]))
+    assert torch.equal(moved[..., :1, :, :], moved[..., 1:2, :, :])  # the plane left out repeats its neighbour
+    assert not torch.allclose(moved[..., 1:-1, 1:-1, 1:-1], _stride_two(even)[..., 1:, 1:, 1:], atol=1e-3)
 
 
 def test_a_placement_puts_every_window_on_one_grid() -> None:
