@@ -137,7 +137,7 @@ def process(run: PlainRun, scan: Path) -> dict[str, float]:
 
 def _infer(run: PlainRun, image: torch.Tensor) -> torch.Tensor:
     """The inferer in fp32; with flips (and shifts), the mean of the logits over the passes."""
-    inferer = pass_inferer(run.inferer, image.shape[2:], run.shifts, run.fit)
+    inferer = pass_inferer(run.inferer, image.shape[2:], run.fit)
     outputs = pass_outputs(image, run.flips, run.shifts, inferer, lambda _, x: inferer(x, run.network))
     return sum(outputs) / (len(run.flips) * len(run.shifts))  # type: ignore[return-value]
 

@@ -17,7 +17,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from models.bundle import BundleError, BundleSpec, Weights, first_line, profile_
 from models.device import choose_device, choose_precision
 from models.labels import is_discrete, to_label_maps
 from models.network import build_network, bundle_imports
-from models.passes import FLIPS, NO_SHIFT, NetworkOutput, ProgressFn, Shift, run_moved
+from models.passes import FLIPS, NO_SHIFT, NetworkOutput, ProgressFn, Shift, run_passes
 from models.patient_size import effective_diameter_mm
 from models.pipeline import Data, Pipeline, StageError, scan_image
 from models.runtime import RuntimeChoice, RuntimeRequest, choose_runtime
@@ -108,6 +108,14 @@ class ProfileRun:
     overrides: dict[str, Any]
     flips: tuple[tuple[int, ...], ...]
     shifts: tuple[tuple[int, ...], ...] = (NO_SHIFT,)  # the scan as it is first
+
+    def moved_by(self, move: Shift | None) -> ProfileRun:
+        """Every pass with the scan `move` voxels further against the windows (evaluation: how an
+        answer depends on where the patient lies against the network's stride grid)."""
+        if move is None or tuple(move) == NO_SHIFT:
+            return self
+        shifts = tuple(tuple(int(s) + int(m) for s, m in zip(shift, move, strict=True)) for shift in self.shifts)
+        return replace(self, shifts=shifts)
 
 
 @dataclass(frozen=True)
@@ -383,7 +391,7 @@ class InferenceEngine:
     ) -> Prediction:
         """Labels (and probabilities) for a 3-D volume in any orientation and spacing; in `setup`
         where the caller chose it already (`setup_for`), else in the one the profile picks; with
-        the scan moved `move` voxels against the windows where given (`models.passes.run_moved`)."""
+        the scan moved `move` voxels against the windows where given (`ProfileRun.moved_by`)."""
         if not self._runners:
             raise RuntimeError(f"model {self.spec.name} is not loaded")
         timings: dict[str, float] = {}
@@ -408,14 +416,13 @@ class InferenceEngine:
         move: Shift | None = None,
     ) -> Prediction:
         runner, pipeline = self._runners[setup], self._pipeline(setup, threshold)
-        run = self.profile_run(setup, threshold)
+        run = self.profile_run(setup, threshold).moved_by(move)
         with _timer(timings, "preprocess"):
             batch = pipeline.batch(pipeline.preprocess(scan_image(volume, affine, header), "scan.nii.gz"))
             inputs = batch[pipeline.image_key].to(self.device)
         with _timer(timings, "network"):
             fit = self.spec.window_fits.get(setup)
-            predictor = runner.choice.predictor
-            output = run_moved(move or NO_SHIFT, pipeline, predictor, inputs, run.flips, progress, run.shifts, fit)
+            output = run_passes(pipeline, runner.choice.predictor, inputs, run.flips, progress, run.shifts, fit)
             _add_output(batch, output)
             del inputs  # on a GPU, its copy there
         with _timer(timings, "postprocess"):

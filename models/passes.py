@@ -3,8 +3,10 @@
 Research runs the inferer on the scan and on its flips along each axis and averages the
 network outputs (logits, before the bundle's own activation), so the bundle's post-processing
 sees one output as usual. A setup may also name shifts (`"shifts": [[4, 4, 4]]` in its
-configs/profiles.json entry): passes over the scan moved by that many voxels of the model grid
-against every window (`Placement`), each pass for every flip. A network that downsamples by
+configs/profiles.json entry): passes over the scan moved that many voxels of the model grid
+earlier against the windows (`Move`: without padding that the scan as it runs does not have;
+this network read twice the false findings in windows holding a slab of padding), each pass
+for every flip. A network that downsamples by
 strides answers otherwise for each position of the scan against its stride grid (aliasing);
 averaging positions smooths that out. The spread of the activated outputs across the passes is
 the voxel-wise uncertainty (variance, summed over channels).
@@ -30,7 +32,7 @@ ProgressFn = Callable[[float], None]
 # Dims of a (batch, channel, x, y, z) tensor: no flip, then one flip per spatial axis.
 FLIPS: tuple[tuple[int, ...], ...] = ((), (2,), (3,), (4,))
 NO_SHIFT = (0, 0, 0)
-Shift = tuple[int, ...]  # voxels of padding before each spatial axis
+Shift = tuple[int, ...]  # voxels the scan moves earlier against the windows, on each spatial axis
 
 
 @dataclass
@@ -93,10 +95,9 @@ def run_passes(
     fit: WindowFit | None = None,
 ) -> NetworkOutput:
     """The mean network output over every flip of every shift, with the window fitted to the scan
-    where the setup fits its windows. With shifts, every pass (the unshifted one too) is placed on
-    a whole grid of windows (`Placement`), so that a shift moves the scan by exactly that much
-    against every window."""
-    inferer = pass_inferer(pipeline.inferer, inputs.shape[2:], shifts, fit)
+    where the setup fits its windows. A shift moves the scan that much earlier against the windows
+    (`Move`: nothing padded that the scan as it runs does not pad)."""
+    inferer = pass_inferer(pipeline.inferer, inputs.shape[2:], fit)
     run = pipeline if inferer is pipeline.inferer else replace(pipeline, inferer=inferer)
     passes = len(flips) * len(shifts)
 
@@ -123,36 +124,6 @@ def run_passes(
     return NetworkOutput(logits, variance)
 
 
-def run_moved(
-    move: Shift,
-    pipeline: Pipeline,
-    network: Callable[[torch.Tensor], torch.Tensor],
-    inputs: torch.Tensor,
-    flips: Sequence[tuple[int, ...]],
-    progress: ProgressFn | None,
-    shifts: Sequence[Shift] = (NO_SHIFT,),
-    fit: WindowFit | None = None,
-) -> NetworkOutput:
-    """`run_passes` over the scan without its first `move` voxels of each axis: the scan falls that
-    much earlier against every window, tiled as the inferer tiles any scan (nothing is padded, so
-    no window reads a slab the scan does not have). The planes left out repeat the output next to
-    them. For evaluation (`models.evaluate --moves`): how an answer depends on where the patient
-    lies against the network's windows; a bundle that crops to the patient with a margin of at
-    least `move` loses only margin."""
-    if tuple(move) == NO_SHIFT:
-        return run_passes(pipeline, network, inputs, flips, progress, shifts, fit)
-    plain = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
-    window = (slice(None), slice(None), *(slice(int(m), None) for m in move))
-    output = run_passes(pipeline, network, plain[window], flips, progress, shifts, fit)
-    sides = [p for m in reversed(move) for p in (int(m), 0)]
-
-    def back(t: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.pad(t.as_tensor() if isinstance(t, MetaTensor) else t, sides, mode="replicate")
-
-    uncertainty = None if output.uncertainty is None else back(output.uncertainty)
-    return NetworkOutput(_with_meta_of(inputs, back(output.logits)), uncertainty)
-
-
 def pass_outputs(
     inputs: torch.Tensor,
     flips: Sequence[tuple[int, ...]],
@@ -160,30 +131,27 @@ def pass_outputs(
     inferer: Any,
     infer: Callable[[int, torch.Tensor], torch.Tensor],
 ) -> Iterator[torch.Tensor]:
-    """Each pass's output on the scan's own grid: the scan moved (placed once per shift), flipped,
-    run by `infer(pass index, input)`, then unflipped and cropped back."""
+    """Each pass's output on the scan's own grid: the scan moved (once per shift), flipped, run by
+    `infer(pass index, input)`, then unflipped and put back."""
     spatial = tuple(int(n) for n in inputs.shape[2:])
     value = padding_value(inferer, inputs)
     for number, shift in enumerate(shifts):
-        placed = Placement.of(spatial, shift, inferer) if len(shifts) > 1 else None
-        moved = placed.pad(inputs, value) if placed else inputs
+        move = Move.of(spatial, shift, inferer) if tuple(shift) != NO_SHIFT else None
+        scan = move.apply(inputs, value) if move else inputs
         for index, dims in enumerate(flips, start=number * len(flips)):
-            out = infer(index, torch.flip(moved, dims) if dims else moved)
+            out = infer(index, torch.flip(scan, dims) if dims else scan)
             out = torch.flip(out, dims) if dims else out
-            yield placed.crop(out) if placed else out
+            yield move.undo(out) if move else out
 
 
 def _share_of(progress: ProgressFn, index: int, passes: int) -> ProgressFn:
     return lambda share: progress((index + share) / passes)
 
 
-def pass_inferer(inferer: Any, spatial: Sequence[int], shifts: Sequence[Shift], fit: WindowFit | None) -> Any:
-    """The inferer every pass runs: the setup's, or its window fitted once to the scan and its
-    largest shift."""
-    if fit is None:
-        return inferer
-    largest = [n + max(int(s[k]) for s in shifts) for k, n in enumerate(spatial)]
-    return fitted_inferer(inferer, largest, fit)
+def pass_inferer(inferer: Any, spatial: Sequence[int], fit: WindowFit | None) -> Any:
+    """The inferer every pass runs: the setup's, or its window fitted once to the scan (a moved
+    pass is no larger)."""
+    return inferer if fit is None else fitted_inferer(inferer, spatial, fit)
 
 
 def padding_value(inferer: object, inputs: torch.Tensor) -> float:
@@ -195,44 +163,44 @@ def padding_value(inferer: object, inputs: torch.Tensor) -> float:
 
 
 def _with_meta_of(inputs: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """A placed pass's output carries the scan's meta, as MONAI's inferer gives it (Invertd needs it)."""
+    """A moved pass's output carries the scan's meta, as MONAI's inferer gives it (Invertd needs it)."""
     if isinstance(inputs, MetaTensor) and not isinstance(out, MetaTensor):
         return MetaTensor(out).copy_meta_from(inputs, copy_attr=False)
     return out
 
 
 @dataclass(frozen=True)
-class Placement:
-    """Where one pass puts the scan: `before` voxels of padding before each axis (its shift) and
-    `after` after it, so that the sliding window's windows fall on a whole grid from the padded
-    volume's origin. MONAI centres a scan smaller than its window and pins the last window of an
-    axis to the scan's end: padding before alone would move the scan by half the shift against a
-    window that spans the axis, and not at all against the last of several."""
+class Move:
+    """One pass with the scan `by` voxels earlier against the windows, padded nowhere the scan as
+    it runs is not: its first `by` voxels of each axis are left out (their output repeats the
+    plane next to them). On an axis one window spans, as many voxels of the inferer's padding
+    value go after the scan, so that it keeps its length and MONAI, which centres a scan smaller
+    than its window, moves it by the whole shift, not half. Windows that hold a slab of padding
+    the scan as it runs never has made this network read twice the false findings (README)."""
 
-    before: Shift
-    after: Shift
+    by: Shift
+    refill: Shift
 
     @classmethod
-    def of(cls, spatial: Sequence[int], shift: Shift, inferer: object) -> Placement:
-        if not isinstance(inferer, SlidingWindowInferer):
-            return cls(tuple(int(s) for s in shift), (0,) * len(spatial))
-        rois = ensure_tuple_rep(inferer.roi_size, len(spatial))
-        overlaps = ensure_tuple_rep(inferer.overlap, len(spatial))
-        after = []
-        for n, s, roi, overlap in zip(spatial, shift, rois, overlaps, strict=True):
-            padded, r = int(n) + int(s), int(roi)
-            step = max(1, int(r * (1 - float(overlap))))
-            whole = r if padded <= r else r + step * math.ceil((padded - r) / step)
-            after.append(whole - padded if r > 0 else 0)  # a roi of 0 or less spans the axis
-        return cls(tuple(int(s) for s in shift), tuple(after))
+    def of(cls, spatial: Sequence[int], shift: Shift, inferer: object) -> Move:
+        if isinstance(inferer, SlidingWindowInferer):
+            rois = ensure_tuple_rep(inferer.roi_size, len(spatial))
+            spans = [int(r) <= 0 or int(n) <= int(r) for n, r in zip(spatial, rois, strict=True)]
+        else:
+            spans = [True] * len(spatial)  # one call on the whole scan: it keeps its size
+        by = tuple(min(int(s), int(n) - 1) for s, n in zip(shift, spatial, strict=True))  # a voxel stays
+        return cls(by, tuple(b if w else 0 for b, w in zip(by, spans, strict=True)))
 
-    def pad(self, inputs: torch.Tensor, value: float) -> torch.Tensor:
+    def apply(self, inputs: torch.Tensor, value: float) -> torch.Tensor:
         plain = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
-        sides = [p for b, a in zip(reversed(self.before), reversed(self.after), strict=True) for p in (b, a)]
-        return torch.nn.functional.pad(plain, sides, value=value)
+        kept = plain[:, :, self.by[0] :, self.by[1] :, self.by[2] :]
+        after = [p for r in reversed(self.refill) for p in (0, r)]
+        return torch.nn.functional.pad(kept, after, value=value) if any(self.refill) else kept
 
-    def crop(self, output: torch.Tensor) -> torch.Tensor:
+    def undo(self, output: torch.Tensor) -> torch.Tensor:
         """The pass's output where the scan lies (flips already undone)."""
-        stops = [output.shape[2 + k] - a for k, a in enumerate(self.after)]
-        (x0, y0, z0), (x1, y1, z1) = self.before, stops
-        return output[..., x0:x1, y0:y1, z0:z1]
+        plain = output.as_tensor() if isinstance(output, MetaTensor) else output
+        stops = [plain.shape[2 + k] - r for k, r in enumerate(self.refill)]
+        kept = plain[:, :, : stops[0], : stops[1], : stops[2]]
+        before = [p for b in reversed(self.by) for p in (b, 0)]
+        return torch.nn.functional.pad(kept, before, mode="replicate")

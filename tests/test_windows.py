@@ -8,7 +8,7 @@ import pytest
 import torch
 from monai.inferers import SlidingWindowInferer
 
-from models.passes import Placement, run_moved, run_passes
+from models.passes import Move, run_passes
 from models.pipeline import Pipeline
 from models.windows import WindowFit, can_fit, fitted_inferer, fitted_roi
 
@@ -113,9 +113,7 @@ def _pipeline(inferer: SlidingWindowInferer) -> Pipeline:
         (SlidingWindowInferer(roi_size=(16, 16, 16), overlap=0.0, mode="constant", cval=-5.0), WindowFit(8, 16**3)),
     ],
 )
-def test_a_shift_moves_the_scan_by_exactly_that_much_against_every_window(
-    inferer: SlidingWindowInferer, fit: WindowFit | None
-) -> None:
+def test_a_shift_moves_the_scan_against_the_windows(inferer: SlidingWindowInferer, fit: WindowFit | None) -> None:
     # One axis shorter than a window (MONAI centres it), two covered by several (MONAI pins the last).
     scan = torch.rand(1, 1, 20, 30, 10, generator=torch.Generator().manual_seed(0))
     pipeline = _pipeline(inferer)
@@ -123,35 +121,25 @@ def test_a_shift_moves_the_scan_by_exactly_that_much_against_every_window(
     def mean_of(shifts: tuple[tuple[int, ...], ...]) -> torch.Tensor:
         return run_passes(pipeline, _stride_two, scan, ((),), None, shifts, fit).logits
 
-    once = mean_of(((0, 0, 0), (0, 0, 0)))  # placed as shifted passes are, not moved
-    assert once.shape == scan.shape
-    assert torch.allclose(mean_of(((0, 0, 0), (2, 4, 2))), once, atol=1e-6)  # even moves: the same blocks
-    assert not torch.allclose(mean_of(((0, 0, 0), (1, 1, 1))), once, atol=1e-3)  # odd moves: other blocks
-    assert not torch.allclose(mean_of(((0, 0, 0), (0, 0, 1))), once, atol=1e-3)  # the axis a window spans
+    once = mean_of(((0, 0, 0),))
+    assert once.shape == scan.shape == mean_of(((0, 0, 0), (3, 5, 7))).shape
+    # Even moves: the same blocks, away from the planes a move leaves out (and a block next to them
+    # that loses its partner there); odd ones: other blocks.
+    assert torch.allclose(mean_of(((0, 0, 0), (2, 4, 2)))[..., 3:, 5:, 3:], once[..., 3:, 5:, 3:], atol=1e-6)
+    assert not torch.allclose(mean_of(((0, 0, 0), (1, 1, 1)))[..., 1:, 1:, 1:], once[..., 1:, 1:, 1:], atol=1e-3)
+    assert not torch.allclose(mean_of(((0, 0, 0), (0, 0, 1)))[..., 1:], once[..., 1:], atol=1e-3)  # spanned axis
 
 
-def test_a_moved_run_reads_the_scan_later_against_its_windows_and_puts_the_output_back() -> None:
-    # One window spanning the scan: a move of 1 puts other voxels into each 2-voxel block.
-    scan = torch.rand(1, 1, 23, 33, 13, generator=torch.Generator().manual_seed(1))
-    pipeline = _pipeline(SlidingWindowInferer(roi_size=(-1, -1, -1), overlap=0.0, mode="constant"))
-
-    def run(x: torch.Tensor, move: tuple[int, ...]) -> torch.Tensor:
-        return run_moved(move, pipeline, _stride_two, x, ((),), None).logits
-
-    even = scan[..., :-1, :-1, :-1]
-    assert torch.equal(run(even, (0, 0, 0)), _stride_two(even))
-    moved = run(scan, (1, 1, 1))
-    assert moved.shape == scan.shape
-    assert torch.allclose(moved[..., 1:, 1:, 1:], _stride_two(scan[..., 1:, 1:, 1:]))
-    assert torch.equal(moved[..., :1, :, :], moved[..., 1:2, :, :])  # the plane left out repeats its neighbour
-    assert not torch.allclose(moved[..., 1:-1, 1:-1, 1:-1], _stride_two(even)[..., 1:, 1:, 1:], atol=1e-3)
-
-
-def test_a_placement_puts_every_window_on_one_grid() -> None:
-    inferer = SlidingWindowInferer(roi_size=(96, 96, 96), overlap=0.25)
-    for n in (40, 96, 97, 171, 225):
-        for shift in (0, 3, 4):
-            placed = Placement.of((n, n, n), (shift,) * 3, inferer)
-            whole = n + shift + placed.after[0]
-            # A whole grid of windows from the origin, and no window more than the scan needs.
-            assert whole >= 96 and (whole - 96) % 72 == 0 and (whole == 96 or whole - 72 < n + shift)
+def test_a_move_leaves_out_the_first_voxels_pads_no_more_than_the_scan_and_puts_the_output_back() -> None:
+    scan = torch.rand(1, 1, 22, 32, 12, generator=torch.Generator().manual_seed(1))
+    inferer = SlidingWindowInferer(roi_size=(16, 16, -1), overlap=0.0, mode="constant", cval=-5.0)
+    move = Move.of((22, 32, 12), (1, 2, 3), inferer)
+    # Axes several windows cover lose their first voxels; the one a window spans keeps its length.
+    assert move.by == (1, 2, 3) and move.refill == (0, 0, 3)
+    moved = move.apply(scan, -5.0)
+    assert moved.shape == (1, 1, 21, 30, 12)
+    assert torch.equal(moved[..., :9], scan[..., 1:, 2:, 3:]) and bool((moved[..., 9:] == -5.0).all())
+    back = move.undo(moved)
+    assert back.shape == scan.shape and torch.equal(back[..., 1:, 2:, 3:], scan[..., 1:, 2:, 3:])
+    assert torch.equal(back[..., :1, 2:, 3:], scan[..., 1:2, 2:, 3:])  # a plane left out repeats its neighbour
+    assert Move.of((5, 40, 40), (8, 0, 0), inferer).by == (4, 0, 0)  # a voxel of the scan stays
