@@ -26,6 +26,7 @@ from monai.transforms import Activationsd
 from monai.utils import ensure_tuple_rep
 
 from models.pipeline import Pipeline
+from models.transforms import plain_tensor
 from models.windows import WindowFit, fitted_inferer
 
 ProgressFn = Callable[[float], None]
@@ -111,7 +112,7 @@ def run_passes(
         out = out.float()
         total = _with_meta_of(inputs, out) if total is None else total.add_(out)
         if passes > 1:
-            activated = activation(pipeline, out.shape[1])(out.as_tensor() if isinstance(out, MetaTensor) else out)
+            activated = activation(pipeline, out.shape[1])(plain_tensor(out))
             moments = (
                 (activated, activated**2) if moments is None else (moments[0] + activated, moments[1] + activated**2)
             )
@@ -134,10 +135,9 @@ def pass_outputs(
     """Each pass's output on the scan's own grid: the scan moved (once per shift), flipped, run by
     `infer(pass index, input)`, then unflipped and put back."""
     spatial = tuple(int(n) for n in inputs.shape[2:])
-    value = padding_value(inferer, inputs)
     for number, shift in enumerate(shifts):
         move = Move.of(spatial, shift, inferer) if tuple(shift) != NO_SHIFT else None
-        scan = move.apply(inputs, value) if move else inputs
+        scan = move.apply(inputs, inferer) if move else inputs
         for index, dims in enumerate(flips, start=number * len(flips)):
             out = infer(index, torch.flip(scan, dims) if dims else scan)
             out = torch.flip(out, dims) if dims else out
@@ -191,15 +191,18 @@ class Move:
         by = tuple(min(int(s), int(n) - 1) for s, n in zip(shift, spatial, strict=True))  # a voxel stays
         return cls(by, tuple(b if w else 0 for b, w in zip(by, spans, strict=True)))
 
-    def apply(self, inputs: torch.Tensor, value: float) -> torch.Tensor:
-        plain = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
+    def apply(self, inputs: torch.Tensor, inferer: object) -> torch.Tensor:
+        """The scan as this pass reads it; the refill is `inferer`'s padding value (`padding_value`)."""
+        plain = plain_tensor(inputs)
         kept = plain[:, :, self.by[0] :, self.by[1] :, self.by[2] :]
+        if not any(self.refill):
+            return kept
         after = [p for r in reversed(self.refill) for p in (0, r)]
-        return torch.nn.functional.pad(kept, after, value=value) if any(self.refill) else kept
+        return torch.nn.functional.pad(kept, after, value=padding_value(inferer, plain))
 
     def undo(self, output: torch.Tensor) -> torch.Tensor:
         """The pass's output where the scan lies (flips already undone)."""
-        plain = output.as_tensor() if isinstance(output, MetaTensor) else output
+        plain = plain_tensor(output)
         stops = [plain.shape[2 + k] - r for k, r in enumerate(self.refill)]
         kept = plain[:, :, : stops[0], : stops[1], : stops[2]]
         before = [p for b in reversed(self.by) for p in (b, 0)]

@@ -78,7 +78,7 @@ class InvertToInputd(MapTransform):
         nx, ny, nz = (int(n) for n in np.asarray(reference.meta["spatial_shape"]).ravel()[:3])
         # What writers name and place the output by, as Invertd leaves it.
         carried = {k: reference.meta[k] for k in INPUT_META if k in reference.meta}
-        within = None if self.linear_within is None else _plain(d[self.linear_within])[0]
+        within = None if self.linear_within is None else plain_tensor(d[self.linear_within])[0]
         for key in self.key_iterator(d):
             inverted = to_input_grid(d[key], model_affine, input_affine, (nx, ny, nz), self.linear_channels, within)
             inverted.meta.update(carried)
@@ -294,8 +294,8 @@ class PaintFindingsd(MapTransform):
         if key == []:
             return d
         source = d.pop(key)
-        probability = _plain(source).float()  # the source's storage when it is float32
-        labels = self.paint(probability, _plain(d.pop(self.index_key)), d[self.findings_key])
+        probability = plain_tensor(source).float()  # the source's storage when it is float32
+        labels = self.paint(probability, plain_tensor(d.pop(self.index_key)), d[self.findings_key])
         # With the source's meta data: writers name and place the outputs by it.
         d[self.prob_key] = _like(source, probability)
         d[key] = _like(source, labels)
@@ -686,7 +686,8 @@ def _spacing(image: Any) -> tuple[float, float, float]:
     return tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))  # type: ignore[return-value]
 
 
-def _plain(tensor: Any) -> torch.Tensor:
+def plain_tensor(tensor: Any) -> torch.Tensor:
+    """The tensor without MONAI's meta (a numpy array as a tensor)."""
     tensor = torch.as_tensor(tensor)
     return tensor.as_tensor() if isinstance(tensor, MetaTensor) else tensor
 

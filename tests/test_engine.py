@@ -903,8 +903,8 @@ def test_an_export_for_fitted_windows_takes_any_window(tmp_path: Path, requested
 
 
 def test_a_setup_may_average_passes_over_the_scan_shifted(tmp_path: Path) -> None:
-    """`shifts` adds passes over the scan moved by that many voxels (air before it): the output is
-    put back where it belongs (a one-voxel slip would move every label), the passes are counted in
+    """`shifts` adds passes over the scan moved by that many voxels (its first voxels left out): the
+    output is put back where it belongs (a one-voxel slip would move every label), the passes are counted in
     the progress and their spread is the uncertainty."""
     path = write_intensity_bundle(tmp_path, "shifted")
     profiles = {"production": {"shifts": [[3, 2, 1], [0, 5, 0]]}, "fast_debug": {"tta": True, "shifts": [[1, 1, 1]]}}

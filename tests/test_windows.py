@@ -136,7 +136,7 @@ def test_a_move_leaves_out_the_first_voxels_pads_no_more_than_the_scan_and_puts_
     move = Move.of((22, 32, 12), (1, 2, 3), inferer)
     # Axes several windows cover lose their first voxels; the one a window spans keeps its length.
     assert move.by == (1, 2, 3) and move.refill == (0, 0, 3)
-    moved = move.apply(scan, -5.0)
+    moved = move.apply(scan, inferer)
     assert moved.shape == (1, 1, 21, 30, 12)
     assert torch.equal(moved[..., :9], scan[..., 1:, 2:, 3:]) and bool((moved[..., 9:] == -5.0).all())
     back = move.undo(moved)
