@@ -88,7 +88,7 @@ class Runner:
 class Prediction:
     labels: np.ndarray  # uint8/uint16 label map on the input grid
     probability: np.ndarray | None  # float32: of each voxel's label (foreground for background voxels)
-    uncertainty: np.ndarray | None  # float32 variance across test-time flips and shifts (research)
+    uncertainty: np.ndarray | None  # float32 variance across test-time flips (and shifts with them): research
     label_names: dict[int, str]
     min_volume_mm3: float
     ran: Ran  # which network ran it: a profile may have one of its own

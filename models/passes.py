@@ -8,8 +8,10 @@ earlier against the windows (`Move`: without padding that the scan as it runs do
 this network read twice the false findings in windows holding a slab of padding), each pass
 for every flip. A network that downsamples by
 strides answers otherwise for each position of the scan against its stride grid (aliasing);
-averaging positions smooths that out. The spread of the activated outputs across the passes is
-the voxel-wise uncertainty (variance, summed over channels).
+averaging positions smooths that out. With test-time flips, the spread of the activated outputs
+across the passes is the voxel-wise uncertainty (variance, summed over channels); shifts alone
+give none: two positions' disagreement is the network's aliasing, not doubt about the scan, and a
+scan-sized map would cost every job of such a setup its inversion and writing.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ Shift = tuple[int, ...]  # voxels the scan moves earlier against the windows, on
 @dataclass
 class NetworkOutput:
     logits: torch.Tensor  # (1, C, ...) on the model grid, averaged over the passes
-    uncertainty: torch.Tensor | None  # (1, 1, ...) on the model grid, with flips or shifts only
+    uncertainty: torch.Tensor | None  # (1, 1, ...) on the model grid, with test-time flips only
 
 
 class _Counter:
@@ -101,6 +103,7 @@ def run_passes(
     inferer = pass_inferer(pipeline.inferer, inputs.shape[2:], fit)
     run = pipeline if inferer is pipeline.inferer else replace(pipeline, inferer=inferer)
     passes = len(flips) * len(shifts)
+    spread = len(flips) > 1
 
     def infer(index: int, x: torch.Tensor) -> torch.Tensor:
         report = None if progress is None else _share_of(progress, index, passes)
@@ -111,7 +114,7 @@ def run_passes(
     for out in pass_outputs(inputs, flips, shifts, run.inferer, infer):
         out = out.float()
         total = _with_meta_of(inputs, out) if total is None else total.add_(out)
-        if passes > 1:
+        if spread:
             activated = activation(pipeline, out.shape[1])(plain_tensor(out))
             moments = (
                 (activated, activated**2) if moments is None else (moments[0] + activated, moments[1] + activated**2)
