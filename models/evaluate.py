@@ -426,7 +426,7 @@ def positions_table(rows: dict[str, dict[str, dict[str, dict[str, Any]]]]) -> st
 
 
 def fitted_profiles(profiles: list[Profile]) -> list[Profile]:
-    """Production's fit is the bundle's own, which research (6x its time a scan) runs with too;
+    """Production's fit is the bundle's own, which research (3-7x its time a scan) runs with too;
     every other profile evaluated gets one of its own: a coarser grid measures findings otherwise."""
     return [Profile.PRODUCTION] + [p for p in profiles if p not in (Profile.PRODUCTION, Profile.RESEARCH)]
 
