@@ -157,12 +157,16 @@ def pass_inferer(inferer: Any, spatial: Sequence[int], fit: WindowFit | None) ->
     return inferer if fit is None else fitted_inferer(inferer, spatial, fit)
 
 
-def padding_value(inferer: object, inputs: torch.Tensor) -> float:
-    """What a pass is padded with: the sliding window's own padding value, else the scan's lowest
-    value (its background: air in CT)."""
-    if isinstance(inferer, SlidingWindowInferer):
-        return float(inferer.cval)
-    return float(inputs.min())
+def padded(inputs: torch.Tensor, pad: list[int], inferer: object) -> torch.Tensor:
+    """`inputs` padded as the inferer pads a scan smaller than its window: the sliding window's own
+    mode (its `cval` where that is constant), else the scan's lowest value (its background: air
+    in CT)."""
+    if not isinstance(inferer, SlidingWindowInferer):
+        return torch.nn.functional.pad(inputs, pad, value=float(inputs.min()))
+    mode = str(getattr(inferer.padding_mode, "value", inferer.padding_mode))
+    if mode == "constant":
+        return torch.nn.functional.pad(inputs, pad, value=float(inferer.cval))
+    return torch.nn.functional.pad(inputs, pad, mode=mode)
 
 
 def _with_meta_of(inputs: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -177,8 +181,8 @@ class Move:
     """One pass with the scan `by` voxels earlier against the windows, padded nowhere the scan as
     it runs is not: its first `by` voxels of each axis are left out (their output repeats the
     plane next to them). On an axis one window spans, as many voxels of the inferer's padding
-    value go after the scan, so that it keeps its length and MONAI, which centres a scan smaller
-    than its window, moves it by the whole shift, not half. Windows that hold a slab of padding
+    padding go after the scan (the inferer's padding: `padded`), so that it keeps its length and
+    MONAI, which centres a scan smaller than its window, moves it by the whole shift, not half. Windows that hold a slab of padding
     the scan as it runs never has made this network read twice the false findings (README)."""
 
     by: Shift
@@ -195,13 +199,13 @@ class Move:
         return cls(by, tuple(b if w else 0 for b, w in zip(by, spans, strict=True)))
 
     def apply(self, inputs: torch.Tensor, inferer: object) -> torch.Tensor:
-        """The scan as this pass reads it; the refill is `inferer`'s padding value (`padding_value`)."""
+        """The scan as this pass reads it; the refill is padded as `inferer` pads (`padded`)."""
         plain = plain_tensor(inputs)
         kept = plain[:, :, self.by[0] :, self.by[1] :, self.by[2] :]
         if not any(self.refill):
             return kept
         after = [p for r in reversed(self.refill) for p in (0, r)]
-        return torch.nn.functional.pad(kept, after, value=padding_value(inferer, plain))
+        return padded(kept, after, inferer)
 
     def undo(self, output: torch.Tensor) -> torch.Tensor:
         """The pass's output where the scan lies (flips already undone)."""

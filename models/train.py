@@ -252,7 +252,9 @@ def crop_start(sample: Sample, center: np.ndarray, patch: int) -> np.ndarray:
 
 
 def crop(sample: Sample, center: np.ndarray, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The image and the lesion numbers of a patch, padded as the sliding window pads (air, cval)."""
+    """The image and the lesion numbers of a patch, padded with air where a patch passes the
+    volume's edge (rare: a phantom is larger than a patch; inference repeats edge planes since
+    bundle 1.8.3, so a patch with a slab of air is one inference no longer sees)."""
     start = crop_start(sample, center, patch)
     return padded_crop(sample.image, start, patch, AIR_HU), padded_crop(sample.label, start, patch, 0)
 

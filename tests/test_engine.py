@@ -225,11 +225,19 @@ def test_research_gives_an_uncertainty_map_and_progress(engine: InferenceEngine,
     assert shares == sorted(shares) and shares[-1] == pytest.approx(1.0)
 
 
-def test_engine_runs_the_bundle_as_monai_does(tmp_path: Path, small_phantom) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("slab", [False, True])
+def test_engine_runs_the_bundle_as_monai_does(tmp_path: Path, small_phantom, slab: bool) -> None:  # type: ignore[no-untyped-def]
     """MONAI's own bundle runner and the service give the same mask for the default bundle's
     inference.json: one pass of production. Test-time passes (research's flips, production's
-    shifts in profiles.json) are the service's, as profiles are, and are left out here."""
+    shifts in profiles.json) are the service's, as profiles are, and are left out here. A slab
+    of 20 slices (60 mm: fewer voxels than the window along the body) is padded by the
+    window's own rule (the edge planes repeated), in both."""
     from monai.bundle import run
+
+    image = small_phantom.image
+    if slab:
+        middle = int(np.argmax(small_phantom.lesion_mask.sum(axis=(0, 1))))
+        image = np.ascontiguousarray(image[:, :, max(0, middle - 10) : max(0, middle - 10) + 20])
 
     bundle = tmp_path / "bundle"
     shutil.copytree(DEFAULT_BUNDLE, bundle)
@@ -238,7 +246,7 @@ def test_engine_runs_the_bundle_as_monai_does(tmp_path: Path, small_phantom) -> 
     (bundle / "configs" / "profiles.json").write_text(json.dumps(profiles))
 
     (tmp_path / "data").mkdir()
-    nib.save(nib.Nifti1Image(small_phantom.image, small_phantom.affine), tmp_path / "data" / "scan.nii.gz")
+    nib.save(nib.Nifti1Image(image, small_phantom.affine), tmp_path / "data" / "scan.nii.gz")
     # A bundle is code: MONAI says so when it parses one, and the service trusts only MODEL_PATH.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -252,8 +260,8 @@ def test_engine_runs_the_bundle_as_monai_does(tmp_path: Path, small_phantom) -> 
             logging_file=False,
         )
     assert any("from a source you trust" in str(w.message) for w in caught)
-    monai_mask = np.asarray(nib.load(tmp_path / "out" / "scan_seg.nii.gz").dataobj).reshape(small_phantom.image.shape)
-    ours = make_engine(bundle).predict(small_phantom.image, small_phantom.affine, Profile.PRODUCTION, 0.55).labels
+    monai_mask = np.asarray(nib.load(tmp_path / "out" / "scan_seg.nii.gz").dataobj).reshape(image.shape)
+    ours = make_engine(bundle).predict(image, small_phantom.affine, Profile.PRODUCTION, 0.55).labels
     assert monai_mask.sum() > 0
     assert np.array_equal(ours, monai_mask.astype(np.uint8))
 

@@ -143,3 +143,16 @@ def test_a_move_leaves_out_the_first_voxels_pads_no_more_than_the_scan_and_puts_
     assert back.shape == scan.shape and torch.equal(back[..., 1:, 2:, 3:], scan[..., 1:, 2:, 3:])
     assert torch.equal(back[..., :1, 2:, 3:], scan[..., 1:2, 2:, 3:])  # a plane left out repeats its neighbour
     assert Move.of((5, 40, 40), (8, 0, 0), inferer).by == (4, 0, 0)  # a voxel of the scan stays
+
+
+def test_a_move_refills_a_spanned_axis_as_the_inferer_pads() -> None:
+    """Where the inferer repeats the edge planes (the default bundle: a window of constant air
+    made its network read false findings), so does the refill; a whole-volume inferer gets the
+    scan's lowest value (its background)."""
+    scan = torch.rand(1, 1, 22, 32, 12, generator=torch.Generator().manual_seed(2))
+    inferer = SlidingWindowInferer(roi_size=(16, 16, -1), overlap=0.0, padding_mode="replicate")
+    moved = Move.of((22, 32, 12), (1, 2, 3), inferer).apply(scan, inferer)
+    assert moved.shape == (1, 1, 21, 30, 12)
+    assert torch.equal(moved[..., 9:], scan[..., 1:, 2:, 11:].expand(-1, -1, -1, -1, 3))
+    whole = Move.of((22, 32, 12), (1, 2, 3), None).apply(scan, None)
+    assert whole.shape == scan.shape and bool((whole[..., 21:, :, :] == scan[..., 1:, 2:, 3:].min()).all())
