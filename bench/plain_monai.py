@@ -4,7 +4,8 @@
                                 [--threshold 0.55] [--json times.json]
 
 Same weights and same settings as the service: the config overrides are the ones the service's
-engine applies for the profile (`InferenceEngine.profile_run`), test-time flips included, and the
+engine applies for the profile (`InferenceEngine.profile_run`), test-time flips and shifts included
+(the shifts through the service's own `models.passes`), and the
 window the setup fits to the scan where it fits its windows (`fit_windows`), in the
 setup the service picks for the scan (a profile's setup for small patients, where the bundle has
 one: the pick is made before the clock starts, as it costs the service tens of milliseconds). What

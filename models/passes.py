@@ -158,15 +158,16 @@ def pass_inferer(inferer: Any, spatial: Sequence[int], fit: WindowFit | None) ->
 
 
 def padded(inputs: torch.Tensor, pad: list[int], inferer: object) -> torch.Tensor:
-    """`inputs` padded as the inferer pads a scan smaller than its window: the sliding window's own
-    mode (its `cval` where that is constant), else the scan's lowest value (its background: air
-    in CT)."""
+    """`inputs` padded after the scan as the inferer pads a scan smaller than its window: with the
+    sliding window's `cval` where its mode is constant, else with the edge planes repeated
+    (reflect or circular would need more scan than a short axis has, and would not read what MONAI
+    reads of a scan it centres); a whole-volume inferer: the lowest value (the background: air in
+    CT)."""
     if not isinstance(inferer, SlidingWindowInferer):
         return torch.nn.functional.pad(inputs, pad, value=float(inputs.min()))
-    mode = str(getattr(inferer.padding_mode, "value", inferer.padding_mode))
-    if mode == "constant":
+    if str(getattr(inferer.padding_mode, "value", inferer.padding_mode)) == "constant":
         return torch.nn.functional.pad(inputs, pad, value=float(inferer.cval))
-    return torch.nn.functional.pad(inputs, pad, mode=mode)
+    return torch.nn.functional.pad(inputs, pad, mode="replicate")  # torch refuses a value here
 
 
 def _with_meta_of(inputs: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -180,10 +181,11 @@ def _with_meta_of(inputs: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 class Move:
     """One pass with the scan `by` voxels earlier against the windows, padded nowhere the scan as
     it runs is not: its first `by` voxels of each axis are left out (their output repeats the
-    plane next to them). On an axis one window spans, as many voxels of the inferer's padding
-    padding go after the scan (the inferer's padding: `padded`), so that it keeps its length and
-    MONAI, which centres a scan smaller than its window, moves it by the whole shift, not half. Windows that hold a slab of padding
-    the scan as it runs never has made this network read twice the false findings (README)."""
+    plane next to them). On an axis that the move leaves shorter than a window, as many voxels go
+    after the scan, padded as the inferer pads (`padded`), so that it keeps its length and MONAI,
+    which centres a scan smaller than its window, moves it by the whole shift, not part of it.
+    Windows holding a slab of padding the scan as it runs never has made this network read twice
+    the false findings (README)."""
 
     by: Shift
     refill: Shift
@@ -192,11 +194,11 @@ class Move:
     def of(cls, spatial: Sequence[int], shift: Shift, inferer: object) -> Move:
         if isinstance(inferer, SlidingWindowInferer):
             rois = ensure_tuple_rep(inferer.roi_size, len(spatial))
-            spans = [int(r) <= 0 or int(n) <= int(r) for n, r in zip(spatial, rois, strict=True)]
         else:
-            spans = [True] * len(spatial)  # one call on the whole scan: it keeps its size
+            rois = (0,) * len(spatial)  # one call on the whole scan: it keeps its size
         by = tuple(min(int(s), int(n) - 1) for s, n in zip(shift, spatial, strict=True))  # a voxel stays
-        return cls(by, tuple(b if w else 0 for b, w in zip(by, spans, strict=True)))
+        short = [int(r) <= 0 or int(n) - b < int(r) for n, r, b in zip(spatial, rois, by, strict=True)]
+        return cls(by, tuple(b if w else 0 for b, w in zip(by, short, strict=True)))
 
     def apply(self, inputs: torch.Tensor, inferer: object) -> torch.Tensor:
         """The scan as this pass reads it; the refill is padded as `inferer` pads (`padded`)."""

@@ -37,7 +37,7 @@ DIAMETERS_MM = (4.0, 6.0, 8.0, 10.0, 12.0, 16.0, 20.0)
 
 @dataclass(frozen=True)
 class Window:
-    image: torch.Tensor  # (W, W, W) HU, padded with air as the sliding window pads
+    image: torch.Tensor  # (W, W, W) HU, padded with air where it passes the scan (as training pads)
     site: np.ndarray  # (4,): the site in window coordinates, and whether it is lung (augment's sites)
 
     @property
@@ -68,7 +68,7 @@ def probe_windows(seed: int, spacing: tuple[float, float, float], count: int, pe
 
 def _window(image: torch.Tensor, site: np.ndarray) -> Window:
     start = window_start(tuple(image.shape), site[:3], WINDOW)
-    crop = padded_crop(image, start, WINDOW, AIR_HU)  # as the sliding window pads
+    crop = padded_crop(image, start, WINDOW, AIR_HU)  # as training pads
     return Window(crop.contiguous(), np.concatenate([site[:3] - start, site[3:]]))
 
 

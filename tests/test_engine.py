@@ -237,7 +237,8 @@ def test_engine_runs_the_bundle_as_monai_does(tmp_path: Path, small_phantom, sla
     image = small_phantom.image
     if slab:
         middle = int(np.argmax(small_phantom.lesion_mask.sum(axis=(0, 1))))
-        image = np.ascontiguousarray(image[:, :, max(0, middle - 10) : max(0, middle - 10) + 20])
+        start = min(max(0, middle - 10), image.shape[2] - 20)
+        image = np.ascontiguousarray(image[:, :, start : start + 20])
 
     bundle = tmp_path / "bundle"
     shutil.copytree(DEFAULT_BUNDLE, bundle)

@@ -143,6 +143,8 @@ def test_a_move_leaves_out_the_first_voxels_pads_no_more_than_the_scan_and_puts_
     assert back.shape == scan.shape and torch.equal(back[..., 1:, 2:, 3:], scan[..., 1:, 2:, 3:])
     assert torch.equal(back[..., :1, 2:, 3:], scan[..., 1:2, 2:, 3:])  # a plane left out repeats its neighbour
     assert Move.of((5, 40, 40), (8, 0, 0), inferer).by == (4, 0, 0)  # a voxel of the scan stays
+    # Longer than a window as it runs, shorter once moved: MONAI would centre it and move it by less.
+    assert Move.of((18, 40, 12), (4, 4, 4), inferer).refill == (4, 0, 4)
 
 
 def test_a_move_refills_a_spanned_axis_as_the_inferer_pads() -> None:
