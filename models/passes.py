@@ -25,7 +25,7 @@ import torch
 from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import Activationsd
-from monai.utils import ensure_tuple_rep
+from monai.utils import PytorchPadMode, ensure_tuple_rep, look_up_option
 
 from models.pipeline import Pipeline
 from models.transforms import plain_tensor
@@ -165,7 +165,7 @@ def padded(inputs: torch.Tensor, pad: list[int], inferer: object) -> torch.Tenso
     CT)."""
     if not isinstance(inferer, SlidingWindowInferer):
         return torch.nn.functional.pad(inputs, pad, value=float(inputs.min()))
-    if str(getattr(inferer.padding_mode, "value", inferer.padding_mode)) == "constant":
+    if look_up_option(inferer.padding_mode, PytorchPadMode) == PytorchPadMode.CONSTANT:
         return torch.nn.functional.pad(inputs, pad, value=float(inferer.cval))
     return torch.nn.functional.pad(inputs, pad, mode="replicate")  # torch refuses a value here
 

@@ -225,8 +225,21 @@ def test_research_gives_an_uncertainty_map_and_progress(engine: InferenceEngine,
     assert shares == sorted(shares) and shares[-1] == pytest.approx(1.0)
 
 
+@pytest.fixture(scope="module")
+def one_pass_engine(tmp_path_factory: pytest.TempPathFactory) -> InferenceEngine:
+    """The default bundle without production's test-time shifts: production as inference.json runs it."""
+    bundle = tmp_path_factory.mktemp("one_pass") / "bundle"
+    shutil.copytree(DEFAULT_BUNDLE, bundle)
+    profiles = json.loads((bundle / "configs" / "profiles.json").read_text())
+    assert profiles["production"].pop("shifts")
+    (bundle / "configs" / "profiles.json").write_text(json.dumps(profiles))
+    return make_engine(bundle)
+
+
 @pytest.mark.parametrize("slab", [False, True])
-def test_engine_runs_the_bundle_as_monai_does(tmp_path: Path, small_phantom, slab: bool) -> None:  # type: ignore[no-untyped-def]
+def test_engine_runs_the_bundle_as_monai_does(  # type: ignore[no-untyped-def]
+    tmp_path: Path, one_pass_engine: InferenceEngine, small_phantom, slab: bool
+) -> None:
     """MONAI's own bundle runner and the service give the same mask for the default bundle's
     inference.json: one pass of production. Test-time passes (research's flips, production's
     shifts in profiles.json) are the service's, as profiles are, and are left out here. A slab
@@ -239,12 +252,6 @@ def test_engine_runs_the_bundle_as_monai_does(tmp_path: Path, small_phantom, sla
         middle = int(np.argmax(small_phantom.lesion_mask.sum(axis=(0, 1))))
         start = min(max(0, middle - 10), image.shape[2] - 20)
         image = np.ascontiguousarray(image[:, :, start : start + 20])
-
-    bundle = tmp_path / "bundle"
-    shutil.copytree(DEFAULT_BUNDLE, bundle)
-    profiles = json.loads((bundle / "configs" / "profiles.json").read_text())
-    assert profiles["production"].pop("shifts")
-    (bundle / "configs" / "profiles.json").write_text(json.dumps(profiles))
 
     (tmp_path / "data").mkdir()
     nib.save(nib.Nifti1Image(image, small_phantom.affine), tmp_path / "data" / "scan.nii.gz")
@@ -262,7 +269,7 @@ def test_engine_runs_the_bundle_as_monai_does(tmp_path: Path, small_phantom, sla
         )
     assert any("from a source you trust" in str(w.message) for w in caught)
     monai_mask = np.asarray(nib.load(tmp_path / "out" / "scan_seg.nii.gz").dataobj).reshape(image.shape)
-    ours = make_engine(bundle).predict(image, small_phantom.affine, Profile.PRODUCTION, 0.55).labels
+    ours = one_pass_engine.predict(image, small_phantom.affine, Profile.PRODUCTION, 0.55).labels
     assert monai_mask.sum() > 0
     assert np.array_equal(ours, monai_mask.astype(np.uint8))
 
