@@ -4,9 +4,11 @@
 top-level entries that the post-processing reads by reference. A profile may have its own in
 configs/profiles.json (the same ids, overridden for that profile): a coarser grid measures a
 finding otherwise, so one fit does not suit every profile. A fit belongs to the weights it was
-made on: training the bundle's network resets its fits to the identity (raw mean probabilities, no
-floor), training a profile's own network (configs/profiles.json names its "weights") that
-profile's alone, and `models.evaluate --calibrate` fits and writes what runs raw again. A
+made on: training the bundle's network resets its fits to the identity (raw scores, no floor)
+and its lesion score (`models.lesion_score`, fitted by `models.fit_lesion_score`) to none (the
+score is then the mean probability), training a profile's own network (configs/profiles.json
+names its "weights") that profile's alone, and `models.evaluate --calibrate` fits and writes what
+runs raw again. A
 profile's setup for small patients ("<profile>@small", its entry's `small_patients`) is an entry
 of its own here: a fit written there by hand belongs to the network that setup runs.
 """
@@ -23,7 +25,7 @@ from typing import Any
 from models.bundle import PROFILE_WEIGHTS, SMALL_PATIENTS, SMALL_SETUP, profile_of
 from models.transforms import Calibration
 
-IDENTITY = dataclasses.asdict(Calibration())  # the raw mean probability
+IDENTITY = dataclasses.asdict(Calibration())  # the raw score
 FIT_KEYS = ("calibration", "min_confidence")
 
 
@@ -78,13 +80,13 @@ def profile_fits(bundle: Path) -> list[str]:
 
 
 def runs_raw(bundle: Path, profile: str | None = None) -> bool:
-    """The bundle (or `profile`) reports raw mean probabilities: identity calibration, no floor."""
+    """The bundle (or `profile`) reports raw scores: identity calibration, no floor."""
     own = shipped(bundle, profile)
     return Calibration.of(own["calibration"]) == Calibration() and float(own["min_confidence"]) == 0.0
 
 
 def is_raw(bundle: Path) -> bool:
-    """The bundle reports raw mean probabilities in every profile: identity calibration (missing
+    """The bundle reports raw scores in every profile: identity calibration (missing
     terms count as such), no confidence floor, no profile with a fit of its own."""
     return runs_raw(bundle) and not profile_fits(bundle)
 
@@ -120,6 +122,22 @@ def write_profile(bundle: Path, profile: str, params: dict[str, float], floor: f
     _write_profiles(bundle, profiles)
 
 
+def write_score(bundle: Path, params: dict[str, float], profile: str | None = None) -> None:
+    """`lesion_score` (`models.lesion_score`) in inference.json, in place like `write`; or in
+    `profile`'s own entry of profiles.json (a profile with a network of its own)."""
+    if profile is not None:
+        profiles = _profiles(bundle)
+        profiles[profile] = profiles.get(profile, {}) | {"lesion_score": params}
+        _write_profiles(bundle, profiles)
+        return
+    config_file = _config_file(bundle)
+    entry = '"lesion_score": ' + json.dumps(params)
+    text, count = re.subn(r'"lesion_score"\s*:\s*\{[^{}]*\}', entry, config_file.read_text(), count=1)
+    if count != 1 or json.loads(text).get("lesion_score") != params:
+        raise ValueError(f"{config_file}: no top-level lesion_score entry to write {params} into")
+    _replace(config_file, text)
+
+
 def inherit(bundle: Path, profile: str) -> None:
     """`profile` runs with production's fit: its own entries go (and an entry left empty)."""
     profiles = _profiles(bundle)
@@ -142,6 +160,13 @@ def _replace(target: Path, text: str) -> None:
     partial.replace(target)
 
 
+def score_of(bundle: Path, profile: str | None = None) -> dict[str, float]:
+    """The lesion score `profile` (or the bundle's network) runs with; {} is none."""
+    own = json.loads(_config_file(bundle).read_text()).get("lesion_score") or {}
+    entry = _profiles(bundle).get(profile, {}) if profile is not None else {}
+    return dict(entry.get("lesion_score", own))
+
+
 def reset(bundle: Path) -> None:
     """New weights of the bundle's network: its fits belong to the old ones, so it reports raw
     probabilities in every profile that runs it until `models.evaluate --calibrate` fits again
@@ -149,6 +174,8 @@ def reset(bundle: Path) -> None:
     layout; profiles lose their fits, and an entry left empty goes."""
     if holds_fit(bundle):
         write(bundle, IDENTITY, 0.0)
+    if score_of(bundle):
+        write_score(bundle, {})  # fitted on the old weights' candidates too
     if profile_fits(bundle):
         own = own_networks(bundle)
         unfitted = {

@@ -94,7 +94,8 @@ class Prediction:
     ran: Ran  # which network ran it: a profile may have one of its own
     timings: dict[str, float] = field(default_factory=dict)
     # The bundle's own record of each finding, when its post-processing leaves one under
-    # `findings` (the default bundle: model-grid volume, elongation, mean probability, confidence).
+    # `findings` (the default bundle: model-grid volume, elongation, mean probability, lesion
+    # score and what it was made of, confidence).
     findings: list[dict[str, Any]] = field(default_factory=list)
     # What it judged and did not keep, where it records that under `dropped` (the default bundle:
     # why, volume and a few voxels in RAS mm): for validation, not for a job's result.

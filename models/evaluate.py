@@ -19,7 +19,8 @@ threshold at any one position.
 
 Confidence: a finding's confidence is the mean of `prob` over it. The expected calibration error
 (ECE) of the production findings is reported as shipped and after a fit of
-confidence = sigmoid(a logit(confidence) + b ln(volume) + c + d elongation) on a separate
+confidence = sigmoid(a logit(score) + b ln(volume) + c + d elongation) (the score: the engine's
+lesion score, `models.lesion_score`, as it recorded it; its mean probability without one) on a separate
 calibration split (same family, other seeds), with the confidence floor below which findings are
 dropped: the highest that keeps `--keep-true` of the split's true findings. Production's fit is
 the bundle's own (research runs with it); every other profile evaluated gets a fit of its own on
@@ -85,9 +86,11 @@ class Finding:
     volume_mm3: float
     true: bool  # touches a true lesion
     elongation: float = 1.0  # length over width (`models.transforms.elongation`), on the scan's grid
-    # (mean probability, volume mm3, elongation) as the engine measured them on the model grid,
-    # where it applies the calibration; None when the bundle keeps no record of its findings.
+    # (lesion score, volume mm3, elongation) as the engine measured them on the model grid, where
+    # it applies the calibration; None when the bundle keeps no record of its findings. The score
+    # is the mean probability where the bundle has no lesion score (`models.lesion_score`).
     engine: tuple[float, float, float] | None = None
+    features: dict[str, float] | None = None  # the engine's measures of it (`lesion_score.FEATURES`)
 
 
 @dataclass
@@ -105,14 +108,21 @@ class ScanResult:
     missed: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
-def engine_record(records: list[dict[str, Any]], painted: float) -> tuple[float, float, float] | None:
+def engine_record(records: list[dict[str, Any]], painted: float) -> dict[str, Any] | None:
     """The engine's record of the finding whose confidence is painted on a component: the one
     record of that confidence, or None when none or several have it."""
     same = [r for r in records if abs(float(r.get("confidence", -1.0)) - painted) < 6e-5]
     if len(same) != 1 or not {"mean_probability", "volume_mm3", "elongation"} <= same[0].keys():
         return None
-    record = same[0]
-    return float(record["mean_probability"]), float(record["volume_mm3"]), float(record["elongation"])
+    return same[0]
+
+
+def calibrated_on(record: dict[str, Any] | None) -> tuple[float, float, float] | None:
+    """(score, volume, elongation) of a record: what the engine's calibration took."""
+    if record is None:
+        return None
+    score = record.get("lesion_score", record["mean_probability"])
+    return float(score), float(record["volume_mm3"]), float(record["elongation"])
 
 
 def score_findings(
@@ -130,7 +140,8 @@ def score_findings(
         painted = float(np.median(prob[box][inside])) if prob is not None else 1.0
         record = engine_record(records or [], painted)
         volume = float(inside.sum()) * voxel_mm3
-        findings.append(Finding(confidence, volume, true, elongation(inside, spacing), record))
+        measures = record.get("features") if record else None
+        findings.append(Finding(confidence, volume, true, elongation(inside, spacing), calibrated_on(record), measures))
     return findings
 
 
@@ -247,8 +258,8 @@ def summarise(results: list[ScanResult]) -> dict[str, float | int | None]:
 
 # -- calibration ------------------------------------------------------------------------------
 def measured(finding: Finding) -> tuple[float, float, float]:
-    """(mean probability, volume mm3, elongation) as the calibration sees them: the engine's own
-    model-grid values when it recorded them, else what the scan's grid shows."""
+    """(lesion score, volume mm3, elongation) as the calibration sees them: the engine's own
+    model-grid values when it recorded them, else what the scan's grid shows (mean probability)."""
     return finding.engine or (finding.confidence, finding.volume_mm3, finding.elongation)
 
 

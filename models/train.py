@@ -487,11 +487,12 @@ def weights_file(bundle: Path, profile: str | None = None) -> Path:
 
 def reset_fit(bundle: Path, profile: str | None = None) -> None:
     """The fits of the weights replaced: all of them, or the profile's own (made raw, so that it
-    never runs production's fit, made for other weights)."""
+    never runs production's fit, made for other weights), its lesion score included."""
     if profile is None:
         confidence_fit.reset(bundle)
     else:
         confidence_fit.write_profile(bundle, profile, confidence_fit.IDENTITY, 0.0)
+        confidence_fit.write_score(bundle, {}, profile)
 
 
 def train(

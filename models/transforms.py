@@ -25,6 +25,7 @@ from monai.transforms import MapTransform
 from scipy import ndimage
 
 from models.geometry import nonzero_box
+from models.lesion_score import LesionScore, measure
 
 # Labels of the output map; metadata.json's label_def carries the same names.
 BACKGROUND, HYPODENSE, HYPERDENSE, LUNG_NODULE = 0, 1, 2, 3
@@ -357,7 +358,8 @@ class LesionFindingsd(MapTransform):
     to `DROPPED_POINTS` of its voxels in RAS mm, so that a validation can tell a lesion the network
     never saw from one a rule or the confidence floor dropped (`models.evaluate`).
 
-    Confidence: see `Calibration`, fitted on the validation family (models.evaluate). A candidate
+    Confidence: see `Calibration`, fitted on the validation family (models.evaluate), of the
+    candidate's lesion score (`models.lesion_score`; the mean probability without one). A candidate
     whose confidence is below `min_confidence` is dropped as the tissue rules drop one: most false
     findings are faint, thin or small, and the calibrated confidence weighs all three.
     """
@@ -376,6 +378,7 @@ class LesionFindingsd(MapTransform):
         body_voxel_mm: float = 4.0,
         index_key: str | None = None,
         dropped_key: str | None = "dropped",
+        lesion_score: Mapping[str, float] | None = None,
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
@@ -385,6 +388,7 @@ class LesionFindingsd(MapTransform):
         self.threshold = float(threshold)
         self.min_volume_mm3 = float(min_volume_mm3)
         self.calibration = Calibration.of(calibration)
+        self.lesion_score = LesionScore.of(lesion_score)
         self.min_confidence = float(min_confidence)
         self.rules = TissueRules(**{k: float(v) for k, v in (rules or {}).items()})
         self.body_voxel_mm = float(body_voxel_mm)
@@ -504,7 +508,9 @@ class LesionFindingsd(MapTransform):
         if surround >= rules.lung_hu and mean_hu < rules.gas_hu:
             return "gas"
         label = LUNG_NODULE if surround < rules.lung_hu else HYPODENSE if mean_hu < surround else HYPERDENSE
-        mean_p = float(prob[inside].mean())
+        p = prob[inside]
+        features = measure(p, volume_mm3, length, around, label == LUNG_NODULE)
+        score = self.lesion_score.score(features)
         return {
             "label": label,
             "type": LABEL_NAMES[label],
@@ -512,8 +518,10 @@ class LesionFindingsd(MapTransform):
             "mean_hu": round(mean_hu, 1),
             "surrounding_hu": round(surround, 1),
             "elongation": round(length, 3),
-            "mean_probability": round(mean_p, 4),
-            "confidence": round(self.calibration.confidence(mean_p, volume_mm3, length), 4),
+            "mean_probability": round(float(p.mean()), 4),
+            "lesion_score": round(score, 4),
+            "features": {name: round(value, 4) for name, value in features.items()},
+            "confidence": round(self.calibration.confidence(score, volume_mm3, length), 4),
         }
 
 
@@ -563,8 +571,9 @@ def grow_findings(numbers: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class Calibration:
     """A finding's confidence, the chance that it is a lesion, from what the engine measures of it:
-    sigmoid(a logit(mean probability) + b ln(volume mm3) + c + d elongation). The identity (a=1,
-    b=c=d=0) is the mean probability; `models.evaluate --calibrate` fits the rest."""
+    sigmoid(a logit(score) + b ln(volume mm3) + c + d elongation), the score its lesion score
+    (`models.lesion_score`; the mean probability without one). The identity (a=1, b=c=d=0) is the
+    score; `models.evaluate --calibrate` fits the rest."""
 
     a: float = 1.0
     b: float = 0.0

@@ -83,10 +83,12 @@ def test_a_profile_network_trains_at_its_grid_alone_into_its_own_weights(tmp_pat
     )
     assert Target.of(bundle, 0.75).world.coarse == (1.75, 1.75, 1.75)
     (bundle / "configs" / "profiles.json").write_text(json.dumps(profiles))
-    # New weights of fast_debug's: its fit goes raw; production's fit (other weights) stays.
+    # New weights of fast_debug's: its fit and score go raw; production's (other weights) stay.
     before = confidence_fit.shipped(bundle)
+    confidence_fit.write_score(bundle, {"bias": -1.0, "elongation": -2.0}, "fast_debug")
     own.reset_fit()
     assert confidence_fit.shipped(bundle) == before
+    assert confidence_fit.score_of(bundle, "fast_debug") == {}
     assert confidence_fit.shipped(bundle, "fast_debug") == {
         "calibration": confidence_fit.IDENTITY,
         "min_confidence": 0.0,
