@@ -44,16 +44,16 @@ schemas: install
 	$(PY) -m schemas export
 
 # Fills its phantom pool (~2 min), trains for 68 min from bundle 1.0's weights (python -m
-# models.train --help), fits the new weights' lesion score on 40 training-family phantoms (~5 min),
-# then their confidence and floor per profile, and validates production and fast_debug (~12 min
-# without a previous model beside it; 16 min with one on an AVX-512 CPU): under 90 min on 2 cores. e.g. make train TRAIN_ARGS="--minutes 30 --checkpoints .cache/ck"
+# models.train --help), fits the new weights' lesion score on 30 training-family phantoms (~4 min:
+# 60 took 8 min), then their confidence and floor per profile, and validates production and
+# fast_debug (861 s measured on an AVX-512 CPU, bundle 1.9.0): about 88 min on 2 cores. e.g. make train TRAIN_ARGS="--minutes 30 --checkpoints .cache/ck"
 # fast_debug's own network: TRAIN_ARGS="--profile fast_debug --init <bundle>/models/model.pt" (the
 # evaluation then fits fast_debug's confidence alone; production keeps the fit it ships).
 TRAIN_ARGS ?=
 EVAL_ARGS ?=
 train: install
 	$(PY) -m models.train $(TRAIN_ARGS)
-	$(PY) -m models.fit_lesion_score --scans 40 --runtime auto --write --if-unfitted
+	$(PY) -m models.fit_lesion_score --scans 30 --runtime auto --write --if-unfitted
 	$(PY) -m models.evaluate --previous none --calibrate --write-metadata --profiles production fast_debug --runtime auto $(EVAL_ARGS)
 
 evaluate: install

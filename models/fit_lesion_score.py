@@ -14,7 +14,7 @@ bundle's `lesion_score`, or the profile's entry in configs/profiles.json) and re
 on the score before (that calibration and floor: `models.evaluate --calibrate` fits them again on
 the held-out family). Training a network resets its score (`confidence_fit.reset`,
 `models.train.reset_fit`); `make train` fits it again (`--if-unfitted` leaves a score that was
-not reset). 60 scans: about 7 minutes on 2 cores for production, 3 for fast_debug.
+not reset). 60 scans: about 8 minutes on 2 cores for production, 3 for fast_debug.
 """
 
 from __future__ import annotations
