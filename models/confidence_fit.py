@@ -138,6 +138,14 @@ def write_score(bundle: Path, params: dict[str, float], profile: str | None = No
     _replace(config_file, text)
 
 
+def reset_profile(bundle: Path, profile: str) -> None:
+    """New weights of `profile`'s own network: its fit raw (identity, no floor) and no score."""
+    profiles = _profiles(bundle)
+    raw = {"calibration": IDENTITY, "min_confidence": 0.0, "lesion_score": {}}
+    profiles[profile] = profiles.get(profile, {}) | raw
+    _write_profiles(bundle, profiles)
+
+
 def inherit(bundle: Path, profile: str) -> None:
     """`profile` runs with production's fit: its own entries go (and an entry left empty)."""
     profiles = _profiles(bundle)

@@ -284,18 +284,28 @@ def fit_calibration(findings: list[Finding], prior: float = 1.0) -> dict[str, fl
         return dict(IDENTITY)  # nothing to learn from: keep the confidence as it is
     x, y = features(findings)
     design = np.concatenate([x[:, :2], np.ones((len(x), 1)), x[:, 2:]], axis=1)  # columns: a, b, c, d
-    centre = np.array([IDENTITY[k] for k in "abcd"])
-
-    def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
-        z = design @ w
-        p = special.expit(z)
-        value = np.sum(np.logaddexp(0.0, z) - y * z) + 0.5 * prior * np.sum((w - centre) ** 2)
-        return float(value), design.T @ (p - y) + prior * (w - centre)
-
-    w = optimize.minimize(loss, centre, jac=True, method="L-BFGS-B").x
+    w = penalised_logistic(design, y, np.array([IDENTITY[k] for k in "abcd"]), prior)
     if not np.all(np.isfinite(w)):
         return dict(IDENTITY)
     return {k: round(float(v), 4) for k, v in zip("abcd", w, strict=True)}
+
+
+def penalised_logistic(
+    design: np.ndarray, y: np.ndarray, centre: np.ndarray, prior: float, penalised: np.ndarray | None = None
+) -> np.ndarray:
+    """The weights of a logistic regression of `y` on the columns of `design` under a Gaussian
+    prior of weight `prior` around `centre` (on the `penalised` columns only, where given): convex,
+    so L-BFGS finds it from the centre."""
+    mask = np.ones(design.shape[1]) if penalised is None else penalised.astype(float)
+
+    def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
+        z = design @ w
+        pull = mask * (w - centre)
+        value = np.sum(np.logaddexp(0.0, z) - y * z) + 0.5 * prior * np.sum(pull**2)
+        return float(value), design.T @ (special.expit(z) - y) + prior * pull
+
+    weights: np.ndarray = optimize.minimize(loss, centre, jac=True, method="L-BFGS-B").x
+    return weights
 
 
 def apply_calibration(findings: list[Finding], params: dict[str, float]) -> np.ndarray:

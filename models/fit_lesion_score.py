@@ -26,12 +26,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from scipy import optimize, special
 
 from models import confidence_fit
 from models.bundle import BundleSpec
 from models.engine import EngineOptions, InferenceEngine
-from models.evaluate import DEFAULT_BUNDLE, Finding, run_scan
+from models.evaluate import DEFAULT_BUNDLE, Finding, penalised_logistic, run_scan
 from models.lesion_score import BIAS, FEATURES
 from models.phantoms import generate_phantom
 from models.runtime import RUNTIMES
@@ -42,21 +41,21 @@ PRIOR = 1.0  # on standardised weights
 MIN_EACH = 4  # true and false candidates a fit needs at least
 
 
-def raw_copy(bundle: Path, into: Path, profile: Profile) -> Path:
-    """The bundle without score, calibration or floor in `profile`: every candidate the rules keep
-    is reported."""
+def raw_copy(bundle: Path, into: Path, entry: str | None) -> Path:
+    """The bundle without score, calibration or floor where the profile reads them (`entry`):
+    every candidate the rules keep is reported."""
     copy = into / bundle.name
     shutil.copytree(bundle, copy)
     confidence_fit.reset(copy)
-    if own_score(bundle, profile):
-        confidence_fit.write_profile(copy, profile.value, dict(confidence_fit.IDENTITY), 0.0)
-        confidence_fit.write_score(copy, {}, profile.value)
+    if entry is not None:
+        confidence_fit.reset_profile(copy, entry)
     return copy
 
 
-def own_score(bundle: Path, profile: Profile) -> bool:
-    """The profile runs a network of its own, so it has a score of its own (else production's)."""
-    return profile.value in confidence_fit.own_networks(bundle)
+def score_entry(bundle: Path, profile: Profile) -> str | None:
+    """The profile's own entry when it runs a network of its own (its score is its own), else
+    None: the bundle's score, production's."""
+    return profile.value if profile.value in confidence_fit.own_networks(bundle) else None
 
 
 def candidates(bundle: Path, scans: int, runtime: str, profile: Profile) -> list[Finding]:
@@ -77,34 +76,28 @@ def candidates(bundle: Path, scans: int, runtime: str, profile: Profile) -> list
 
 
 def write(bundle: Path, profile: Profile, params: dict[str, float]) -> None:
-    """The score where the profile reads it, and the profile's fits made on the old one reset."""
-    if own_score(bundle, profile):
-        confidence_fit.write_score(bundle, params, profile.value)
-        confidence_fit.write_profile(bundle, profile.value, dict(confidence_fit.IDENTITY), 0.0)
+    """The score where the profile reads it, and the fits made on the old one reset."""
+    entry = score_entry(bundle, profile)
+    if entry is not None:
+        confidence_fit.reset_profile(bundle, entry)
     else:  # every fit of the bundle's network, in whichever profile, was made on the old score
         confidence_fit.reset(bundle)
-        confidence_fit.write_score(bundle, params)
+    confidence_fit.write_score(bundle, params, entry)
 
 
 def fit(findings: list[Finding]) -> dict[str, float]:
     """Penalised logistic regression on standardised features -> weights in raw units + bias;
     {} (no score) from fewer than `MIN_EACH` true or false candidates: the bias of a fit without
     a true one runs off to "never a lesion"."""
-    truths = [f.true for f in findings if f.features]
-    if min(sum(truths), len(truths) - sum(truths)) < MIN_EACH:
-        return {}
-    x = np.array([[f.features[name] for name in FEATURES] for f in findings if f.features], dtype=float)
+    measured = [f.features for f in findings if f.features]
     y = np.array([f.true for f in findings if f.features], dtype=float)
+    if min(y.sum(), len(y) - y.sum()) < MIN_EACH:
+        return {}
+    x = np.array([[m[name] for name in FEATURES] for m in measured], dtype=float)
     mean, scale = x.mean(axis=0), x.std(axis=0) + 1e-6
     design = np.concatenate([(x - mean) / scale, np.ones((len(x), 1))], axis=1)
-
-    def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
-        z = design @ w
-        penalty = np.r_[w[:-1], 0.0]
-        value = np.sum(np.logaddexp(0.0, z) - y * z) + 0.5 * PRIOR * np.sum(penalty**2)
-        return float(value), design.T @ (special.expit(z) - y) + PRIOR * penalty
-
-    w = optimize.minimize(loss, np.zeros(design.shape[1]), jac=True, method="L-BFGS-B").x
+    free_bias = np.r_[np.ones(len(FEATURES)), 0.0]
+    w = penalised_logistic(design, y, np.zeros(design.shape[1]), PRIOR, free_bias)
     weights = w[:-1] / scale
     bias = w[-1] - float(np.sum(weights * mean))
     return {BIAS: round(float(bias), 4)} | {n: round(float(v), 4) for n, v in zip(FEATURES, weights, strict=True)}
@@ -126,14 +119,14 @@ def main() -> None:
         "--if-unfitted", action="store_true", help="do nothing when the bundle has a score (make train)"
     )
     args = parser.parse_args()
-    if args.profile != Profile.PRODUCTION and not own_score(args.bundle, args.profile):
+    entry = score_entry(args.bundle, args.profile)
+    if args.profile != Profile.PRODUCTION and entry is None:
         parser.error(f"{args.profile.value} runs the bundle's network: its score is production's")
-    profile = args.profile.value if own_score(args.bundle, args.profile) else None
-    if args.if_unfitted and confidence_fit.score_of(args.bundle, profile):
+    if args.if_unfitted and confidence_fit.score_of(args.bundle, entry):
         print(f"{args.bundle} has a lesion score (its network was not trained anew): left as it is")
         return
     with tempfile.TemporaryDirectory() as tmp:
-        findings = candidates(raw_copy(args.bundle, Path(tmp), args.profile), args.scans, args.runtime, args.profile)
+        findings = candidates(raw_copy(args.bundle, Path(tmp), entry), args.scans, args.runtime, args.profile)
     params = fit(findings)
     if not params:
         raise SystemExit(f"{len(findings)} candidates: too few true or false ones (< {MIN_EACH}) to fit a score")

@@ -35,6 +35,10 @@ def logit(p: float) -> float:
     return math.log(p / (1.0 - p))
 
 
+def sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-min(max(z, -500.0), 500.0)))  # a steep fit must not overflow exp
+
+
 def measure(
     prob: np.ndarray, volume_mm3: float, length: float, shell_hu: np.ndarray, in_lung: bool
 ) -> dict[str, float]:
@@ -67,6 +71,5 @@ class LesionScore:
 
     def score(self, features: Mapping[str, float]) -> float:
         if not self.weights and self.bias == 0.0:
-            return 1.0 / (1.0 + math.exp(-features["logit_mean"]))
-        z = self.bias + sum(w * features[name] for name, w in self.weights.items())
-        return 1.0 / (1.0 + math.exp(-min(max(z, -500.0), 500.0)))
+            return sigmoid(features["logit_mean"])
+        return sigmoid(self.bias + sum(w * features[name] for name, w in self.weights.items()))

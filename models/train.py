@@ -491,8 +491,7 @@ def reset_fit(bundle: Path, profile: str | None = None) -> None:
     if profile is None:
         confidence_fit.reset(bundle)
     else:
-        confidence_fit.write_profile(bundle, profile, confidence_fit.IDENTITY, 0.0)
-        confidence_fit.write_score(bundle, {}, profile)
+        confidence_fit.reset_profile(bundle, profile)
 
 
 def train(

@@ -25,7 +25,7 @@ from monai.transforms import MapTransform
 from scipy import ndimage
 
 from models.geometry import nonzero_box
-from models.lesion_score import LesionScore, measure
+from models.lesion_score import LesionScore, logit, measure, sigmoid
 
 # Labels of the output map; metadata.json's label_def carries the same names.
 BACKGROUND, HYPODENSE, HYPERDENSE, LUNG_NODULE = 0, 1, 2, 3
@@ -584,10 +584,9 @@ class Calibration:
     def of(cls, params: Mapping[str, float] | None) -> Calibration:
         return cls(**{k: float(v) for k, v in (params or {}).items()})
 
-    def confidence(self, mean_probability: float, volume_mm3: float, length: float) -> float:
-        p = min(max(mean_probability, 1e-6), 1.0 - 1e-6)
-        z = self.a * math.log(p / (1.0 - p)) + self.b * math.log(max(volume_mm3, 1e-3)) + self.c + self.d * length
-        return 1.0 / (1.0 + math.exp(-min(max(z, -500.0), 500.0)))  # a steep fit must not overflow exp
+    def confidence(self, score: float, volume_mm3: float, length: float) -> float:
+        z = self.a * logit(score) + self.b * math.log(max(volume_mm3, 1e-3)) + self.c + self.d * length
+        return sigmoid(z)
 
 
 @dataclass(frozen=True)
